@@ -1,0 +1,19 @@
+"""rkld_kernels: fused reverse-KL distillation losses for RKLD unlearning.
+
+Public API:
+    fused_rkl_loss, RKLLoss                 -- from logits
+    fused_linear_rkl_loss, LinearRKLLoss    -- from hidden states and lm_head weights
+    unlearning_teacher_logits               -- o - alpha * relu(g - o)
+    reference_rkl_loss                      -- the naive specification
+"""
+from .fused_rkl import RKLLoss, fused_rkl_loss
+from .reference import reference_rkl_loss, unlearning_teacher_logits
+
+__all__ = ["fused_rkl_loss", "RKLLoss", "unlearning_teacher_logits", "reference_rkl_loss"]
+
+try:  # the fused-linear variant lives in its own module
+    from .fused_linear import LinearRKLLoss, fused_linear_rkl_loss  # noqa: F401
+    __all__ += ["fused_linear_rkl_loss", "LinearRKLLoss"]
+except ImportError as _err:  # pragma: no cover - only while the module does not exist yet
+    if "fused_linear" not in str(_err):
+        raise

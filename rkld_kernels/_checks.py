@@ -1,0 +1,62 @@
+"""Input validation shared by the public entry points. Every error names what was expected and
+what was received, so a user can act on it without reading the source."""
+from __future__ import annotations
+
+import torch
+
+DIRECTIONS = ("reverse", "forward")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def check_choice(fn: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_options(fn: str, *, alpha, temperature, direction, reduction, backend) -> None:
+    check_choice(fn, "direction", direction, DIRECTIONS)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    check_choice(fn, "backend", backend, BACKENDS)
+    if isinstance(temperature, torch.Tensor) or isinstance(alpha, torch.Tensor):
+        raise TypeError(f"{fn}: alpha and temperature must be Python numbers, got "
+                        f"alpha={type(alpha).__name__}, temperature={type(temperature).__name__}")
+    if not temperature > 0:   # also rejects NaN
+        raise ValueError(f"{fn}: temperature must be > 0; got {temperature!r}")
+    if not alpha >= 0:
+        raise ValueError(f"{fn}: alpha must be >= 0 (it scales how far risen logits are pushed "
+                         f"down); got {alpha!r}")
+
+
+def check_float_tensor(fn: str, name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must have a floating dtype (float32, bfloat16, float16 or "
+                        f"float64); got {tensor.dtype}")
+
+
+def check_frozen(fn: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: {name} requires grad, but teachers never receive gradients; "
+                         f"compute it under torch.no_grad() or pass {name}.detach()")
+
+
+def check_same_device(fn: str, named: dict) -> None:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{fn}: all tensors must be on one device; got {listing}")
+
+
+def check_labels(fn: str, labels, expected_shape: tuple, ref_name: str) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{fn}: labels must be a torch.Tensor or None; got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{fn}: labels must be an integer tensor (token ids, ignore_index where "
+                        f"masked); got {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"{fn}: labels must have the leading shape of {ref_name}, "
+                         f"{tuple(expected_shape)}; got {tuple(labels.shape)}")

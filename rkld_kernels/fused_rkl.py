@@ -1,0 +1,198 @@
+"""``fused_rkl_loss``: reverse (or forward) KL to the RKLD unlearning teacher, from logits."""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .reference import reference_rkl_loss
+from .torch_backend import rkl_loss_and_grad
+
+_FN = "fused_rkl_loss"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to a concrete backend and check that the chosen one can run here."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        from .triton_backend import check_triton_usable
+        check_triton_usable(device)
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _FusedRKLFunction(torch.autograd.Function):
+    """Per-row losses of 2-D ``[rows, V]`` logits; reductions happen outside, differentiably."""
+
+    @staticmethod
+    def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend):
+        need_grad = ctx.needs_input_grad[0]
+        ctx.backend = backend
+        ctx.consumed = False
+        if backend == "torch":
+            loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
+                                           temperature, reverse, need_grad)
+            ctx.save_for_backward(grad)
+        else:
+            from .triton_backend import triton_rkl_forward
+            loss, stats = triton_rkl_forward(student, original, strengthened, keep, alpha,
+                                             temperature, reverse)
+            ctx.save_for_backward(student, original, strengthened, keep, *stats)
+            ctx.hyper = (alpha, temperature, reverse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if ctx.backend == "torch":
+            # The gradient was computed in forward; scale it in place by grad_output. The buffer
+            # is private to this graph node, so a second backward (retain_graph) must not reuse it.
+            if ctx.consumed:
+                raise RuntimeError(
+                    "fused_rkl_loss(backend='torch') supports one backward pass per forward; "
+                    "recompute the loss (or use backend='reference') to differentiate twice")
+            ctx.consumed = True
+            (grad,) = ctx.saved_tensors
+            grad.mul_(grad_rows.unsqueeze(-1))
+        else:
+            from .triton_backend import triton_rkl_backward
+            student, original, strengthened, keep, *stats = ctx.saved_tensors
+            alpha, temperature, reverse = ctx.hyper
+            grad = triton_rkl_backward(student, original, strengthened, keep, stats,
+                                       grad_rows, alpha, temperature, reverse)
+        return grad, None, None, None, None, None, None, None
+
+
+def validate_logits(student_logits, original_logits, strengthened_logits, labels,
+                    fn: str = _FN) -> None:
+    _checks.check_float_tensor(fn, "student_logits", student_logits)
+    _checks.check_float_tensor(fn, "original_logits", original_logits)
+    if strengthened_logits is not None:
+        _checks.check_float_tensor(fn, "strengthened_logits", strengthened_logits)
+    if student_logits.dim() == 0:
+        raise ValueError(f"{fn}: student_logits must have at least one dimension (..., V); "
+                         f"got a 0-d tensor")
+    for name, t in (("original_logits", original_logits),
+                    ("strengthened_logits", strengthened_logits)):
+        if t is not None and t.shape != student_logits.shape:
+            raise ValueError(f"{fn}: {name} must have the shape of student_logits, "
+                             f"{tuple(student_logits.shape)}; got {tuple(t.shape)}")
+    if student_logits.shape[-1] == 0:
+        raise ValueError(f"{fn}: the vocabulary (last) dimension must be at least 1; got shape "
+                         f"{tuple(student_logits.shape)}")
+    _checks.check_frozen(fn, "original_logits", original_logits)
+    if strengthened_logits is not None:
+        _checks.check_frozen(fn, "strengthened_logits", strengthened_logits)
+    _checks.check_labels(fn, labels, student_logits.shape[:-1], "student_logits")
+    _checks.check_same_device(fn, {"student_logits": student_logits,
+                                   "original_logits": original_logits,
+                                   "strengthened_logits": strengthened_logits,
+                                   "labels": labels})
+
+
+def reduce_rows(loss_rows: torch.Tensor, keep: torch.Tensor | None, reduction: str,
+                leading_shape) -> torch.Tensor:
+    """Apply ``reduction`` to per-row losses that are already 0 at masked rows (no host sync)."""
+    if reduction == "none":
+        return loss_rows.reshape(leading_shape)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    count = keep.sum() if keep is not None else loss_rows.numel()
+    if isinstance(count, torch.Tensor):
+        count = count.clamp(min=1).to(total.dtype)
+    else:
+        count = max(count, 1)
+    return total / count
+
+
+def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
+                   strengthened_logits: torch.Tensor | None = None, *, alpha: float = 8.0,
+                   labels: torch.Tensor | None = None, ignore_index: int = -100,
+                   temperature: float = 1.0, direction: str = "reverse",
+                   reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """KL divergence between the student and the RKLD unlearning teacher, fused over the vocabulary.
+
+    The teacher is ``o - alpha * relu(g - o)`` built from the raw original (``o``) and
+    strengthened (``g``) logits, or ``o`` itself when ``strengthened_logits`` is None. Student
+    and teacher are divided by ``temperature`` after the teacher is formed (no T^2 factor).
+
+    Args:
+        student_logits: ``(..., V)`` float32 / bfloat16 / float16 / float64 logits of the model
+            being trained.
+        original_logits, strengthened_logits: ``(..., V)`` frozen teacher logits (any float
+            dtype, need not match the student's); they never receive gradients.
+        alpha: how far logits that rose under strengthening are pushed down (8 for TOFU).
+        labels: ``(...)`` integer tensor aligned with the logits' positions; positions equal to
+            ``ignore_index`` get loss 0 and gradient 0. None keeps every position.
+        temperature: > 0, divides both logits.
+        direction: ``"reverse"`` = KL(student || teacher) (RKLD), ``"forward"`` = KL(teacher || student).
+        reduction: ``"mean"`` over unmasked positions (0 when none is left), ``"sum"``, or
+            ``"none"`` (per position, shape ``(...)``, 0 at masked positions).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"``
+            (chunked PyTorch) or ``"reference"`` (naive; the specification).
+
+    Returns:
+        The loss in float32 (float64 when the student is float64). The gradient flows to
+        ``student_logits`` only, in its dtype.
+    """
+    _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
+                          reduction=reduction, backend=backend)
+    validate_logits(student_logits, original_logits, strengthened_logits, labels)
+    backend = resolve_backend(backend, student_logits.device)
+
+    if backend == "reference":
+        out_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        return reference_rkl_loss(student_logits, original_logits, strengthened_logits,
+                                  alpha=alpha, labels=labels, ignore_index=ignore_index,
+                                  temperature=temperature, direction=direction,
+                                  reduction=reduction).to(out_dtype)
+
+    leading_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    original = original_logits.reshape(-1, vocab)
+    strengthened = strengthened_logits.reshape(-1, vocab) if strengthened_logits is not None else None
+    keep = (labels.reshape(-1) != ignore_index) if labels is not None else None
+    if backend == "triton":
+        # The kernels address rows by a stride and expect unit stride along the vocabulary.
+        student, original = _unit_last_stride(student), _unit_last_stride(original)
+        strengthened = _unit_last_stride(strengthened) if strengthened is not None else None
+    loss_rows = _FusedRKLFunction.apply(student, original, strengthened, keep, float(alpha),
+                                        float(temperature), direction == "reverse", backend)
+    return reduce_rows(loss_rows, keep, reduction, leading_shape)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class RKLLoss(torch.nn.Module):
+    """Module form of :func:`fused_rkl_loss`, in the style of ``torch.nn`` losses.
+
+    ``forward(student_logits, original_logits, strengthened_logits=None, labels=None)``.
+    """
+
+    def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
+                 reduction: str = "mean", ignore_index: int = -100, backend: str = "auto"):
+        super().__init__()
+        _checks.check_options("RKLLoss", alpha=alpha, temperature=temperature,
+                              direction=direction, reduction=reduction, backend=backend)
+        self.alpha, self.temperature, self.direction = alpha, temperature, direction
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+
+    def forward(self, student_logits, original_logits, strengthened_logits=None, labels=None):
+        return fused_rkl_loss(student_logits, original_logits, strengthened_logits,
+                              alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
+                              temperature=self.temperature, direction=self.direction,
+                              reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, temperature={self.temperature}, direction={self.direction!r}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}")
