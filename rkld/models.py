@@ -1,0 +1,240 @@
+"""Causal language models for the pipeline: loading, tiny models, and the final hidden state.
+
+Public API:
+    load_model(path_or_name, dtype=None) -> (model, tokenizer)
+        Any Hugging Face causal LM from a local folder (or the hub, with network). A tokenizer
+        without a pad token gets its EOS token as pad (the vocabulary is never changed).
+    build_tiny_model(texts, out_dir=None, seed=0, **config) -> (model, tokenizer)
+        A small Llama with a byte-level BPE tokenizer trained in-process on ``texts``; saved with
+        ``save_pretrained`` to ``out_dir`` when given, so later stages load it like any model.
+    train_tokenizer(texts, vocab_size=1024) -> PreTrainedTokenizerFast  (<pad>, <bos>, <eos>)
+    output_head(model) -> (weight, bias)       the lm_head parameters (bias may be None)
+    final_hidden(model, input_ids, attention_mask) -> hidden [B, T, H]
+        The input of the lm_head, captured by a forward pre-hook on
+        ``get_output_embeddings()``; the head itself then only projects one position.
+    supervised_positions(hidden, labels) -> (hidden_rows [n, H], targets [n])
+        Shift to next-token targets and keep the supervised positions, in row-major order.
+    check_logits_are_linear(model)
+        Refuse (ValueError) models whose logits are not ``lm_head(hidden)``: final-logit
+        soft-capping, logit scaling, scaled tied embeddings... by config and by a probe forward.
+    check_same_vocabulary(tokenizer_a, tokenizer_b, what_a, what_b)
+    unwrap_model(model) -> the Hugging Face model inside DDP / peft wrappers
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .data import IGNORE_INDEX
+
+TINY_DEFAULTS = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 172, "max_position_embeddings": 512}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+# Config attributes by which some architectures transform logits after the lm_head. A value
+# that is neither None nor 1 means the logits are not lm_head(hidden).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_multiplier_scale", "logit_softcapping")
+
+
+def train_tokenizer(texts, vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on ``texts`` (any string is encodable: bytes are the
+    base alphabet). ``<bos>`` is prepended to every encoded text with special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_tokenizer needs at least one non-empty text")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos_id = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>")
+
+
+def build_tiny_model(texts, out_dir=None, seed: int = 0, vocab_size: int = 1024, **config):
+    """A small Llama (defaults: TINY_DEFAULTS) with a tokenizer trained on ``texts``.
+
+    Extra keyword arguments override LlamaConfig fields (e.g. ``hidden_size=32``). The weights
+    depend only on ``seed`` and the configuration. Returns ``(model, tokenizer)``; with
+    ``out_dir`` both are saved there first.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    settings = {**TINY_DEFAULTS, **config}
+    settings.setdefault("num_key_value_heads", settings["num_attention_heads"])
+    model_config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False,
+                               bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(model_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model, tokenizer
+
+
+def load_model(path_or_name, dtype=None):
+    """Load ``(model, tokenizer)`` from a local folder or a hub name (hub needs network).
+
+    ``dtype`` is a torch dtype or its name ("bfloat16"); None keeps the saved dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    source = str(path_or_name)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"{local}: expected a Hugging Face model folder with "
+                                    f"config.json (from save_pretrained); it has none")
+        source = str(local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
+    except OSError as err:
+        where = "the local folder" if local.exists() else \
+            "the hub (no such local folder; the hub needs network access)"
+        raise OSError(f"could not load model {source!r} from {where}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def unwrap_model(model):
+    """The Hugging Face model inside DDP (``.module``) and peft (``get_base_model``) wrappers."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def output_head(model):
+    """``(weight, bias)`` of the model's lm_head; ``bias`` is None when it has none."""
+    head = unwrap_model(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(unwrap_model(model)).__name__} has no output embedding "
+                         f"(lm_head) with a weight; a causal LM is needed")
+    return head.weight, getattr(head, "bias", None)
+
+
+@contextlib.contextmanager
+def capture_final_hidden(model, project_all: bool = False):
+    """Capture the input of the lm_head during forward passes of ``model``.
+
+    Yields a list that receives one ``[B, T, H]`` tensor per forward. Unless ``project_all``,
+    the head then projects only the last position, so no ``[B, T, V]`` logits are allocated.
+    """
+    head = unwrap_model(model).get_output_embeddings()
+    captured = []
+
+    def hook(module, args):
+        hidden = args[0]
+        captured.append(hidden)
+        if project_all:
+            return None
+        return (hidden[..., -1:, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden state (input of the lm_head) for every position: ``[B, T, H]``."""
+    with capture_final_hidden(model) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if len(captured) != 1:
+        raise RuntimeError(f"expected the lm_head to run once per forward; it ran "
+                           f"{len(captured)} times")
+    return captured[0]
+
+
+def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
+    """Rows of ``hidden`` whose next-token label is supervised, and those labels.
+
+    ``labels`` follow the Hugging Face convention (``labels[:, t]`` is the token at ``t``), so
+    position ``t`` predicts ``labels[:, t + 1]``. Rows come out example by example, position
+    ascending: the order the teacher cache stores them in.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def check_logits_are_linear(model, atol: float | None = None) -> None:
+    """Raise ValueError unless the model's logits are exactly ``lm_head(hidden)``.
+
+    The fused losses rebuild logits as ``hidden @ W.T + b``; a model that soft-caps or scales
+    its logits would silently be trained on another objective. Checks known config attributes,
+    then compares a probe forward's logits with the projection of its captured hidden state.
+    """
+    hf_model = unwrap_model(model)
+    config = hf_model.config
+    configs = [config] + [getattr(config, name) for name in ("text_config",)
+                          if getattr(config, name, None) is not None]
+    for cfg in configs:
+        for attr in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, attr, None)
+            if value is not None and value != 1:
+                raise ValueError(
+                    f"{type(hf_model).__name__}: config.{attr} = {value}, so its logits are not "
+                    f"lm_head(hidden); the fused RKL loss would optimise a different objective. "
+                    f"Models with final-logit soft-capping or logit scaling are not supported")
+    weight, bias = output_head(hf_model)
+    if weight.device.type == "meta":
+        return
+    probe_length = 5
+    input_ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % weight.shape[0]
+    input_ids = input_ids.unsqueeze(0)
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.no_grad(), capture_final_hidden(hf_model, project_all=True) as captured:
+            logits = hf_model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        hf_model.train(was_training)
+    rebuilt = torch.nn.functional.linear(captured[0].float(), weight.float(),
+                                         None if bias is None else bias.float())
+    logits = logits.float()
+    if atol is None:
+        atol = 1e-4 if weight.dtype == torch.float32 else 5e-2
+    scale = rebuilt.abs().max().clamp(min=1.0)
+    error = (logits - rebuilt).abs().max() / scale
+    if logits.shape != rebuilt.shape or not error <= atol:
+        raise ValueError(
+            f"{type(hf_model).__name__}: its logits differ from lm_head(final hidden state) "
+            f"(relative max difference {error.item():.3g}); the model transforms logits after "
+            f"the head (soft-capping, scaling, scaled tied embeddings), which the fused RKL "
+            f"loss does not reproduce")
+
+
+def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) -> None:
+    """Raise ValueError unless two tokenizers map the same strings to the same ids."""
+    size_a, size_b = len(tokenizer_a), len(tokenizer_b)
+    if size_a != size_b:
+        raise ValueError(f"{what_a} and {what_b} must share one tokenizer; their vocabularies "
+                         f"have {size_a} and {size_b} entries")
+    if tokenizer_a.get_vocab() != tokenizer_b.get_vocab():
+        raise ValueError(f"{what_a} and {what_b} must share one tokenizer; their vocabularies "
+                         f"have the same size but map tokens to different ids")
