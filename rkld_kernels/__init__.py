@@ -6,14 +6,9 @@ Public API:
     unlearning_teacher_logits               -- o - alpha * relu(g - o)
     reference_rkl_loss                      -- the naive specification
 """
+from .fused_linear import LinearRKLLoss, fused_linear_rkl_loss
 from .fused_rkl import RKLLoss, fused_rkl_loss
 from .reference import reference_rkl_loss, unlearning_teacher_logits
 
-__all__ = ["fused_rkl_loss", "RKLLoss", "unlearning_teacher_logits", "reference_rkl_loss"]
-
-try:  # the fused-linear variant lives in its own module
-    from .fused_linear import LinearRKLLoss, fused_linear_rkl_loss  # noqa: F401
-    __all__ += ["fused_linear_rkl_loss", "LinearRKLLoss"]
-except ImportError as _err:  # pragma: no cover - only while the module does not exist yet
-    if "fused_linear" not in str(_err):
-        raise
+__all__ = ["fused_rkl_loss", "RKLLoss", "fused_linear_rkl_loss", "LinearRKLLoss",
+           "unlearning_teacher_logits", "reference_rkl_loss"]

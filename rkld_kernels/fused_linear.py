@@ -1,0 +1,466 @@
+"""``fused_linear_rkl_loss``: the RKLD loss from hidden states and lm_head weights, token-chunked.
+
+For each model the logits are ``hidden @ weight.T + bias``. They are never built for all tokens
+at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul)
+are processed ``chunk_size`` at a time, and for each chunk
+
+1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``;
+2. the vocabulary part -- loss per row and dL/d(student logits) -- is
+   :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
+   :mod:`rkld_kernels.triton_backend` (triton backend);
+3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a
+   ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (``addmm_`` into one ``[V, H]``
+   accumulator), plus ``db += dlogits.sum(0)``.
+
+Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
+
+When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
+one scalar, so the whole gradient is computed during the forward pass and the backward only
+multiplies it by ``grad_output``. With ``reduction="none"`` every position has its own upstream
+gradient ``g_i`` and ``dW = sum_i g_i dlogits_i^T x_i`` depends on all of them, so the forward
+computes losses only and the backward recomputes the chunks with each row of dlogits scaled by
+``g_i`` (exact, at the price of the three logits GEMMs once more).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from .fused_rkl import fused_rkl_loss, resolve_backend
+from .torch_backend import accumulation_dtype, rkl_rows
+
+_FN = "fused_linear_rkl_loss"
+
+# Default chunk size: the [chunk, V] buffers alive at once (three logits, the vocabulary pass's
+# float32 work buffers, the gradient; about this many float32 rows of V in all) are kept within
+# a per-device byte budget. On GPUs the budget is large, because big chunks keep the GEMMs
+# efficient; on CPUs smaller chunks keep the vocabulary pass in cache while the GEMMs are
+# already efficient at a few hundred rows (measured on a 2-core AVX-512 machine, H=256,
+# V=32000: 128..512 rows were within a few percent of each other, see bench/).
+_BUFFERS_PER_ROW = 8
+_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30}
+_DEFAULT_CHUNK_BUDGET_BYTES = 128 << 20
+
+# compiled=None compiles the vocabulary pass on CPU when a call has at least this many
+# kept-token x vocabulary elements: below it, the one-off compilation (seconds) costs more than
+# it saves.
+_COMPILE_MIN_ELEMENTS = 1 << 26
+
+
+def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
+    """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
+    buffers (``_BUFFERS_PER_ROW`` float32 rows each) fit the device's budget (1 GiB on CUDA,
+    128 MiB elsewhere), at least 1."""
+    device_type = torch.device(device).type
+    budget = _CHUNK_BUDGET_BYTES.get(device_type, _DEFAULT_CHUNK_BUDGET_BYTES)
+    return max(1, budget // (_BUFFERS_PER_ROW * 4 * max(1, vocab_size)))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the chunk loop needs besides the tensors."""
+    alpha: float
+    temperature: float
+    reverse: bool
+    chunk_size: int
+    accum_dtype: torch.dtype | None
+    backend: str            # "torch" or "triton"
+    compiled: bool          # torch backend: run rkl_rows through torch.compile
+    compile_strict: bool    # compiled=True was asked for: a compiler failure is an error
+    per_row: bool           # reduction == "none": losses per row, gradient in backward
+    need_dx: bool
+    need_dw: bool
+    need_db: bool
+
+
+
+class _LinearRKLFunction(torch.autograd.Function):
+    """Loss of the kept rows ``[n, H]``: their sum (``plan.per_row`` False) or one per row.
+
+    Inputs after ``plan``: student hidden, weight, bias; original hidden, weight, bias;
+    strengthened hidden, weight, bias (None where absent). Only the student's three get
+    gradients, and only those the plan asks for.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, xs, ws, bs, xo, wo, bo, xg, wg, bg):
+        inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
+        ctx.plan = plan
+        ctx.weight_dtype = ws.dtype
+        ctx.bias_dtype = bs.dtype if bs is not None else None
+        if plan.per_row:
+            loss_rows, _ = _run_chunks(plan, inputs, grads=False)
+            ctx.save_for_backward(*inputs)
+            return loss_rows
+        loss_rows, grads = _run_chunks(plan, inputs, grads=True)
+        ctx.save_for_backward(*grads)
+        ctx.consumed = False
+        return loss_rows.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        plan = ctx.plan
+        if plan.per_row:
+            _, (dx, dw, db) = _run_chunks(plan, ctx.saved_tensors, grads=True,
+                                          row_scale=grad_loss)
+        else:
+            # The gradient was computed in forward; scale it in place by the scalar grad_output.
+            # The buffers are private to this graph node, so a second backward (retain_graph)
+            # must not scale them again.
+            if ctx.consumed:
+                raise RuntimeError(
+                    f"{_FN} computes the gradient during the forward pass and supports one "
+                    f"backward pass per forward for reduction='mean'/'sum'; recompute the loss, "
+                    f"or use reduction='none' (recomputes in backward) or backend='reference'")
+            ctx.consumed = True
+            dx, dw, db = ctx.saved_tensors
+            for grad in (dx, dw, db):
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        return (None, dx, _cast(dw, ctx.weight_dtype), _cast(db, ctx.bias_dtype),
+                None, None, None, None, None, None)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | None = None):
+    """One pass over the kept rows, ``plan.chunk_size`` at a time.
+
+    Returns the loss per row (float32, float64 for a float64 student) and, when ``grads``,
+    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in its dtype, and the weight and bias
+    gradients in the accumulation dtype (None for those the plan does not ask for). Each row's
+    dL/dlogits is multiplied by ``row_scale[row]`` when given (``reduction="none"``'s backward).
+    """
+    xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
+    need_dx, need_dw, need_db = (grads and plan.need_dx, grads and plan.need_dw,
+                                 grads and plan.need_db)
+    need_grad = need_dx or need_dw or need_db
+    rows, vocab = xs.shape[0], ws.shape[0]
+    device = xs.device
+    loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
+    dx = torch.empty(xs.shape, dtype=xs.dtype, device=device) if need_dx else None
+    dw = torch.zeros(ws.shape, dtype=plan.accum_dtype or ws.dtype, device=device) if need_dw else None
+    db = torch.zeros(vocab, dtype=plan.accum_dtype or bs.dtype, device=device) if need_db else None
+    for start in range(0, rows, plan.chunk_size):
+        stop = min(start + plan.chunk_size, rows)
+        x = xs[start:stop]
+        student = _chunk_logits(x, ws, bs)
+        original = _chunk_logits(xo[start:stop], wo, bo)
+        strengthened = _chunk_logits(xg[start:stop], wg, bg) if xg is not None else None
+        scale = row_scale[start:stop] if row_scale is not None else None
+        loss_rows[start:stop], dlogits = _vocabulary_pass(plan, student, original, strengthened,
+                                                          need_grad, scale)
+        del student, original, strengthened      # free the chunk's logits before the grad GEMMs
+        if not need_grad:
+            continue
+        dlogits_w = dlogits.to(ws.dtype)         # GEMM operands share the weight's dtype
+        if need_dx:
+            torch.mm(dlogits_w, ws, out=dx[start:stop])
+        if need_dw:
+            # dW += dlogits^T x in the accumulator's dtype, straight into it (no [V, H] temporary).
+            grad_rows = dlogits_w if dw.dtype == ws.dtype else dlogits.to(dw.dtype)
+            dw.addmm_(grad_rows.t(), x.to(dw.dtype))
+        if need_db:
+            db.add_(dlogits.sum(0))
+    return loss_rows, (dx, dw, db)
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+
+def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bool,
+                     row_scale: torch.Tensor | None):
+    """Loss per row of one chunk's logits and, if ``need_grad``, dL/d student logits with row
+    ``r`` multiplied by ``row_scale[r]`` (1 when None)."""
+    if plan.backend == "triton":
+        from .triton_backend import triton_rkl_backward, triton_rkl_forward
+        hyper = (plan.alpha, plan.temperature, plan.reverse)
+        loss, stats = triton_rkl_forward(student, original, strengthened, None, *hyper)
+        if not need_grad:
+            return loss, None
+        if row_scale is None:
+            row_scale = loss.new_ones(()).expand(loss.shape[0])
+        return loss, triton_rkl_backward(student, original, strengthened, None, stats,
+                                         row_scale, *hyper)
+    loss, grad = _torch_rows(plan, student, original, strengthened, need_grad)
+    if grad is not None and row_scale is not None:
+        grad.mul_(row_scale.unsqueeze(1))
+    return loss, grad
+
+
+def _torch_rows(plan: _Plan, student, original, strengthened, need_grad: bool):
+    args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse, need_grad)
+    if plan.compiled and not _compile_failed:
+        try:
+            return _compiled_rkl_rows()(*args)
+        except _compiler_errors() as err:
+            if plan.compile_strict:
+                raise
+            _compile_failed.append(err)
+            warnings.warn(f"{_FN}: torch.compile of the vocabulary pass failed ({type(err).__name__}); "
+                          f"using eager PyTorch from now on (pass compiled=False to skip compiling)",
+                          RuntimeWarning, stacklevel=2)
+    return rkl_rows(*args)
+
+
+# Set once torch.compile has failed in this process (e.g. no C++ compiler for inductor), so that
+# the automatic choice stops retrying on every call.
+_compile_failed: list[BaseException] = []
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rkl_rows():
+    # dynamic=True: one compilation serves every chunk height (the last chunk is shorter) and
+    # every vocabulary size. rkl_rows is memory-bound elementwise work over [chunk, V]; eager
+    # PyTorch makes a dozen passes over it, the compiled version fuses them into a few loops.
+    return torch.compile(rkl_rows, dynamic=True)
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return tuple(err for err in (getattr(torch._dynamo.exc, "BackendCompilerFailed", None),
+                                 getattr(torch._inductor.exc, "InductorError", None))
+                 if err is not None)
+
+
+def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
+              original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
+              labels, chunk_size, accum_dtype, compiled, fn: str = _FN) -> None:
+    """Raise a clear error for every input the loss cannot use. The strengthened weight and
+    bias are the resolved ones (the original head's when the strengthened head is shared)."""
+    heads = [("student", student_hidden, student_weight, student_bias),
+             ("original", original_hidden, original_weight, original_bias)]
+    if strengthened_hidden is not None:
+        heads.append(("strengthened", strengthened_hidden, strengthened_weight, strengthened_bias))
+    for model, hidden, weight, bias in heads:
+        _checks.check_float_tensor(fn, f"{model}_hidden", hidden)
+        _checks.check_float_tensor(fn, f"{model}_weight", weight)
+        if bias is not None:
+            _checks.check_float_tensor(fn, f"{model}_bias", bias)
+    vocab = student_weight.shape[0] if student_weight.dim() == 2 else None
+    for model, hidden, weight, bias in heads:
+        if weight.dim() != 2:
+            raise ValueError(f"{fn}: {model}_weight must be a 2-D (V, H) lm_head weight; got "
+                             f"shape {tuple(weight.shape)}")
+        if hidden.dim() == 0:
+            raise ValueError(f"{fn}: {model}_hidden must have shape (..., H); got a 0-d tensor")
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{fn}: {model}_hidden's last dimension must equal the hidden size "
+                             f"of {model}_weight (V, H) = {tuple(weight.shape)}, i.e. "
+                             f"{weight.shape[1]}; got {model}_hidden of shape {tuple(hidden.shape)}")
+        if weight.shape[0] != vocab:
+            raise ValueError(f"{fn}: every lm_head must have the student's vocabulary size "
+                             f"V = {vocab}; got {model}_weight of shape {tuple(weight.shape)}")
+        if hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(f"{fn}: {model}_hidden must have the token shape of student_hidden, "
+                             f"{tuple(student_hidden.shape[:-1])} (+ hidden size); got "
+                             f"{tuple(hidden.shape)}")
+        if bias is not None and tuple(bias.shape) != (vocab,):
+            raise ValueError(f"{fn}: {model}_bias must have shape (V,) = ({vocab},); got "
+                             f"{tuple(bias.shape)}")
+        if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+            got = f"hidden {hidden.dtype}, weight {weight.dtype}"
+            got += f", bias {bias.dtype}" if bias is not None else ""
+            raise TypeError(f"{fn}: the {model} model's hidden states, weight and bias must share "
+                            f"one dtype (cast them, e.g. hidden.to(weight.dtype)); got {got}")
+    if vocab == 0:
+        raise ValueError(f"{fn}: the vocabulary size V (rows of the weights) must be at least 1; "
+                         f"got student_weight of shape {tuple(student_weight.shape)}")
+    for model, hidden, weight, bias in heads[1:]:
+        for part, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                _checks.check_frozen(fn, f"{model}_{part}", t)
+    _checks.check_labels(fn, labels, student_hidden.shape[:-1], "student_hidden (without H)")
+    named = {f"{model}_{part}": t for model, *tensors in heads
+             for part, t in zip(("hidden", "weight", "bias"), tensors)}
+    named["labels"] = labels
+    _checks.check_same_device(fn, named)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{fn}: chunk_size must be None (chosen from a memory budget) or an "
+                         f"int >= 1 (tokens per chunk); got {chunk_size!r}")
+    if accum_dtype is not None:
+        if not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point:
+            raise TypeError(f"{fn}: accum_dtype must be None or a floating torch.dtype such as "
+                            f"torch.float32; got {accum_dtype!r}")
+        if torch.promote_types(accum_dtype, student_weight.dtype) != accum_dtype:
+            raise ValueError(f"{fn}: accum_dtype must be at least as precise as student_weight "
+                             f"({student_weight.dtype}); got {accum_dtype}")
+    if compiled is not None and not isinstance(compiled, bool):
+        raise TypeError(f"{fn}: compiled must be None (automatic), True or False; got {compiled!r}")
+
+
+def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                          original_hidden: torch.Tensor, original_weight: torch.Tensor,
+                          strengthened_hidden: torch.Tensor | None = None,
+                          strengthened_weight: torch.Tensor | None = None, *,
+                          student_bias: torch.Tensor | None = None,
+                          original_bias: torch.Tensor | None = None,
+                          strengthened_bias: torch.Tensor | None = None,
+                          alpha: float = 8.0, labels: torch.Tensor | None = None,
+                          ignore_index: int = -100, temperature: float = 1.0,
+                          direction: str = "reverse", reduction: str = "mean",
+                          chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
+                          backend: str = "auto", compiled: bool | None = None) -> torch.Tensor:
+    """:func:`~rkld_kernels.fused_rkl_loss` of the logits ``hidden @ weight.T + bias`` of the
+    three models, without ever building a ``[tokens, V]`` tensor.
+
+    The kept tokens are processed ``chunk_size`` at a time (see the module docstring for the
+    algorithm); peak extra memory is a few ``[chunk, V]`` buffers plus the ``[V, H]`` weight
+    gradient and the ``[tokens, H]`` hidden gradient, whatever the number of tokens.
+
+    Args:
+        student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
+            float16 / float64).
+        student_weight: ``(V, H_s)`` student lm_head weight, same dtype as ``student_hidden``.
+        original_hidden, original_weight: ``(..., H_t)`` and ``(V, H_t)``: the original model's
+            lm_head input and weight (frozen).
+        strengthened_hidden: ``(..., H_t)`` lm_head input of the strengthened model (frozen), or
+            None: the teacher is then the original model itself (plain distillation).
+        strengthened_weight: ``(V, H_t)``, or None when the strengthened model shares the
+            original's lm_head (then ``strengthened_bias=None`` also means the original's bias).
+        student_bias, original_bias, strengthened_bias: optional ``(V,)`` lm_head biases.
+        alpha, labels, ignore_index, temperature, direction, reduction: as in
+            :func:`~rkld_kernels.fused_rkl_loss`. ``labels`` has the token shape ``(...)``.
+            Masked tokens are dropped before any matmul, so they cost nothing; finding the kept
+            tokens is one host sync (``nonzero``) per call.
+        chunk_size: tokens per chunk; None picks :func:`default_chunk_size` from a per-device
+            memory budget.
+        accum_dtype: dtype of the weight/bias gradient accumulators, e.g. ``torch.float32`` for a
+            bfloat16 lm_head: the gradient is then summed over chunks in float32 and rounded once
+            at the end (the weight-gradient GEMM then runs on float32 operands). None: the
+            weight's dtype.
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by
+            matmul, vocabulary part by the Triton kernels), ``"torch"`` (vocabulary part by
+            chunked PyTorch) or ``"reference"`` (materialises all logits and calls
+            ``fused_rkl_loss(backend="reference")``; the specification, for tests).
+        compiled: torch backend only: run the vocabulary pass through ``torch.compile`` (fused
+            loops; several times faster on CPU, one-off compilation of seconds per process).
+            None compiles on CPU for calls with at least 2**26 kept-token x V elements, and
+            falls back to eager PyTorch with a warning if compilation fails.
+
+    Returns:
+        The loss in float32 (float64 when the student is float64); shape ``(...)`` for
+        ``reduction="none"``, else a scalar.
+
+    Gradients reach ``student_hidden`` and, when they require grad, ``student_weight`` and
+    ``student_bias``; teachers must not require grad. With ``mean``/``sum`` the gradient is
+    computed during the forward pass (one backward per forward); with ``none`` the backward
+    recomputes the chunks to honour a per-position ``grad_output`` exactly.
+    """
+    _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
+                          reduction=reduction, backend=backend)
+    if strengthened_hidden is None and (strengthened_weight is not None
+                                        or strengthened_bias is not None):
+        raise ValueError(f"{_FN}: strengthened_weight/strengthened_bias were given without "
+                         f"strengthened_hidden; pass the strengthened model's hidden states too, "
+                         f"or neither (the teacher is then the original model)")
+    if strengthened_hidden is not None and strengthened_weight is None:
+        strengthened_weight = original_weight      # one lm_head shared by both teachers
+        if strengthened_bias is None:
+            strengthened_bias = original_bias
+    _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
+              original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
+              labels, chunk_size, accum_dtype, compiled)
+    device = student_hidden.device
+    backend = resolve_backend(backend, device)
+
+    if backend == "reference":
+        def logits(hidden, weight, bias):
+            return torch.nn.functional.linear(hidden, weight, bias)
+        return fused_rkl_loss(
+            logits(student_hidden, student_weight, student_bias),
+            logits(original_hidden, original_weight, original_bias),
+            logits(strengthened_hidden, strengthened_weight, strengthened_bias)
+            if strengthened_hidden is not None else None,
+            alpha=alpha, labels=labels, ignore_index=ignore_index, temperature=temperature,
+            direction=direction, reduction=reduction, backend="reference")
+
+    leading_shape = student_hidden.shape[:-1]
+    xs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    xo = original_hidden.reshape(-1, original_hidden.shape[-1])
+    xg = (strengthened_hidden.reshape(-1, strengthened_hidden.shape[-1])
+          if strengthened_hidden is not None else None)
+    positions = xs.shape[0]
+    kept = None
+    if labels is not None:
+        # Host sync: the number of kept tokens sizes every later buffer and loop.
+        kept = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
+        if kept.numel() == positions:
+            kept = None                            # nothing masked: keep the views, no gather
+        else:
+            xs, xo = xs.index_select(0, kept), xo.index_select(0, kept)
+            xg = xg.index_select(0, kept) if xg is not None else None
+    rows, vocab = xs.shape[0], student_weight.shape[0]
+
+    grad_enabled = torch.is_grad_enabled()
+    use_compile = (compiled if compiled is not None else
+                   backend == "torch" and device.type == "cpu"
+                   and rows * vocab >= _COMPILE_MIN_ELEMENTS)
+    plan = _Plan(alpha=float(alpha), temperature=float(temperature),
+                 reverse=direction == "reverse",
+                 chunk_size=chunk_size or default_chunk_size(vocab, device),
+                 accum_dtype=accum_dtype, backend=backend,
+                 compiled=backend == "torch" and use_compile, compile_strict=compiled is True,
+                 per_row=reduction == "none",
+                 need_dx=grad_enabled and xs.requires_grad,
+                 need_dw=grad_enabled and student_weight.requires_grad,
+                 need_db=grad_enabled and student_bias is not None and student_bias.requires_grad)
+    loss = _LinearRKLFunction.apply(plan, xs, student_weight, student_bias, xo, original_weight,
+                                    original_bias, xg, strengthened_weight, strengthened_bias)
+    if reduction == "none":
+        if kept is not None:
+            loss = loss.new_zeros(positions).index_copy(0, kept, loss)
+        return loss.reshape(leading_shape)
+    if reduction == "sum":
+        return loss
+    return loss / max(rows, 1)
+
+
+class LinearRKLLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_rkl_loss`, in the style of ``torch.nn`` losses.
+
+    Options go to ``__init__``; ``forward(student_hidden, student_weight, original_hidden,
+    original_weight, strengthened_hidden=None, strengthened_weight=None, labels=None, *,
+    student_bias=None, original_bias=None, strengthened_bias=None)`` takes the tensors. The
+    module holds no parameters: to run the loss where a sharded lm_head is gathered (FSDP2,
+    ZeRO-3), see :class:`rkld_kernels.distributed.LMHeadRKLLoss`.
+    """
+
+    def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
+                 reduction: str = "mean", ignore_index: int = -100,
+                 chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
+                 backend: str = "auto", compiled: bool | None = None):
+        super().__init__()
+        _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
+                              direction=direction, reduction=reduction, backend=backend)
+        self.alpha, self.temperature, self.direction = alpha, temperature, direction
+        self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
+        self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled
+
+    def forward(self, student_hidden, student_weight, original_hidden, original_weight,
+                strengthened_hidden=None, strengthened_weight=None, labels=None, *,
+                student_bias=None, original_bias=None, strengthened_bias=None):
+        return fused_linear_rkl_loss(
+            student_hidden, student_weight, original_hidden, original_weight,
+            strengthened_hidden, strengthened_weight, student_bias=student_bias,
+            original_bias=original_bias, strengthened_bias=strengthened_bias, alpha=self.alpha,
+            labels=labels, ignore_index=self.ignore_index, temperature=self.temperature,
+            direction=self.direction, reduction=self.reduction, chunk_size=self.chunk_size,
+            accum_dtype=self.accum_dtype, backend=self.backend, compiled=self.compiled)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, temperature={self.temperature}, "
+                f"direction={self.direction!r}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, "
+                f"accum_dtype={self.accum_dtype}, backend={self.backend!r}, "
+                f"compiled={self.compiled}")
