@@ -1,0 +1,536 @@
+"""TOFU evaluation of a causal LM: likelihood and generation metrics, logs in open-unlearning's schema.
+
+Public API:
+    EvalConfig                       what to evaluate and how (forget split, generation, batch sizes)
+    evaluate_model(model, tokenizer, benchmark, config, reference=None) -> dict
+        the evaluation log (open-unlearning's ``TOFU_EVAL.json`` schema); runs sharded when
+        several processes are launched (``accelerate launch``), identical to one process.
+    summarize(logs) -> dict          ``{metric: agg_value}`` (``TOFU_SUMMARY.json``)
+    with_reference(logs, reference)  recompute forget quality against a retain-model log
+    write_outputs(out_dir, logs, ...) TOFU_EVAL.json, TOFU_SUMMARY.json, EVAL_META.json,
+                                     report.md and PNG plots
+    run_eval(model, data, out_dir, ...) the ``rkld eval`` command: load, reuse or refuse, evaluate, write
+
+Evaluation sets and metric names (open-unlearning's, so that its published retain-model logs
+work as ``reference`` and our logs load in its tools):
+
+    forget   ``{forget}_perturbed``      forget_Q_A_Prob, forget_Q_A_PARA_Prob, forget_Q_A_PERT_Prob,
+                                         forget_Q_A_ROUGE, forget_truth_ratio, forget_quality
+    retain   ``retain_perturbed``        retain_Q_A_Prob, retain_Q_A_PARA_Prob, retain_Q_A_PERT_Prob,
+                                         retain_Q_A_ROUGE, retain_Truth_Ratio
+    ra / wf  ``real_authors_perturbed`` / ``world_facts_perturbed``
+                                         {ra,wf}_Q_A_Prob, {ra,wf}_Q_A_PERT_Prob,
+                                         {ra,wf}_Q_A_Prob_normalised, {ra,wf}_Q_A_ROUGE,
+                                         {ra,wf}_Truth_Ratio
+    model_utility                        harmonic mean of the nine components
+
+Each metric is ``{"agg_value": x, "value_by_index": {"0": {...}, ...}}``. The truth ratio's
+correct answer is the paraphrased one on forget / retain and the true one on real authors /
+world facts, as in the reference.
+
+Batches are formed once, globally (sequences sorted by length, fixed size); with several
+processes, batch b runs on process b mod world_size and the results are gathered, so every
+per-example value is computed on exactly the same batch as in a single-process run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .data import collate, encode_prompt, encode_qa
+
+EVAL_LOG = "TOFU_EVAL.json"
+SUMMARY_LOG = "TOFU_SUMMARY.json"
+META_FILE = "EVAL_META.json"
+# Bump when a change alters what the logs hold, so that older results are not reused.
+EVAL_FORMAT_VERSION = 1
+
+# (prefix, split, truth-ratio key, "correct" answer field of the truth ratio, normalised prob?)
+_SETS = (
+    ("forget", "{forget}_perturbed", "forget_truth_ratio", "paraphrased_answer", False),
+    ("retain", "retain_perturbed", "retain_Truth_Ratio", "paraphrased_answer", False),
+    ("ra", "real_authors_perturbed", "ra_Truth_Ratio", "answer", True),
+    ("wf", "world_facts_perturbed", "wf_Truth_Ratio", "answer", True),
+)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate. Fields that change results are part of the results' fingerprint."""
+    forget_split: str = "forget10"
+    generation: bool = True          # ROUGE metrics (greedy generation); model utility needs them
+    max_new_tokens: int = 200
+    max_length: int = 512            # QA sequences longer than this are cut (as the reference)
+    template: str = "auto"
+    batch_size: int = 32             # sequences per likelihood forward pass
+    generation_batch_size: int = 32  # prompts per generate() call
+    progress: bool = True
+
+    def fingerprint_fields(self) -> dict:
+        fields = asdict(self)
+        fields.pop("progress")
+        return fields
+
+
+@dataclass
+class _Request:
+    metric: str        # e.g. "forget_Q_A_PERT_Prob"
+    index: int         # example index within the split
+    slot: int | None   # which perturbed answer, None for single-answer metrics
+    example: dict = field(repr=False)
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+class _Shards:
+    """Which process am I, and how to gather Python objects from all of them."""
+
+    def __init__(self):
+        from accelerate import PartialState
+        state = PartialState()
+        self.rank, self.world = state.process_index, state.num_processes
+        self.device = state.device
+        self.is_main = state.is_main_process
+
+    def gather(self, items: list) -> list:
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+        return gather_object(items)
+
+
+def _batches(n_items: int, lengths: list, batch_size: int) -> list:
+    """Global batches: indices sorted by length (longest first, ties in input order), then cut."""
+    order = sorted(range(n_items), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, n_items, batch_size)]
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------- requests
+
+def _eval_splits(benchmark, forget_split: str) -> dict:
+    """{prefix: rows} for the four evaluation sets, with clear errors for missing splits."""
+    out = {}
+    for prefix, split_fmt, *_ in _SETS:
+        split = split_fmt.format(forget=forget_split)
+        if split not in benchmark.splits:
+            raise KeyError(f"evaluation needs split {split!r}, which benchmark {benchmark.name!r} "
+                           f"lacks; available: {', '.join(benchmark.splits)}")
+        rows = benchmark.split(split)
+        if not rows:
+            raise ValueError(f"evaluation split {split!r} of {benchmark.name!r} is empty")
+        for i, row in enumerate(rows):
+            answers = row.get("perturbed_answer")
+            if not isinstance(answers, list) or not answers:
+                raise ValueError(f"{split}[{i}] needs a non-empty 'perturbed_answer' list for the "
+                                 f"truth ratio; got {answers!r}")
+            if len(answers) != len(rows[0]["perturbed_answer"]):
+                raise ValueError(f"{split}: every row needs the same number of perturbed answers; "
+                                 f"row 0 has {len(rows[0]['perturbed_answer'])}, row {i} has "
+                                 f"{len(answers)}")
+        out[prefix] = rows
+    return out
+
+
+def _likelihood_requests(sets: dict, tokenizer, config: EvalConfig) -> list:
+    requests = []
+
+    def add(metric, index, slot, question, answer):
+        example = encode_qa(tokenizer, question, answer, config.max_length, config.template)
+        if all(label == -100 for label in example["labels"]):
+            raise ValueError(f"{metric}[{index}]: the prompt fills max_length={config.max_length} "
+                             f"tokens and leaves no answer token to score; raise max_length")
+        requests.append(_Request(metric, index, slot, example))
+
+    for prefix, _, _, correct_field, _ in _SETS:
+        for i, row in enumerate(sets[prefix]):
+            add(f"{prefix}_Q_A_Prob", i, None, row["question"], row["answer"])
+            if correct_field == "paraphrased_answer":
+                add(f"{prefix}_Q_A_PARA_Prob", i, None, row["question"], row["paraphrased_answer"])
+            for j, wrong in enumerate(row["perturbed_answer"]):
+                add(f"{prefix}_Q_A_PERT_Prob", i, j, row["question"], wrong)
+    return requests
+
+
+# --------------------------------------------------------------------------- model passes
+
+def _unwrap(model):
+    """The bare model under DDP / accelerate wrappers (evaluation needs no gradient sync)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot batch")
+    return pad
+
+
+@torch.no_grad()
+def _average_nlls(model, tokenizer, requests: list, config: EvalConfig, shards: _Shards) -> list:
+    """avgNLL of every request's answer, one forward pass per batch."""
+    lengths = [len(r.example["input_ids"]) for r in requests]
+    batches = _batches(len(requests), lengths, config.batch_size)
+    mine = batches[shards.rank::shards.world]
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    results = []
+    for batch in _progress(mine, len(mine), "eval likelihood", config.progress and shards.is_main):
+        inputs = collate([requests[i].example for i in batch], pad)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        nll = metrics.answer_average_nll(logits, inputs["labels"]).tolist()
+        results.extend(zip(batch, nll))
+    gathered = dict(shards.gather(results))
+    return [gathered[i] for i in range(len(requests))]
+
+
+def stop_token_ids(model, tokenizer) -> list:
+    """Token ids that end a generated answer: EOS, the generation config's EOS ids, and the chat
+    template's end-of-turn token (e.g. ``<|eot_id|>``, ``<|im_end|>``) when it has one."""
+    ids = []
+    candidates = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+    for value in candidates:
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    end_of_turn = _end_of_turn_token(tokenizer)
+    if end_of_turn is not None:
+        ids.append(end_of_turn)
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def _end_of_turn_token(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message, if any."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "rkld-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
+    except Exception:   # templates that reject this conversation shape have no usable answer
+        return None
+    tail = text.split(marker, 1)[-1].strip()
+    if not tail:
+        return None
+    specials = set(tokenizer.all_special_tokens) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+        if getattr(t, "special", False)}
+    for token in sorted(specials, key=len, reverse=True):
+        if token and tail.startswith(token):
+            return tokenizer.convert_tokens_to_ids(token)
+    return None
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shards) -> list:
+    """Greedy generations for prompt token lists, batched with left padding."""
+    from transformers import GenerationConfig
+    stops = stop_token_ids(model, tokenizer)
+    pad = _pad_id(tokenizer)
+    generation_config = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
+                                         eos_token_id=stops, pad_token_id=pad)
+    batches = _batches(len(prompts), [len(p) for p in prompts], config.generation_batch_size)
+    mine = batches[shards.rank::shards.world]
+    device = next(model.parameters()).device
+    results = []
+    for batch in _progress(mine, len(mine), "eval generation", config.progress and shards.is_main):
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(prompts[i])
+            input_ids[row, width - n:] = torch.tensor(prompts[i])
+            attention_mask[row, width - n:] = 1
+        out = model.generate(input_ids=input_ids.to(device),
+                             attention_mask=attention_mask.to(device),
+                             generation_config=generation_config)
+        for row, i in enumerate(batch):
+            new = out[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            text = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+            results.append((i, text))
+    gathered = dict(shards.gather(results))
+    return [gathered[i] for i in range(len(prompts))]
+
+
+# --------------------------------------------------------------------------- assembling logs
+
+def _probability_entry(nll_by_index: dict) -> dict:
+    """Q_A_Prob-style entry; values are an avgNLL (single answer) or a list of them."""
+    by_index = {}
+    for index, nll in sorted(nll_by_index.items()):
+        prob = metrics.probability(nll)
+        by_index[str(index)] = {"prob": prob.tolist(), "avg_loss": list(nll) if isinstance(nll, list)
+                                else float(nll)}
+    probs = np.array([v["prob"] for v in by_index.values()], dtype=np.float64)
+    return {"agg_value": float(probs.mean()), "value_by_index": by_index}
+
+
+def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None,
+                   reference=None) -> dict:
+    """Evaluate ``model`` on the TOFU sets of ``benchmark`` and return the log (see module doc).
+
+    ``reference`` (retain-model truth ratios: a TOFU_EVAL.json path, a loaded log, or a
+    sequence of R) fills ``forget_quality``; without it forget quality is ``None``
+    (unavailable), never 0. Every process of a multi-process launch must call this; all of them
+    get the full log.
+    """
+    config = config or EvalConfig()
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    shards = _Shards()
+    try:
+        sets = _eval_splits(benchmark, config.forget_split)
+        requests = _likelihood_requests(sets, tokenizer, config)
+        nlls = _average_nlls(model, tokenizer, requests, config, shards)
+        generations = None
+        if config.generation:
+            prompts, keys = [], []
+            for prefix, rows in sets.items():
+                for i, row in enumerate(rows):
+                    prompts.append(encode_prompt(tokenizer, row["question"], config.template))
+                    keys.append((prefix, i))
+            texts = _generate(model, tokenizer, prompts, config, shards)
+            generations = dict(zip(keys, texts))
+    finally:
+        model.train(was_training)
+
+    collected: dict = {}
+    for request, nll in zip(requests, nlls):
+        slots = collected.setdefault(request.metric, {})
+        if request.slot is None:
+            slots[request.index] = nll
+        else:
+            slots.setdefault(request.index, []).append(nll)   # slots arrive in order
+
+    logs = {name: _probability_entry(values) for name, values in collected.items()}
+    for prefix, _, tr_key, correct_field, normalised in _SETS:
+        n = len(sets[prefix])
+        correct_metric = f"{prefix}_Q_A_PARA_Prob" if correct_field == "paraphrased_answer" \
+            else f"{prefix}_Q_A_Prob"
+        correct = [collected[correct_metric][i] for i in range(n)]
+        wrong = [collected[f"{prefix}_Q_A_PERT_Prob"][i] for i in range(n)]
+        ratios = metrics.truth_ratio(correct, wrong)
+        score = metrics.forget_truth_ratio_score(ratios) if prefix == "forget" \
+            else metrics.utility_truth_ratio_score(ratios)
+        logs[tr_key] = {"agg_value": score,
+                        "value_by_index": {str(i): {"score": float(r)} for i, r in enumerate(ratios)}}
+        if normalised:
+            values = metrics.normalised_probability(metrics.probability(correct),
+                                                    metrics.probability(wrong))
+            logs[f"{prefix}_Q_A_Prob_normalised"] = {
+                "agg_value": float(values.mean()),
+                "value_by_index": {str(i): {"prob": float(v)} for i, v in enumerate(values)}}
+        if generations is not None:
+            rows = sets[prefix]
+            texts = [generations[(prefix, i)] for i in range(len(rows))]
+            scores = metrics.rouge_scores(texts, [row["answer"] for row in rows])
+            by_index = {}
+            for i, (row, text, score_i) in enumerate(zip(rows, texts, scores)):
+                by_index[str(i)] = {**score_i, "input": row["question"],
+                                    "ground_truth": row["answer"], "generation": text}
+            logs[f"{prefix}_Q_A_ROUGE"] = {
+                "agg_value": float(np.mean([s["rougeL_recall"] for s in scores])),
+                "value_by_index": by_index}
+
+    logs["model_utility"] = {"agg_value": metrics.model_utility(logs) if config.generation else None}
+    return with_reference(logs, reference)
+
+
+def with_reference(logs: dict, reference) -> dict:
+    """Return ``logs`` with ``forget_quality`` computed against ``reference`` (None: unavailable)."""
+    logs = dict(logs)
+    value = None
+    if reference is not None:
+        value = metrics.forget_quality(logs, reference)
+    logs["forget_quality"] = {"agg_value": value}
+    return dict(sorted(logs.items()))
+
+
+def summarize(logs: dict) -> dict:
+    """``{metric: agg_value}`` for every metric of the log (forget quality may be None)."""
+    return {name: entry.get("agg_value") for name, entry in sorted(logs.items())
+            if isinstance(entry, dict) and "agg_value" in entry}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+
+
+def model_fingerprint(model_ref: str) -> str:
+    """sha256 over a local model folder's weight, config and tokenizer files (name and
+    content), or the name itself for a hub model id."""
+    path = Path(model_ref)
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(f"hub:{model_ref}".encode())
+        return digest.hexdigest()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def eval_fingerprint(model_id: str, benchmark, config: EvalConfig) -> dict:
+    """What identifies a set of results: the model, the evaluation data and the configuration."""
+    splits = sorted(split.format(forget=config.forget_split) for _, split, *_ in _SETS)
+    return {"format_version": EVAL_FORMAT_VERSION,
+            "model": model_id,
+            "data": {split: benchmark.fingerprint(split) for split in splits},
+            "forget_split": config.forget_split,
+            "config": config.fingerprint_fields()}
+
+
+def _fingerprint_differences(old: dict, new: dict) -> list:
+    return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+# --------------------------------------------------------------------------- outputs
+
+def write_outputs(out_dir, logs: dict, *, meta: dict | None = None, reference_logs=None,
+                  title: str = "") -> dict:
+    """Write TOFU_EVAL.json, TOFU_SUMMARY.json, EVAL_META.json, report.md and the plots.
+
+    ``reference_logs`` (a log dict or path) adds the retain model's truth ratios to the
+    histogram. Returns the summary.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(logs)
+    _atomic_json(out / EVAL_LOG, logs)
+    _atomic_json(out / SUMMARY_LOG, summary)
+    if meta is not None:
+        _atomic_json(out / META_FILE, meta)
+    from . import plots
+    ratios = {"model": metrics.forget_truth_ratios(logs, "model").tolist()}
+    if reference_logs is not None:
+        ratios["retain reference"] = metrics.forget_truth_ratios(reference_logs, "reference").tolist()
+    plots.truth_ratio_histogram(ratios, out / "truth_ratio_hist.png", title=title)
+    plots.utility_components({k: summary.get(k) for k in metrics.MODEL_UTILITY_KEYS if
+                              summary.get(k) is not None}, out / "utility_components.png",
+                             title=title)
+    (out / "report.md").write_text(_report(summary, meta, title))
+    return summary
+
+
+def _atomic_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "unavailable"
+    if isinstance(value, float) and (value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)):
+        return f"{value:.3e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _report(summary: dict, meta: dict | None, title: str) -> str:
+    lines = [f"# TOFU evaluation{': ' + title if title else ''}", ""]
+    if meta:
+        fp = meta.get("fingerprint", {})
+        lines += [f"- model: `{meta.get('model_path', fp.get('model'))}`",
+                  f"- data: `{meta.get('data')}`, forget split `{fp.get('forget_split')}`",
+                  f"- reference (retain model log): `{meta.get('reference') or 'none'}`",
+                  f"- wall time: {meta.get('wall_seconds', float('nan')):.1f} s", ""]
+    fq = summary.get("forget_quality")
+    lines += ["| metric | value |", "|---|---|",
+              f"| forget quality | {_fmt(fq)} |",
+              f"| model utility | {_fmt(summary.get('model_utility'))} |"]
+    for key, value in summary.items():
+        if key not in ("forget_quality", "model_utility"):
+            lines.append(f"| {key} | {_fmt(value)} |")
+    if fq is None:
+        lines += ["", "Forget quality needs the retain model's log: pass `--reference "
+                      "RETAIN/TOFU_EVAL.json` (made by `rkld eval` on the retain model)."]
+    lines += ["", "![truth ratios](truth_ratio_hist.png)", "",
+              "![utility components](utility_components.png)", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None = None,
+             reference=None, seed: int = 0, max_authors: int | None = None,
+             overwrite: bool = False) -> dict:
+    """``rkld eval``: evaluate a saved model and write the outputs to ``out_dir``.
+
+    Results already in ``out_dir`` are reused when they were computed for the same model files,
+    data and configuration (only forget quality is recomputed, against ``reference``); results
+    for anything else are refused unless ``overwrite``. Returns the summary.
+    """
+    from .data import load_benchmark
+    from .models import load_model
+    config = config or EvalConfig()
+    out = Path(out_dir)
+    if reference is not None and not isinstance(reference, (list, tuple, dict)):
+        if not Path(reference).is_file():
+            raise FileNotFoundError(f"--reference {reference}: no such file; expected the retain "
+                                    f"model's TOFU_EVAL.json (run `rkld eval` on the retain model)")
+        reference = str(reference)
+    benchmark = load_benchmark(data, seed=seed, max_authors=max_authors)
+    fingerprint = eval_fingerprint(model_fingerprint(model_path), benchmark, config)
+    shards = _Shards()
+
+    existing = out / EVAL_LOG
+    if existing.exists() and not overwrite:
+        meta_path = out / META_FILE
+        old = json.loads(meta_path.read_text()).get("fingerprint", {}) if meta_path.exists() else {}
+        differences = _fingerprint_differences(old, fingerprint)
+        if differences:
+            what = ", ".join(differences) if old else "unknown (no EVAL_META.json)"
+            raise FileExistsError(
+                f"{out} already holds evaluation results for another model, split or "
+                f"configuration (differs in: {what}); pass --overwrite to replace them or choose "
+                f"another --out")
+        logs = with_reference(json.loads(existing.read_text()), reference)
+        if shards.is_main:
+            meta = json.loads(meta_path.read_text())
+            meta["reference"] = reference if isinstance(reference, str) else meta.get("reference")
+            print(f"[eval] reusing results in {out} (same model, data and configuration)")
+            return write_outputs(out, logs, meta=meta, reference_logs=reference,
+                                 title=Path(model_path).name)
+        return summarize(logs)
+
+    start = time.time()
+    model, tokenizer = load_model(model_path)
+    model.to(shards.device)
+    logs = evaluate_model(model, tokenizer, benchmark, config, reference)
+    meta = {"fingerprint": fingerprint, "model_path": str(model_path), "data": str(data),
+            "reference": reference if isinstance(reference, str) else None,
+            "processes": shards.world, "wall_seconds": time.time() - start,
+            "versions": _versions()}
+    summary = summarize(logs)
+    if shards.is_main:
+        summary = write_outputs(out, logs, meta=meta, reference_logs=reference,
+                                title=Path(model_path).name)
+    return summary
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+    return {"rkld": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,162 @@
+"""TOFU evaluation: log schema, consistency of per-example values, batching, stopping, reuse."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rkld import evaluate, metrics
+from rkld.data import collate, encode_qa, load_benchmark
+from rkld.evaluate import EvalConfig, evaluate_model
+from rkld.models import build_tiny_model
+
+UTILITY = metrics.MODEL_UTILITY_KEYS
+CONFIG = EvalConfig(forget_split="forget10", max_new_tokens=6, batch_size=48,
+                    generation_batch_size=40, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Models this small gain nothing from intra-op threads, and lose a lot when the two cores
+    are shared with other work (OpenMP threads then wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_data():
+    return load_benchmark("synthetic", max_authors=10)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, bench_data):
+    """A small untrained Llama saved to disk, and its evaluation log."""
+    out = tmp_path_factory.mktemp("tiny")
+    texts = [r["question"] + " " + r["answer"] for r in bench_data.split("full")]
+    model, tokenizer = build_tiny_model(texts, out_dir=out, hidden_size=32, num_hidden_layers=1,
+                                        intermediate_size=64, vocab_size=400)
+    logs = evaluate_model(model, tokenizer, bench_data, CONFIG)
+    return {"path": out, "model": model, "tokenizer": tokenizer, "logs": logs}
+
+
+def test_log_has_open_unlearning_schema(tiny, bench_data):
+    logs = tiny["logs"]
+    sizes = {"forget": len(bench_data.split("forget10_perturbed")),
+             "retain": len(bench_data.split("retain_perturbed")),
+             "ra": len(bench_data.split("real_authors_perturbed")),
+             "wf": len(bench_data.split("world_facts_perturbed"))}
+    for key in UTILITY + ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
+                          "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob"):
+        prefix = key.split("_")[0]
+        entry = logs[key]
+        assert math.isfinite(entry["agg_value"])
+        assert list(entry["value_by_index"]) == [str(i) for i in range(sizes[prefix])], key
+    assert logs["forget_quality"] == {"agg_value": None}      # no reference: unavailable, not 0
+    assert logs["model_utility"]["agg_value"] == pytest.approx(metrics.model_utility(logs))
+    first = logs["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]
+    assert len(first["prob"]) == len(first["avg_loss"]) == 3
+    rouge = logs["ra_Q_A_ROUGE"]["value_by_index"]["0"]
+    assert set(rouge) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input",
+                          "ground_truth", "generation"}
+    json.dumps(logs, allow_nan=False)   # strict JSON
+
+
+def test_per_example_values_follow_the_formulas(tiny):
+    logs = tiny["logs"]
+
+    def column(metric, field):
+        return np.array([v[field] for v in logs[metric]["value_by_index"].values()])
+
+    para = column("forget_Q_A_PARA_Prob", "avg_loss")
+    pert = column("forget_Q_A_PERT_Prob", "avg_loss")
+    ratios = column("forget_truth_ratio", "score")
+    np.testing.assert_allclose(ratios, np.exp(para - pert.mean(axis=1)), rtol=1e-6)
+    assert logs["forget_truth_ratio"]["agg_value"] == pytest.approx(
+        np.mean(np.minimum(ratios, 1 / ratios)))
+    retain_r = column("retain_Truth_Ratio", "score")
+    assert logs["retain_Truth_Ratio"]["agg_value"] == pytest.approx(
+        np.mean(np.maximum(0, 1 - retain_r)))
+    # Real authors: the truth ratio and the normalised probability use the true answer.
+    true_p = column("ra_Q_A_Prob", "prob")
+    wrong_p = column("ra_Q_A_PERT_Prob", "prob")
+    np.testing.assert_allclose(column("ra_Q_A_Prob_normalised", "prob"),
+                               true_p / (true_p + wrong_p.sum(axis=1)), rtol=1e-6)
+    np.testing.assert_allclose(column("ra_Truth_Ratio", "score"),
+                               np.exp(np.log(wrong_p).mean(axis=1)) / true_p, rtol=1e-5)
+    np.testing.assert_allclose(column("forget_Q_A_Prob", "prob"),
+                               np.exp(-column("forget_Q_A_Prob", "avg_loss")), rtol=1e-6)
+
+
+def test_batched_likelihood_matches_one_sequence_at_a_time(tiny, bench_data):
+    model, tokenizer = tiny["model"], tiny["tokenizer"]
+    rows = bench_data.split("forget10_perturbed")[:4]
+    examples = [encode_qa(tokenizer, r["question"], r["paraphrased_answer"], 512) for r in rows]
+    with torch.no_grad():
+        alone = [metrics.answer_average_nll(
+            model(input_ids=torch.tensor([e["input_ids"]])).logits,
+            torch.tensor([e["labels"]])).item() for e in examples]
+    logged = [tiny["logs"]["forget_Q_A_PARA_Prob"]["value_by_index"][str(i)]["avg_loss"]
+              for i in range(4)]
+    assert logged == pytest.approx(alone, rel=1e-5)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert metrics.answer_average_nll(logits, batch["labels"]).tolist() == pytest.approx(alone, rel=1e-5)
+
+
+def test_forget_quality_against_a_reference(tiny, tmp_path):
+    logs = tiny["logs"]
+    same = evaluate.with_reference(logs, logs)
+    assert same["forget_quality"]["agg_value"] == pytest.approx(1.0)
+    ratios = metrics.forget_truth_ratios(logs)
+    far = evaluate.with_reference(logs, ratios * 1e6)
+    n = len(ratios)
+    assert far["forget_quality"]["agg_value"] == pytest.approx(2 / math.comb(2 * n, n))
+
+
+def test_outputs_are_written(tiny, tmp_path):
+    summary = evaluate.write_outputs(tmp_path, tiny["logs"], reference_logs=tiny["logs"])
+    for name in ("TOFU_EVAL.json", "TOFU_SUMMARY.json", "report.md", "truth_ratio_hist.png",
+                 "utility_components.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = json.loads((tmp_path / "TOFU_SUMMARY.json").read_text())
+    assert on_disk == summary and on_disk["forget_quality"] is None
+    assert "unavailable" in (tmp_path / "report.md").read_text()
+    # The written log is a valid reference for forget quality.
+    assert metrics.forget_quality(tmp_path / "TOFU_EVAL.json", tiny["logs"]) == pytest.approx(1.0)
+
+
+def test_generation_stops_at_end_of_turn(tiny, bench_data, monkeypatch):
+    model, tokenizer = tiny["model"], tiny["tokenizer"]
+    tokenizer = type(tokenizer).from_pretrained(tiny["path"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end_of_turn|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}"
+                               "<|end_of_turn|>{% endfor %}"
+                               "{% if add_generation_prompt %}<bos>assistant: {% endif %}")
+    eot = tokenizer.convert_tokens_to_ids("<|end_of_turn|>")
+    assert evaluate.stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, eot})
+    # A head that always prefers the end-of-turn token: every answer must stop after one token.
+    model = type(model)(model.config)
+    model.resize_token_embeddings(len(tokenizer))
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eot] = 10.0
+    model.lm_head = head
+    lengths = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    config = EvalConfig(max_new_tokens=50, generation_batch_size=100, progress=False)
+    prompts = [[tokenizer.bos_token_id, 5, 6, 7], [tokenizer.bos_token_id, 9]]
+    texts = evaluate._generate(model, tokenizer, prompts, config, evaluate._Shards())
+    assert texts == ["", ""] and lengths == [1]
