@@ -1,0 +1,184 @@
+"""The ``rkld`` command line (also ``python -m rkld``; ``accelerate launch -m rkld ...`` or
+``torchrun -m rkld ...`` for several processes).
+
+Each subcommand has one ``register_<name>(subparsers)`` function that adds its parser and sets
+``handler`` to a function of the parsed arguments returning an exit code; ``build_parser``
+calls them all. Adding a subcommand is one register function and one line in ``build_parser``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from .config import (DIRECTIONS, METHODS, PARALLEL, RETAIN_TERMS, FinetuneConfig,
+                     StrengthenConfig, UnlearnConfig)
+
+# Errors a user can act on: printed as one line, without a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, OSError)
+
+
+def _default(config_class, name):
+    for field in dataclasses.fields(config_class):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)
+
+
+def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
+    """Options every training stage shares (RunConfig's fields), defaults from the dataclass."""
+    d = lambda name: _default(config_class, name)  # noqa: E731
+    g = parser.add_argument_group("data and model")
+    g.add_argument("--model", required=True,
+                   help="Hugging Face model folder or hub name; 'tiny' builds a small Llama with "
+                        "a tokenizer trained on the data (finetune/strengthen only)")
+    g.add_argument("--data", default=d("data"),
+                   help="'synthetic', 'tofu' (hub), a folder of TOFU JSON files, or a .txt/.jsonl "
+                        "corpus (default: %(default)s)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--seed", type=int, default=d("seed"))
+    g.add_argument("--max-authors", type=int, default=None,
+                   help="keep this many authors (TOFU layout), e.g. to fit TOFU on a CPU")
+    g.add_argument("--max-length", type=int, default=d("max_length"), help="tokens per example")
+    g.add_argument("--template", default=d("template"),
+                   help="prompt format: auto (chat template if any, else plain), chat, llama2, "
+                        "phi, plain, or a string with {question}")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="load the model in this dtype (default: as saved)")
+    g.add_argument("--tiny-vocab", type=int, default=None, help="--model tiny: vocabulary size")
+    g.add_argument("--tiny-hidden", type=int, default=None, help="--model tiny: hidden size")
+    g.add_argument("--tiny-layers", type=int, default=None, help="--model tiny: layers")
+    t = parser.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=d("epochs"), help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=d("lr"), help="peak learning rate "
+                   "(default: %(default)s; tiny models want ~1e-3)")
+    t.add_argument("--weight-decay", type=float, default=d("weight_decay"))
+    t.add_argument("--warmup-epochs", type=float, default=d("warmup_epochs"))
+    t.add_argument("--max-grad-norm", type=float, default=d("max_grad_norm"),
+                   help="gradient clipping (0: off)")
+    t.add_argument("--batch-size", type=int, default=d("batch_size"),
+                   help="effective batch: examples per optimizer step over all processes")
+    t.add_argument("--micro-batch-size", type=int, default=d("micro_batch_size"),
+                   help="examples per forward pass on one process (gradient accumulation "
+                        "makes up the rest)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of "
+                   "all weights; the saved model has them merged")
+    t.add_argument("--lora-rank", type=int, default=d("lora_rank"))
+    t.add_argument("--lora-alpha", type=float, default=d("lora_alpha"))
+    r = parser.add_argument_group("run control")
+    r.add_argument("--save-every", type=int, default=d("save_every"),
+                   help="checkpoint every N optimizer steps (always at epoch ends)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--parallel", default=d("parallel"), choices=PARALLEL,
+                   help="several processes: ddp or fsdp (FSDP2); auto reads accelerate's "
+                        "environment (default: %(default)s)")
+
+
+def _config(config_class, args, **extra):
+    """Fill a config dataclass from parsed arguments (names with '-' become '_')."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    tiny = {"vocab_size": args.tiny_vocab, "hidden_size": args.tiny_hidden,
+            "num_hidden_layers": args.tiny_layers}
+    values["tiny"] = {k: v for k, v in tiny.items() if v is not None}
+    values["progress"] = not args.no_progress
+    values.update(extra)
+    return config_class(**values)
+
+
+def _report(out, stats) -> int:
+    print(json.dumps({"out": str(out), **stats}, indent=1, default=str))
+    return 0
+
+
+def register_finetune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="train on a split's answers (target model on full, retain model on "
+                         "retainNN)", description="Next-token NLL on the answers of --split.")
+    _add_common(parser, FinetuneConfig)
+    parser.add_argument("--split", default=_default(FinetuneConfig, "split"),
+                        help="split to train on; several joined by commas, e.g. "
+                             "full,real_authors,world_facts (default: %(default)s)")
+
+    def handler(args):
+        from .train import finetune
+        return _report(*finetune(_config(FinetuneConfig, args)))
+    parser.set_defaults(handler=handler)
+
+
+def register_strengthen(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "strengthen", help="continue training on the forget set (the strengthened model)",
+        description="Next-token NLL on the answers of --forget, starting from --model.")
+    _add_common(parser, StrengthenConfig)
+    parser.add_argument("--forget", default=_default(StrengthenConfig, "forget"),
+                        help="forget split (default: %(default)s)")
+
+    def handler(args):
+        from .train import strengthen
+        return _report(*strengthen(_config(StrengthenConfig, args)))
+    parser.set_defaults(handler=handler)
+
+
+def register_unlearn(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "unlearn", help="unlearn the forget set (RKLD by default)",
+        description="RKLD unlearning: the student starts from --model (the original model) "
+                    "and distils, on the forget set, from o - alpha * relu(g - o).")
+    _add_common(parser, UnlearnConfig)
+    u = parser.add_argument_group("unlearning")
+    u.add_argument("--strengthened", default=None, help="the strengthened model's folder")
+    u.add_argument("--forget", default=_default(UnlearnConfig, "forget"))
+    u.add_argument("--method", default=_default(UnlearnConfig, "method"), choices=METHODS,
+                   help="rkld, or ga (gradient ascent baseline)")
+    u.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
+    u.add_argument("--temperature", type=float, default=_default(UnlearnConfig, "temperature"))
+    u.add_argument("--direction", default=_default(UnlearnConfig, "direction"), choices=DIRECTIONS,
+                   help="reverse KL (RKLD) or forward KL (the paper's ablation)")
+    u.add_argument("--retain-term", default=_default(UnlearnConfig, "retain_term"),
+                   choices=RETAIN_TERMS, help="add NLL (+RT) or forward KL to the original model "
+                                              "(+KL) on the retain split, weight 1")
+    u.add_argument("--live-teachers", action="store_true",
+                   help="keep both teachers in memory and run them every step instead of "
+                        "caching their hidden states once")
+    u.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk in the fused loss (default: from a memory budget)")
+    u.add_argument("--backend", default=_default(UnlearnConfig, "backend"),
+                   choices=["auto", "triton", "torch"], help="fused loss backend")
+
+    def handler(args):
+        from .train import unlearn
+        return _report(*unlearn(_config(UnlearnConfig, args)))
+    parser.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rkld", description="RKLD unlearning of language models: finetune -> strengthen "
+                                 "-> unlearn (teacher cache + fused reverse-KL loss).")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_finetune(subparsers)
+    register_strengthen(subparsers)
+    register_unlearn(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"rkld {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

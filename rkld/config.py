@@ -1,0 +1,133 @@
+"""Configuration of the pipeline's stages as dataclasses (one per stage; the CLI fills them).
+
+Defaults follow the paper and TOFU's protocol (DESIGN.md section 1): AdamW, weight decay 0.01,
+one warm-up epoch then linear decay, effective batch 32 (reached by gradient accumulation),
+learning rate 1e-5, strengthening for 10 epochs, alpha 8. Tiny CPU models want a far larger
+learning rate (around 1e-3).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("rkld", "ga")
+DIRECTIONS = ("reverse", "forward")
+RETAIN_TERMS = ("none", "nll", "kl")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class RunConfig:
+    """What every training stage shares.
+
+    ``batch_size`` is the effective batch (examples per optimizer step over all processes);
+    ``micro_batch_size`` is what one process runs at once. ``save_every`` writes a checkpoint
+    every that many optimizer steps (0: only at epoch ends, which always happens).
+    ``model="tiny"`` builds a small Llama (``tiny`` overrides its configuration, see
+    ``rkld.models.TINY_DEFAULTS``) with a tokenizer trained on the benchmark's text.
+    """
+    model: str
+    out: str
+    data: str = "synthetic"
+    seed: int = 0
+    max_authors: int | None = None
+    max_length: int = 512
+    template: str = "auto"
+    epochs: int = 5
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    parallel: str = "auto"
+    tiny: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that is out of range."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "micro_batch_size": self.micro_batch_size, "max_length": self.max_length,
+                    "lora_rank": self.lora_rank}
+        for name, value in positive.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2; got {self.max_length}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        for name in ("weight_decay", "warmup_epochs", "max_grad_norm", "save_every"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run "
+                             "in the output folder, overwrite deletes it")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Next-token NLL on the answers of ``split`` (the benchmark's target / retain models)."""
+    split: str = "full"
+
+
+@dataclass
+class StrengthenConfig(RunConfig):
+    """Continued NLL training on the forget set: the strengthened model m_g."""
+    forget: str = "forget10"
+    epochs: int = 10
+
+
+@dataclass
+class UnlearnConfig(RunConfig):
+    """Unlearning of ``forget`` starting from ``model`` (the original m_o).
+
+    ``method="rkld"`` distils from the teacher ``o - alpha * relu(g - o)`` built from ``model``
+    and ``strengthened`` (reverse KL, or forward KL with ``direction="forward"``);
+    ``method="ga"`` is gradient ascent on the forget answers. ``retain_term`` adds, with weight
+    1, NLL on the retain split ("+RT") or forward KL to the original model on it ("+KL").
+    Teachers come from an on-disk cache of their final hidden states unless ``live_teachers``.
+    """
+    strengthened: str | None = None
+    forget: str = "forget10"
+    method: str = "rkld"
+    alpha: float = 8.0
+    temperature: float = 1.0
+    direction: str = "reverse"
+    retain_term: str = "none"
+    live_teachers: bool = False
+    chunk_size: int | None = None
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; "
+                             f"got {self.direction!r}")
+        if self.retain_term not in RETAIN_TERMS:
+            raise ValueError(f"retain_term must be one of {', '.join(RETAIN_TERMS)}; "
+                             f"got {self.retain_term!r}")
+        if self.method == "rkld" and not self.strengthened:
+            raise ValueError("method 'rkld' needs the strengthened model (--strengthened PATH)")
+        if self.model == "tiny":
+            raise ValueError("unlearning starts from a trained model (the output of "
+                             "'rkld finetune'); 'tiny' builds an untrained one")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0; got {self.alpha!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")

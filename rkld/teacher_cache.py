@@ -1,0 +1,181 @@
+"""The teacher cache: frozen teachers' final hidden states at the supervised positions, on disk.
+
+The original and strengthened models are frozen and the forget set is fixed, so their final
+hidden states (the input of the lm_head) are computed once, in eval mode, and stored with their
+lm_head weights. Unlearning then keeps only the student in memory; the fused-linear loss
+rebuilds teacher logits chunk by chunk. This is exact (no dropout in eval mode), not an
+approximation: the states are the ones a live teacher would produce for the same tokens.
+
+Layout of a cache folder:
+    meta.json                 key (what the states were computed from), teachers, world size,
+                              complete flag (written last, so a half-built cache is never used)
+    {teacher}.rank{r}.pt      {"indices": example ids, "offsets": row offsets, "hidden": [n, H]}
+                              for the examples process r computed (example i on rank i % world)
+    {teacher}.head.pt         {"weight": [V, H], "bias": [V] or None}
+
+Rows are stored in the order ``rkld.models.supervised_positions`` yields them: position t of
+an example holds the state that predicts token t + 1 (already shifted to the labels).
+Files are memory-mapped on load, so a cache larger than RAM still works.
+
+Public API:
+    TeacherCache.build(folder, examples, teachers, key, ...) -> TeacherCache
+    TeacherCache.open(folder, key, device) -> TeacherCache | None   (None: absent or stale)
+    cache.rows(teacher, indices) -> [n, H] states for those examples, in order
+    cache.head(teacher) -> (weight, bias)
+    LiveTeachers: the same interface, running the teacher models on each batch.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import collate
+from .models import final_hidden, output_head, supervised_positions
+from .parallel import DistInfo, barrier
+
+META = "meta.json"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def supervised_count(example: dict) -> int:
+    """Number of next-token targets an example supervises (rows it has in the cache)."""
+    return sum(label != -100 for label in example["labels"][1:])
+
+
+class TeacherCache:
+    def __init__(self, folder: Path, device: torch.device):
+        self.folder = Path(folder)
+        self.device = device
+        self.meta = json.loads((self.folder / META).read_text())
+        self._where = {}      # teacher -> {example index: (hidden tensor, start, end)}
+        self._heads = {}
+        for teacher in self.meta["teachers"]:
+            table = {}
+            for rank in range(self.meta["world_size"]):
+                part = torch.load(self.folder / f"{teacher}.rank{rank}.pt", mmap=True,
+                                  weights_only=True)
+                offsets = part["offsets"].tolist()
+                for j, index in enumerate(part["indices"].tolist()):
+                    table[index] = (part["hidden"], offsets[j], offsets[j + 1])
+            self._where[teacher] = table
+            head = torch.load(self.folder / f"{teacher}.head.pt", weights_only=True)
+            self._heads[teacher] = (head["weight"].to(device),
+                                    None if head["bias"] is None else head["bias"].to(device))
+
+    @classmethod
+    def open(cls, folder, key: dict, device: torch.device):
+        """The cache in ``folder`` if it is complete and was built from ``key``; else None."""
+        meta_path = Path(folder) / META
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if not meta.get("complete") or meta.get("key") != key:
+            return None
+        return cls(folder, device)
+
+    @classmethod
+    def build(cls, folder, examples: list, teachers: dict, key: dict, micro_batch_size: int,
+              pad_token_id: int, info: DistInfo, progress: bool = False) -> "TeacherCache":
+        """Run each teacher once over ``examples`` and store its states; return the cache.
+
+        ``teachers`` maps a name to a function that loads the model (on ``info.device``);
+        teachers are loaded one at a time and freed before the next, so the peak is one model.
+        Every process computes the examples ``i`` with ``i % world_size == rank``.
+        """
+        folder = Path(folder)
+        if info.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / META).unlink(missing_ok=True)
+        barrier(info)
+        mine = list(range(info.rank, len(examples), info.world_size))
+        counts = [supervised_count(examples[i]) for i in mine]
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        for name, load in teachers.items():
+            model = load()
+            model.eval()
+            weight, bias = output_head(model)
+            hidden_size = weight.shape[1]
+            store = torch.empty((offsets[-1], hidden_size), dtype=weight.dtype)
+            batches = range(0, len(mine), micro_batch_size)
+            if progress and info.is_main:
+                from tqdm.auto import tqdm
+                batches = tqdm(batches, desc=f"caching {name}", unit="batch")
+            with torch.inference_mode():
+                for start in batches:
+                    chunk = mine[start:start + micro_batch_size]
+                    batch = collate([examples[i] for i in chunk], pad_token_id)
+                    batch = {k: v.to(info.device) for k, v in batch.items()}
+                    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+                    rows, _ = supervised_positions(hidden, batch["labels"])
+                    store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
+            _atomic_torch_save({"indices": torch.tensor(mine, dtype=torch.long),
+                                "offsets": torch.tensor(offsets, dtype=torch.long),
+                                "hidden": store}, folder / f"{name}.rank{info.rank}.pt")
+            if info.is_main:
+                _atomic_torch_save({"weight": weight.detach().cpu().clone(),
+                                    "bias": None if bias is None else bias.detach().cpu().clone()},
+                                   folder / f"{name}.head.pt")
+            del model, weight, bias, store
+            gc.collect()
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
+        barrier(info)
+        if info.is_main:
+            meta = {"key": key, "teachers": list(teachers), "world_size": info.world_size,
+                    "examples": len(examples), "complete": True}
+            tmp = folder / (META + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, folder / META)
+        barrier(info)
+        return cls(folder, info.device)
+
+    def rows(self, teacher: str, indices: list, batch=None) -> torch.Tensor:
+        """The cached states of ``indices`` (example ids), concatenated in that order."""
+        table = self._where[teacher]
+        parts = [table[i][0][table[i][1]:table[i][2]] for i in indices]
+        return torch.cat(parts).to(self.device, non_blocking=True)
+
+    def head(self, teacher: str):
+        return self._heads[teacher]
+
+    def nbytes(self) -> int:
+        """Bytes of the cached states (memory-mapped, not resident) plus the heads (resident)."""
+        total = 0
+        for table in self._where.values():
+            seen = {id(t[0]): t[0] for t in table.values()}
+            total += sum(t.numel() * t.element_size() for t in seen.values())
+        for weight, bias in self._heads.values():
+            total += weight.numel() * weight.element_size()
+        return total
+
+
+class LiveTeachers:
+    """Teacher models kept in memory and run on every batch (``--live-teachers``): the same
+    interface as TeacherCache, for checking it and for data too large to cache."""
+
+    def __init__(self, models: dict):
+        self.models = models
+        for model in models.values():
+            model.eval()
+
+    def rows(self, teacher: str, indices: list, batch: dict) -> torch.Tensor:
+        model = self.models[teacher]
+        with torch.no_grad():
+            hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+            rows, _ = supervised_positions(hidden, batch["labels"])
+        return rows
+
+    def head(self, teacher: str):
+        weight, bias = output_head(self.models[teacher])
+        return weight.detach(), None if bias is None else bias.detach()

@@ -1,0 +1,615 @@
+"""The training stages: finetune, strengthen, unlearn. One loop, three objectives.
+
+Public API (each returns ``(output_dir, stats)``):
+    finetune(FinetuneConfig, on_epoch_end=None, on_step=None)
+        next-token NLL on the answers of ``cfg.split`` (the benchmark's target / retain models)
+    strengthen(StrengthenConfig, on_epoch_end=None, on_step=None)
+        the same NLL on the forget set: the strengthened model m_g
+    unlearn(UnlearnConfig, on_epoch_end=None, on_step=None)
+        RKLD (default; teachers from the on-disk cache unless ``live_teachers``), its forward-KL
+        ablation, or gradient ascent, optionally with a retain term (+RT / +KL)
+
+Callbacks: ``on_step(step, record)`` after every optimizer step (``record`` is the log line:
+step, epoch, loss, lr, tokens/s, ...); ``on_epoch_end(epoch, model, tokenizer, stats)`` after
+every epoch (epoch counts from 1), with the Hugging Face model in eval mode (it is put back into
+train mode afterwards). Both run on every process.
+
+The loop, once per optimizer step:
+- the step's examples (``batch_size`` of them, from a permutation seeded by seed and epoch) are
+  dealt to the processes and cut into micro-batches; every process runs the same number of
+  micro-batches (a process short of examples runs a copy with weight 0), as DDP and FSDP need;
+- the supervised tokens of the whole step are counted over all micro-batches and processes
+  first, and every micro-batch's summed loss is divided by that count, so an update does not
+  depend on the number of processes or on the micro-batch size;
+- gradients are synchronised on the last micro-batch only; then clipping, the learning rate of
+  the schedule (linear warm-up over ``warmup_epochs``, then linear decay) and an AdamW step.
+
+Outputs in ``cfg.out``: the model (``save_pretrained``, LoRA adapters merged), ``run.json``
+(stage, config, versions, data fingerprints, stats, status), ``log.jsonl`` (one line per step),
+``checkpoints/`` (written atomically at every epoch end and every ``save_every`` steps; the
+newest is named in ``checkpoints/latest.json``) and, for unlearning, ``teacher_cache/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import FinetuneConfig, RunConfig, StrengthenConfig, UnlearnConfig
+from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain_split_for
+from .models import (build_tiny_model, check_logits_are_linear, check_same_vocabulary,
+                     final_hidden, load_model, output_head, supervised_positions, unwrap_model)
+from .parallel import (DistInfo, all_reduce_sum, barrier, broadcast_object, gradient_sync,
+                       init_distributed, wrap_model)
+from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
+
+RUN_RECORD = "run.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+NLL_CHUNK = 4096   # rows of logits alive at once in the NLL (with recomputation in backward)
+
+
+# --------------------------------------------------------------------------- public stages
+
+def finetune(cfg: FinetuneConfig, on_epoch_end=None, on_step=None):
+    """Train ``cfg.model`` on the answers of ``cfg.split``; returns ``(out_dir, stats)``."""
+    return _nll_stage(cfg, "finetune", cfg.split, on_epoch_end, on_step)
+
+
+def strengthen(cfg: StrengthenConfig, on_epoch_end=None, on_step=None):
+    """Continue training ``cfg.model`` on ``cfg.forget``; returns ``(out_dir, stats)``."""
+    return _nll_stage(cfg, "strengthen", cfg.forget, on_epoch_end, on_step)
+
+
+def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
+    """Unlearn ``cfg.forget`` from ``cfg.model``; returns ``(out_dir, stats)``."""
+    cfg.validate()
+    info = init_distributed(cfg.parallel)
+    bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    forget_rows = _split_rows(bench, cfg.forget, "forget set")
+    retain_split = None
+    if cfg.retain_term != "none":
+        retain_split = retain_split_for(cfg.forget) if cfg.forget in FORGET_SPLITS else None
+        if retain_split is None or retain_split not in bench.splits:
+            raise ValueError(f"--retain-term {cfg.retain_term} needs the retain split of "
+                             f"{cfg.forget!r}, which benchmark {bench.name!r} does not have")
+    out = _check_output(cfg, "unlearn")
+    # Cheap checks before any model is loaded: tokenizers and vocabularies must agree.
+    tokenizer = _load_tokenizer(cfg.model, "the original model")
+    if cfg.method == "rkld":
+        check_same_vocabulary(tokenizer, _load_tokenizer(cfg.strengthened, "the strengthened model"),
+                              f"the original model ({cfg.model})",
+                              f"the strengthened model ({cfg.strengthened})")
+        _check_same_vocab_size(cfg.model, cfg.strengthened)
+    examples = _encode(tokenizer, forget_rows, cfg, cfg.forget)
+    retain_examples = None
+    if retain_split is not None:
+        retain_rows = _split_rows(bench, retain_split, "retain set")
+        retain_examples = _paired_retain(_encode(tokenizer, retain_rows, cfg, retain_split),
+                                         len(examples), cfg.seed)
+    fingerprints = {cfg.forget: bench.fingerprint(cfg.forget)}
+    if retain_split is not None:
+        fingerprints[retain_split] = bench.fingerprint(retain_split)
+    _start_run(out, cfg, "unlearn", info, fingerprints)
+
+    teachers = retain_teachers = None
+    teacher_names = ("original", "strengthened") if cfg.method == "rkld" else ()
+    if cfg.retain_term == "kl" or teacher_names:
+        loaders = {"original": lambda: _load_checked(cfg.model, cfg.dtype, info.device),
+                   "strengthened": lambda: _load_checked(cfg.strengthened, cfg.dtype, info.device)}
+        if cfg.live_teachers:
+            live = {name: loaders[name]() for name in
+                    set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())}
+            teachers = retain_teachers = LiveTeachers(live)
+        else:
+            key = {"original": str(cfg.model), "strengthened": str(cfg.strengthened),
+                   "max_length": cfg.max_length, "template": cfg.template,
+                   "dtype": cfg.dtype, "data": fingerprints}
+            if teacher_names:
+                teachers = _teacher_cache(out / "teacher_cache" / "forget", examples,
+                                          {n: loaders[n] for n in teacher_names}, key, cfg, info,
+                                          tokenizer.pad_token_id)
+            if cfg.retain_term == "kl":
+                retain_teachers = _teacher_cache(out / "teacher_cache" / "retain",
+                                                 retain_examples, {"original": loaders["original"]},
+                                                 key, cfg, info, tokenizer.pad_token_id)
+    model = _load_student(cfg, info, tokenizer)
+    objective = _UnlearnObjective(cfg, teachers, retain_teachers)
+    stats = _train(cfg, "unlearn", model, tokenizer, examples, retain_examples, objective, info,
+                   out, on_epoch_end, on_step)
+    return out, stats
+
+
+# --------------------------------------------------------------------------- objectives
+
+def token_nll_sum(hidden_rows: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+                  chunk: int = NLL_CHUNK) -> torch.Tensor:
+    """Summed next-token NLL of ``hidden_rows @ weight.T + bias`` against ``targets`` (float32).
+
+    Beyond ``chunk`` rows, each chunk's logits are recomputed in backward instead of being
+    kept, so memory holds one ``[chunk, V]`` block, not ``[rows, V]``.
+    """
+    def chunk_nll(rows, w, b, t):
+        logits = torch.nn.functional.linear(rows, w, b).float()
+        return torch.nn.functional.cross_entropy(logits, t, reduction="sum")
+
+    if hidden_rows.shape[0] <= chunk:
+        return chunk_nll(hidden_rows, weight, bias, targets)
+    from torch.utils.checkpoint import checkpoint
+    total = hidden_rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden_rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(chunk_nll, hidden_rows[part], weight, bias, targets[part],
+                                   use_reentrant=False)
+    return total
+
+
+def _student_rows(model, batch):
+    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+    rows, targets = supervised_positions(hidden, batch["labels"])
+    # Read the head after the forward: under FSDP2 the root's parameters are unsharded now.
+    weight, bias = output_head(model)
+    return rows, targets, weight, bias
+
+
+class _NLLObjective:
+    """Next-token NLL of the answers (finetune and strengthen)."""
+    retain = False
+
+    def __call__(self, model, indices, batch, retain_indices, retain_batch):
+        rows, targets, weight, bias = _student_rows(model, batch)
+        return token_nll_sum(rows, weight, bias, targets), None
+
+
+class _UnlearnObjective:
+    """RKLD (reverse or forward KL to the unlearning teacher) or gradient ascent, on the forget
+    batch; plus the retain term on the paired retain batch."""
+
+    def __init__(self, cfg: UnlearnConfig, teachers, retain_teachers):
+        self.cfg = cfg
+        self.teachers = teachers
+        self.retain_teachers = retain_teachers
+        self.retain = cfg.retain_term != "none"
+
+    def __call__(self, model, indices, batch, retain_indices, retain_batch):
+        from rkld_kernels import fused_linear_rkl_loss
+        cfg = self.cfg
+        rows, targets, weight, bias = _student_rows(model, batch)
+        if cfg.method == "ga":
+            forget_sum = -token_nll_sum(rows, weight, bias, targets)
+        else:
+            original_w, original_b = self.teachers.head("original")
+            strengthened_w, strengthened_b = self.teachers.head("strengthened")
+            forget_sum = fused_linear_rkl_loss(
+                rows, weight, self.teachers.rows("original", indices, batch), original_w,
+                self.teachers.rows("strengthened", indices, batch), strengthened_w,
+                student_bias=bias, original_bias=original_b, strengthened_bias=strengthened_b,
+                alpha=cfg.alpha, temperature=cfg.temperature, direction=cfg.direction,
+                reduction="sum", chunk_size=cfg.chunk_size, backend=cfg.backend)
+        if not self.retain:
+            return forget_sum, None
+        retain_rows, retain_targets, weight, bias = _student_rows(model, retain_batch)
+        if cfg.retain_term == "nll":
+            retain_sum = token_nll_sum(retain_rows, weight, bias, retain_targets)
+        else:   # forward KL to the original model: plain distillation, no strengthened teacher
+            original_w, original_b = self.retain_teachers.head("original")
+            retain_sum = fused_linear_rkl_loss(
+                retain_rows, weight, self.retain_teachers.rows("original", retain_indices,
+                                                               retain_batch), original_w,
+                student_bias=bias, original_bias=original_b, temperature=cfg.temperature,
+                direction="forward", reduction="sum", chunk_size=cfg.chunk_size,
+                backend=cfg.backend)
+        return forget_sum, retain_sum
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
+    cfg.validate()
+    info = init_distributed(cfg.parallel)
+    bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
+    out = _check_output(cfg, stage)
+    if cfg.model == "tiny":
+        texts = _benchmark_texts(bench)
+        model, tokenizer = build_tiny_model(texts, seed=cfg.seed, **cfg.tiny)
+    else:
+        tokenizer = _load_tokenizer(cfg.model)
+        model = None
+    examples = _encode(tokenizer, rows, cfg, split)
+    _start_run(out, cfg, stage, info, {split: bench.fingerprint(split)})
+    model = _load_student(cfg, info, tokenizer, model)
+    stats = _train(cfg, stage, model, tokenizer, examples, None, _NLLObjective(), info, out,
+                   on_epoch_end, on_step)
+    return out, stats
+
+
+def _split_rows(bench, split: str, what: str) -> list:
+    try:
+        rows = bench.split(split)
+    except KeyError as err:
+        raise ValueError(f"{what} {split!r}: {err.args[0]}") from None
+    if not rows:
+        raise ValueError(f"{what} {split!r} of benchmark {bench.name!r} is empty")
+    return rows
+
+
+def _benchmark_texts(bench) -> list:
+    """All text of a benchmark, for training the tiny model's tokenizer. Every split takes part,
+    so target and retain models built from the same benchmark share one tokenizer."""
+    texts = []
+    for name in bench.splits:
+        for row in bench.split(name):
+            for key in ("text", "question", "answer", "paraphrased_question", "paraphrased_answer"):
+                if isinstance(row.get(key), str):
+                    texts.append(row[key])
+            texts.extend(a for a in row.get("perturbed_answer", []) if isinstance(a, str))
+    return texts
+
+
+def _encode(tokenizer, rows, cfg: RunConfig, split: str) -> list:
+    examples = encode_records(tokenizer, rows, cfg.max_length, cfg.template)
+    if not any(supervised_count(e) for e in examples):
+        raise ValueError(f"split {split!r}: no example has a supervised token left after "
+                         f"truncation to max_length={cfg.max_length}")
+    return examples
+
+
+def _paired_retain(retain_examples: list, count: int, seed: int) -> list:
+    """``count`` retain examples drawn once (seeded): forget example i trains with retain
+    example i, so the retain batches follow the forget batches' shuffling."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    order = torch.randperm(len(retain_examples), generator=generator).tolist()
+    return [retain_examples[order[i % len(order)]] for i in range(count)]
+
+
+def _load_tokenizer(path: str, what: str = "model"):
+    from transformers import AutoTokenizer
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise FileNotFoundError(f"{what} {local}: expected a model folder with config.json")
+    if not local.exists() and (os.sep in str(path) or str(path).startswith(".")):
+        raise FileNotFoundError(f"{what} folder {path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+    except OSError as err:
+        raise OSError(f"could not load the tokenizer of {what} {path!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_same_vocab_size(path_a: str, path_b: str) -> None:
+    from transformers import AutoConfig
+    size_a = AutoConfig.from_pretrained(path_a).vocab_size
+    size_b = AutoConfig.from_pretrained(path_b).vocab_size
+    if size_a != size_b:
+        raise ValueError(f"the original model ({path_a}) and the strengthened model ({path_b}) "
+                         f"must have one vocabulary; their lm_heads have {size_a} and {size_b} "
+                         f"rows")
+
+
+def _load_checked(path: str, dtype, device):
+    model, _ = load_model(path, dtype=dtype)
+    check_logits_are_linear(model)
+    return model.to(device)
+
+
+def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
+    if model is None:
+        model, _ = load_model(cfg.model, dtype=cfg.dtype)
+        if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"{cfg.model}: the tokenizer has {len(tokenizer)} tokens but the "
+                             f"lm_head only {model.get_output_embeddings().weight.shape[0]} rows")
+    check_logits_are_linear(model)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        if info.strategy == "fsdp":
+            raise ValueError("--lora with FSDP is not supported; LoRA's trainable state is small, "
+                             "so use DDP (or a single process) for LoRA runs")
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError("--lora needs peft: pip install 'rkld[lora]'") from None
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=0.0, target_modules="all-linear"))
+    model.to(info.device)
+    model.train()
+    return wrap_model(model, info)
+
+
+# --------------------------------------------------------------------------- output folder
+
+def _check_output(cfg: RunConfig, stage: str) -> Path:
+    """Refuse output folders that would lose or mix results; change nothing on disk."""
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; expected a folder")
+    record = out / RUN_RECORD
+    if out.exists() and any(out.iterdir()):
+        if not record.exists():
+            raise FileExistsError(f"--out {out} is not empty and holds no rkld run ({RUN_RECORD});"
+                                  f" choose a new or empty folder")
+        previous = json.loads(record.read_text())
+        if previous.get("status") == "finished" and not cfg.overwrite:
+            raise FileExistsError(f"--out {out} already holds a finished {previous.get('stage')} "
+                                  f"run; pass --overwrite to replace it")
+        if previous.get("status") != "finished" and not (cfg.resume or cfg.overwrite):
+            raise FileExistsError(f"--out {out} holds an unfinished {previous.get('stage')} run; "
+                                  f"pass --resume to continue it or --overwrite to restart")
+        if cfg.resume and previous.get("stage") != stage:
+            raise ValueError(f"--resume: {out} holds a {previous.get('stage')} run, not {stage}")
+    return out
+
+
+def _versions() -> dict:
+    import tokenizers
+    import transformers
+    versions = {"rkld": __version__, "python": platform.python_version(),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "tokenizers": tokenizers.__version__}
+    try:
+        import peft
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _start_run(out: Path, cfg: RunConfig, stage: str, info: DistInfo, fingerprints: dict):
+    """Clear the folder if asked (only now that every check has passed), write run.json."""
+    if info.is_main:
+        if cfg.overwrite and (out / RUN_RECORD).exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = out / RUN_RECORD
+        previous = json.loads(record.read_text()) if record.exists() else {}
+        _write_json(record, {"stage": stage, "status": "running", "config": cfg.to_dict(),
+                             "versions": _versions(), "data": fingerprints,
+                             "world_size": info.world_size, "strategy": info.strategy,
+                             "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S"))})
+    barrier(info)
+
+
+def _teacher_cache(folder: Path, examples, loaders: dict, key: dict, cfg, info, pad_token_id):
+    cache = TeacherCache.open(folder, key, info.device) if cfg.resume else None
+    if cache is None:
+        cache = TeacherCache.build(folder, examples, loaders, key, cfg.micro_batch_size,
+                                   pad_token_id, info, progress=cfg.progress)
+    return cache
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> None:
+    """Write checkpoints/step-N atomically: into a temporary folder, renamed when complete;
+    ``latest.json`` is replaced last, so a crash at any point leaves the previous one usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    root = out / CHECKPOINTS
+    tmp = root / f".tmp-step-{step}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(info)
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    with warnings.catch_warnings():
+        # A single process saves without a process group, which is what we want.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
+               tmp / f"rng.rank{info.rank}.pt")
+    barrier(info)
+    if info.is_main:
+        final = root / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_json(root / "latest.json", {"step": step, "dir": final.name})
+        for old in root.glob("step-*"):
+            if old.name != final.name:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+
+
+def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
+    """Restore the newest checkpoint; return its step (0 when there is none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+    latest = out / CHECKPOINTS / "latest.json"
+    if not latest.exists():
+        return 0
+    pointer = json.loads(latest.read_text())
+    folder = out / CHECKPOINTS / pointer["dir"]
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"], options=options)
+    rng_file = folder / f"rng.rank{info.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and info.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    return int(pointer["step"])
+
+
+def _save_final(out: Path, model, tokenizer, info: DistInfo) -> None:
+    """Save the trained model (LoRA adapters merged) with its tokenizer, for the next stage."""
+    if info.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        if info.is_main:
+            unwrap_model(model).save_pretrained(out, state_dict=state)
+    elif info.is_main:
+        hf_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+            else model
+        if hasattr(hf_model, "merge_and_unload"):
+            hf_model = hf_model.merge_and_unload()
+        hf_model.save_pretrained(out)
+    if info.is_main:
+        tokenizer.save_pretrained(out)
+    barrier(info)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to the full rate over ``warmup`` steps, then linear decay towards 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return (total - step) / max(1, total - warmup)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _micro_batches(step_indices: list, micro: int, info: DistInfo) -> list:
+    """This process's share of a step, as micro-batches; every process gets the same count
+    (an empty list marks a padding micro-batch)."""
+    mine = step_indices[info.rank::info.world_size]
+    per_process = math.ceil(len(step_indices) / info.world_size)
+    count = math.ceil(per_process / micro)
+    return [mine[i * micro:(i + 1) * micro] for i in range(count)]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_examples, objective,
+           info: DistInfo, out: Path, on_epoch_end, on_step) -> dict:
+    pad = tokenizer.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    forget_tokens = [supervised_count(e) for e in examples]
+    retain_tokens = [supervised_count(e) for e in retain_examples] if retain_examples else None
+    input_tokens = [len(e["input_ids"]) for e in examples]
+
+    step = _load_checkpoint(out, model, optimizer, info) if cfg.resume else 0
+    log_path = out / LOG_FILE
+    if info.is_main:
+        kept = []
+        if step and log_path.exists():
+            kept = [line for line in log_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    progress = None
+    if cfg.progress and info.is_main:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=total_steps, initial=step, desc=stage, unit="step")
+
+    stats = {"stage": stage, "steps": total_steps, "epochs": cfg.epochs,
+             "examples": len(examples), "resumed_from_step": step, "world_size": info.world_size}
+    train_seconds, train_tokens, last_loss = 0.0, 0, float("nan")
+    epoch_losses = []
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        order = _epoch_order(len(examples), cfg.seed, epoch)
+        epoch_loss_sum, epoch_steps = 0.0, 0
+        for step_in_epoch in range(step % steps_per_epoch if epoch == step // steps_per_epoch
+                                   else 0, steps_per_epoch):
+            started = time.perf_counter()
+            step_indices = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
+            micro_batches = _micro_batches(step_indices, cfg.micro_batch_size, info)
+            mine = [i for mb in micro_batches for i in mb]
+            n_forget, n_retain, n_input = all_reduce_sum(
+                [sum(forget_tokens[i] for i in mine),
+                 sum(retain_tokens[i] for i in mine) if retain_tokens else 0,
+                 sum(input_tokens[i] for i in mine)], info)
+            local_loss = 0.0
+            for j, indices in enumerate(micro_batches):
+                weight = 1.0 if indices else 0.0
+                indices = indices or step_indices[:1]
+                batch = _to_device(collate([examples[i] for i in indices], pad), info.device)
+                retain_batch = None
+                if retain_examples is not None:
+                    retain_batch = _to_device(collate([retain_examples[i] for i in indices], pad),
+                                              info.device)
+                with gradient_sync(model, info, enabled=j == len(micro_batches) - 1):
+                    forget_sum, retain_sum = objective(model, indices, batch, indices, retain_batch)
+                    # Gradients are averaged over processes, hence the factor world_size.
+                    loss = forget_sum / max(n_forget, 1)
+                    if retain_sum is not None:
+                        loss = loss + retain_sum / max(n_retain, 1)
+                    (loss * (weight * info.world_size)).backward()
+                local_loss += weight * loss.item()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = cfg.lr * _lr_factor(step, warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = all_reduce_sum([local_loss], info)[0]
+            step += 1
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            train_tokens += int(n_input)
+            last_loss = step_loss
+            epoch_loss_sum += step_loss
+            epoch_steps += 1
+            record = {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
+                      "supervised_tokens": int(n_forget), "tokens_per_s": n_input / elapsed}
+            if info.is_main:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_input / elapsed:.0f}")
+            if on_step is not None:
+                on_step(step, record)
+            if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
+                _save_checkpoint(out, model, optimizer, step, info)
+        _save_checkpoint(out, model, optimizer, step, info)
+        epoch_losses.append(epoch_loss_sum / max(epoch_steps, 1))
+        if on_epoch_end is not None:
+            hf_model = unwrap_model(model)
+            hf_model.eval()
+            try:
+                on_epoch_end(epoch + 1, hf_model, tokenizer, dict(stats, epoch_loss=epoch_losses[-1]))
+            finally:
+                hf_model.train()
+    if progress is not None:
+        progress.close()
+    stats.update(final_loss=last_loss, epoch_losses=epoch_losses, train_seconds=train_seconds,
+                 tokens_per_s=train_tokens / train_seconds if train_seconds else float("nan"))
+    _save_final(out, model, tokenizer, info)
+    if info.is_main:
+        record = json.loads((out / RUN_RECORD).read_text())
+        record.update(status="finished", stats=stats,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _write_json(out / RUN_RECORD, record)
+    stats = broadcast_object(stats, info)
+    return stats
