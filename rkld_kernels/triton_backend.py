@@ -174,13 +174,13 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
                if splits > 1 else stats)   # placeholder when unused
     rkl_stats_kernel[(rows, splits)](
         student, original, strengthened_arg, keep_arg, stats, loss, partial,
-        rows, vocab, cols_per_split,
+        rows, vocab, cols_per_split, partial.stride(0),
         student.stride(0), original.stride(0), strengthened_arg.stride(0),
         float(alpha), float(temperature),
         FINALIZE=splits == 1, num_warps=num_warps, **flags)
     if splits > 1:
         rkl_stats_combine_kernel[(rows,)](
-            partial, keep_arg, stats, loss, rows, splits,
+            partial, keep_arg, stats, loss, rows, splits, partial.stride(0),
             HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
             SPLITS_BLOCK=triton.next_power_of_2(splits), num_warps=1)
     return loss, (stats,)

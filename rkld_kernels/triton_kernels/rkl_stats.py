@@ -74,7 +74,7 @@ def store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a,
 def rkl_stats_kernel(
     student_ptr, original_ptr, strengthened_ptr, keep_ptr,
     stats_ptr, loss_ptr, partial_ptr,
-    rows, vocab, cols_per_split,
+    rows, vocab, cols_per_split, partial_plane_stride,
     stride_student, stride_original, stride_strengthened,
     alpha, temperature,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
@@ -131,19 +131,17 @@ def rkl_stats_kernel(
     if FINALIZE:
         store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a, REVERSE)
     else:
-        splits = tl.num_programs(1)
-        plane = rows.to(tl.int64) * splits
-        out = partial_ptr + row * splits + split
+        out = partial_ptr + row * tl.num_programs(1) + split
         tl.store(out, m_w)
-        tl.store(out + plane, l_w)
-        tl.store(out + 2 * plane, m_u)
-        tl.store(out + 3 * plane, l_u)
-        tl.store(out + 4 * plane, a)
+        tl.store(out + partial_plane_stride, l_w)
+        tl.store(out + 2 * partial_plane_stride, m_u)
+        tl.store(out + 3 * partial_plane_stride, l_u)
+        tl.store(out + 4 * partial_plane_stride, a)
 
 
 @triton.jit
 def rkl_stats_combine_kernel(
-    partial_ptr, keep_ptr, stats_ptr, loss_ptr, rows, splits,
+    partial_ptr, keep_ptr, stats_ptr, loss_ptr, rows, splits, partial_plane_stride,
     HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
     """Grid ``(rows,)``: merge a row's per-split partial sums (rebased onto the row maxima) and
@@ -155,13 +153,12 @@ def rkl_stats_combine_kernel(
         kept = True
     k = tl.arange(0, SPLITS_BLOCK)
     present = k < splits
-    plane = rows.to(tl.int64) * splits
     parts = partial_ptr + row * splits + k
     m_w = tl.load(parts, mask=present, other=float("-inf"))
-    l_w = tl.load(parts + plane, mask=present, other=0.0)
-    m_u = tl.load(parts + 2 * plane, mask=present, other=float("-inf"))
-    l_u = tl.load(parts + 3 * plane, mask=present, other=0.0)
-    a = tl.load(parts + 4 * plane, mask=present, other=0.0)
+    l_w = tl.load(parts + partial_plane_stride, mask=present, other=0.0)
+    m_u = tl.load(parts + 2 * partial_plane_stride, mask=present, other=float("-inf"))
+    l_u = tl.load(parts + 3 * partial_plane_stride, mask=present, other=0.0)
+    a = tl.load(parts + 4 * partial_plane_stride, mask=present, other=0.0)
     row_m_w = tl.max(m_w, axis=0)
     row_m_u = tl.max(m_u, axis=0)
     l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, row_m_w, row_m_u)
