@@ -63,12 +63,16 @@ def reference_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tens
     positions and is 0 when none is left.
     """
     teacher = unlearning_teacher_logits(original_logits, strengthened_logits, alpha)
-    per_position = rkl_per_position(student_logits, teacher, temperature, direction)
     if labels is not None:
+        # Compute on the kept positions only: masked ones hold whatever the caller left there
+        # (even NaN) and must give loss 0 and gradient 0, not 0 * NaN.
         keep = labels != ignore_index
-        per_position = torch.where(keep, per_position, torch.zeros_like(per_position))
+        kept = rkl_per_position(student_logits[keep], teacher[keep], temperature, direction)
+        per_position = torch.zeros(keep.shape, dtype=kept.dtype, device=kept.device)
+        per_position = per_position.masked_scatter(keep, kept)
         count = keep.sum()
     else:
+        per_position = rkl_per_position(student_logits, teacher, temperature, direction)
         count = torch.tensor(per_position.numel(), device=per_position.device)
     if reduction == "none":
         return per_position

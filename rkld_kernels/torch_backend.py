@@ -30,57 +30,85 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-def _log_softmax_and_exp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In place: turn ``x`` into log_softmax(x) and return (log_softmax, softmax)."""
-    x.sub_(x.amax(dim=-1, keepdim=True))
-    prob = x.exp()
-    total = prob.sum(dim=-1, keepdim=True)
-    prob.div_(total)
-    x.sub_(total.log_())
-    return x, prob
+def teacher_logits(original: torch.Tensor, strengthened: torch.Tensor | None, alpha: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``o - alpha * relu(g - o)`` in ``dtype``; same semantics as
+    :func:`rkld_kernels.reference.unlearning_teacher_logits` (-inf in ``o`` stays -inf, NaN
+    propagates). May return ``original`` itself (never modify the result in place)."""
+    o = original.to(dtype)
+    if strengthened is None:
+        return o
+    boost = torch.sub(strengthened.to(dtype), o).clamp_min_(0.0)   # relu that keeps NaN
+    teacher = torch.add(o, boost, alpha=-alpha)
+    # relu(g - o) is +inf or NaN where o == -inf; the teacher entry must stay -inf there. The
+    # check is one cheap reduction; the mask (slow boolean ops on CPU) only runs when needed.
+    if not _all_finite(o):
+        teacher.masked_fill_(torch.isneginf(o), float("-inf"))
+    return teacher
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` holds no inf/NaN. On CUDA it answers False without looking, to avoid a
+    host sync: the masked path is exact either way, only slower."""
+    if x.device.type == "cuda":
+        return False
+    return bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax()))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[r, v] * b[r, v] as a [rows, 1] column (measured faster on CPU than bmm/vecdot)."""
+    return (a * b).sum(dim=-1, keepdim=True)
 
 
 def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.Tensor | None,
-             alpha: float, temperature: float, reverse: bool, need_grad: bool
+             alpha: float, temperature: float, reverse: bool, need_grad: bool,
+             grad_out: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss per row and, if asked, dL_row/d student ([rows, V]), both in the compute dtype:
-    float32, or float64 when the student is float64.
+    """Loss per row and, if asked, dL_row/d student ([rows, V]).
 
-    Inputs are 2-D ``[rows, V]`` of any float dtype and strides; they are never modified.
+    The loss is in the compute dtype (float32, or float64 when the student is float64). The
+    gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
+    returned in the compute dtype. Inputs are 2-D ``[rows, V]`` of any float dtype and strides;
+    they are never modified. This is memory-bound work, so the number of passes is kept small.
     """
     compute_dtype = accumulation_dtype(student.dtype)
-    # Private copies in the compute dtype: every later op may then work in place.
-    s = student.to(compute_dtype, copy=True)
-    z = original.to(compute_dtype, copy=True)
-    if strengthened is not None:
-        boost = strengthened.to(compute_dtype, copy=True).sub_(z).relu_()
-        # relu(g - o) is inf/NaN where o == -inf; the teacher must stay -inf there.
-        boost.masked_fill_(torch.isneginf(z), 0.0)
-        z.sub_(boost.mul_(alpha))
-        del boost
+    s = student.to(compute_dtype)
+    z = teacher_logits(original, strengthened, alpha, compute_dtype)
     if temperature != 1.0:
-        s.div_(temperature)
-        z.div_(temperature)
-    log_p, p = _log_softmax_and_exp_(s)
-    log_q, q = _log_softmax_and_exp_(z)
+        s = s / temperature
+        z = z / temperature
+    # ATen's log_softmax is one fused, vectorised kernel: cheaper than max/exp/sum by hand.
+    log_p = torch.log_softmax(s, dim=-1)
+    log_q = torch.log_softmax(z, dim=-1)
     if reverse:
-        weight = p
-        log_ratio = log_p.sub_(log_q)          # log p - log q (reuses the student buffer)
+        weight = log_p.exp()
+        log_ratio = log_p.sub_(log_q)          # log p - log q, in the log_p buffer
     else:
-        weight = q
-        log_ratio = log_q.sub_(log_p)          # log q - log p (reuses the teacher buffer)
-    zero_weight = weight == 0
-    terms = (weight * log_ratio).masked_fill_(zero_weight, 0.0)
-    loss = terms.sum(dim=-1)
+        weight = log_q.exp()
+        log_ratio = log_q.sub_(log_p)          # log q - log p, in the log_q buffer
+    # Entries of zero weight contribute nothing, but their log ratio may be +-inf, giving
+    # 0 * inf = NaN: zero them first. Only -inf logits (or NaN, which must propagate and does,
+    # since a NaN weight is not zero) can cause this, so finite chunks skip the boolean mask.
+    if not (_all_finite(s) and _all_finite(z)):
+        log_ratio.masked_fill_(weight == 0, 0.0)
+    loss = _row_dot(weight, log_ratio)
     if not need_grad:
-        return loss, None
+        return loss.squeeze(-1), None
     if reverse:
-        grad = log_ratio.sub_(loss.unsqueeze(-1)).mul_(p).masked_fill_(zero_weight, 0.0)
+        # p_v ((log p_v - log q_v) - L) / T; the last op writes the result (one rounding into
+        # a low-precision grad_out).
+        if temperature != 1.0:
+            weight.div_(temperature)
+        grad = torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
     else:
-        grad = p.sub_(q)
-    if temperature != 1.0:
-        grad.div_(temperature)
-    return loss, grad
+        # (p_v - q_v) / T
+        p = log_p.exp_()
+        if temperature != 1.0:
+            p.sub_(weight).div_(temperature)
+            grad = p if grad_out is None else grad_out.copy_(p)
+        else:
+            grad = torch.sub(p, weight, out=grad_out)
+    return loss.squeeze(-1), grad
 
 
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
@@ -88,8 +116,8 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                       alpha: float, temperature: float, reverse: bool, need_grad: bool,
                       chunk_rows: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row losses (accumulation dtype, [rows], 0 at masked rows) and the unscaled gradient in the student's
-    dtype ([rows, V], zero at masked rows), processing ``chunk_rows`` rows at a time.
+    """Row losses (accumulation dtype, [rows], 0 at masked rows) and the unscaled gradient in the
+    student's dtype ([rows, V], zero at masked rows), processing ``chunk_rows`` rows at a time.
 
     Masked rows are skipped entirely: they cost nothing and cannot leak NaN.
     """
@@ -98,35 +126,31 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     loss = torch.zeros(rows, dtype=accumulation_dtype(student.dtype), device=student.device)
     grad = None
     if need_grad:
-        grad = (torch.zeros_like(student, memory_format=torch.contiguous_format)
-                if keep is not None else torch.empty_like(student, memory_format=torch.contiguous_format))
+        alloc = torch.zeros if keep is not None else torch.empty
+        grad = alloc((rows, vocab), dtype=student.dtype, device=student.device)
     if keep is not None:
         kept_rows = keep.nonzero().squeeze(1)   # host sync: acceptable on the CPU/fallback path
-    for start in range(0, rows, chunk_rows):
+        bounds = torch.searchsorted(kept_rows, torch.arange(0, rows + chunk_rows, chunk_rows,
+                                                            device=keep.device)).tolist()
+    for chunk, start in enumerate(range(0, rows, chunk_rows)):
         stop = min(start + chunk_rows, rows)
-        if keep is None:
-            index = None
-            s, o = student[start:stop], original[start:stop]
-            g = strengthened[start:stop] if strengthened is not None else None
-        else:
-            lo, hi = torch.searchsorted(kept_rows, torch.tensor([start, stop], device=kept_rows.device)).tolist()
+        if keep is not None:
+            lo, hi = bounds[chunk], bounds[chunk + 1]
             if lo == hi:
                 continue
-            index = kept_rows[lo:hi]
-            if hi - lo == stop - start:
-                index = None          # the whole chunk is kept: use views, no gather
-                s, o = student[start:stop], original[start:stop]
-                g = strengthened[start:stop] if strengthened is not None else None
-            else:
-                s, o = student.index_select(0, index), original.index_select(0, index)
+            if hi - lo < stop - start:          # partly masked: gather the kept rows only
+                index = kept_rows[lo:hi]
                 g = strengthened.index_select(0, index) if strengthened is not None else None
-        chunk_loss, chunk_grad = rkl_rows(s, o, g, alpha, temperature, reverse, need_grad)
-        if index is None:
-            loss[start:stop] = chunk_loss
-            if grad is not None:
-                grad[start:stop] = chunk_grad
-        else:
-            loss.index_copy_(0, index, chunk_loss)
-            if grad is not None:
-                grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+                chunk_loss, chunk_grad = rkl_rows(
+                    student.index_select(0, index), original.index_select(0, index), g,
+                    alpha, temperature, reverse, need_grad)
+                loss.index_copy_(0, index, chunk_loss)
+                if grad is not None:
+                    grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+                continue
+        g = strengthened[start:stop] if strengthened is not None else None
+        chunk_loss, _ = rkl_rows(student[start:stop], original[start:stop], g, alpha,
+                                 temperature, reverse, need_grad,
+                                 grad_out=grad[start:stop] if grad is not None else None)
+        loss[start:stop] = chunk_loss
     return loss, grad
