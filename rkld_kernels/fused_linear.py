@@ -247,6 +247,9 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         if bias is not None:
             _checks.check_float_tensor(fn, f"{model}_bias", bias)
     vocab = student_weight.shape[0] if student_weight.dim() == 2 else None
+    if vocab == 0:
+        raise ValueError(f"{fn}: the vocabulary size V (rows of the weights) must be at least 1; "
+                         f"got student_weight of shape {tuple(student_weight.shape)}")
     for model, hidden, weight, bias in heads:
         if weight.dim() != 2:
             raise ValueError(f"{fn}: {model}_weight must be a 2-D (V, H) lm_head weight; got "
@@ -272,9 +275,6 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
             got += f", bias {bias.dtype}" if bias is not None else ""
             raise TypeError(f"{fn}: the {model} model's hidden states, weight and bias must share "
                             f"one dtype (cast them, e.g. hidden.to(weight.dtype)); got {got}")
-    if vocab == 0:
-        raise ValueError(f"{fn}: the vocabulary size V (rows of the weights) must be at least 1; "
-                         f"got student_weight of shape {tuple(student_weight.shape)}")
     for model, hidden, weight, bias in heads[1:]:
         for part, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None:
