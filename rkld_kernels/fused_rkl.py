@@ -35,7 +35,6 @@ class _FusedRKLFunction(torch.autograd.Function):
     def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend):
         need_grad = ctx.needs_input_grad[0]
         ctx.backend = backend
-        ctx.consumed = False
         if backend == "torch":
             loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
                                            temperature, reverse, need_grad)
@@ -51,15 +50,10 @@ class _FusedRKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         if ctx.backend == "torch":
-            # The gradient was computed in forward; scale it in place by grad_output. The buffer
-            # is private to this graph node, so a second backward (retain_graph) must not reuse it.
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_rkl_loss(backend='torch') supports one backward pass per forward; "
-                    "recompute the loss (or use backend='reference') to differentiate twice")
-            ctx.consumed = True
+            # The unscaled gradient was computed in forward. Scale out of place: the saved
+            # buffer must survive for a second backward (retain_graph, gradcheck).
             (grad,) = ctx.saved_tensors
-            grad.mul_(grad_rows.unsqueeze(-1))
+            grad = grad * grad_rows.unsqueeze(-1).to(grad.dtype)
         else:
             from .triton_backend import triton_rkl_backward
             student, original, strengthened, keep, *stats = ctx.saved_tensors

@@ -101,13 +101,14 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
             weight.div_(temperature)
         grad = torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
     else:
-        # (p_v - q_v) / T
-        p = log_p.exp_()
+        # (p_v - q_v) / T. p - q cancels, so both come from the fused softmax (relative error
+        # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
+        p = torch.softmax(s, dim=-1)
+        q = torch.softmax(z, dim=-1)
         if temperature != 1.0:
-            p.sub_(weight).div_(temperature)
-            grad = p if grad_out is None else grad_out.copy_(p)
+            grad = torch.div(p.sub_(q), temperature, out=grad_out)
         else:
-            grad = torch.sub(p, weight, out=grad_out)
+            grad = torch.sub(p, q, out=grad_out)
     return loss.squeeze(-1), grad
 
 
