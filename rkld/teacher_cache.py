@@ -26,7 +26,6 @@ Public API:
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 from pathlib import Path
@@ -126,8 +125,7 @@ class TeacherCache:
                 _atomic_torch_save({"weight": weight.detach().cpu().clone(),
                                     "bias": None if bias is None else bias.detach().cpu().clone()},
                                    folder / f"{name}.head.pt")
-            del model, weight, bias, store
-            gc.collect()
+            del model, weight, bias, store      # frees the teacher (modules hold no cycles)
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
         barrier(info)

@@ -503,6 +503,57 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class TrainData:
+    """The examples of a run with their token counts (and the paired retain examples)."""
+
+    def __init__(self, examples: list, retain_examples: list | None, pad_token_id: int):
+        self.examples = examples
+        self.retain_examples = retain_examples
+        self.pad_token_id = pad_token_id
+        self.forget_tokens = [supervised_count(e) for e in examples]
+        self.retain_tokens = [supervised_count(e) for e in retain_examples or []]
+        self.input_tokens = [len(e["input_ids"]) for e in examples]
+
+    def batch(self, indices: list, device, retain: bool = False) -> dict:
+        source = self.retain_examples if retain else self.examples
+        return _to_device(collate([source[i] for i in indices], self.pad_token_id), device)
+
+
+def step_gradients(model, objective, data: TrainData, step_indices: list,
+                   micro_batch_size: int, info: DistInfo):
+    """Forward and backward passes of one optimizer step; gradients accumulate in ``.grad``.
+
+    ``step_indices`` are the step's examples over all processes. The supervised tokens of all
+    of them are counted first (one all-reduce) and every micro-batch's summed loss is divided
+    by that count, so the gradient is the same for any micro-batch size and process count.
+    Returns ``(loss, supervised_tokens, input_tokens)`` of the whole step.
+    """
+    micro_batches = _micro_batches(step_indices, micro_batch_size, info)
+    mine = [i for mb in micro_batches for i in mb]
+    n_forget, n_retain, n_input = all_reduce_sum(
+        [sum(data.forget_tokens[i] for i in mine),
+         sum(data.retain_tokens[i] for i in mine) if data.retain_examples else 0,
+         sum(data.input_tokens[i] for i in mine)], info)
+    local_loss = 0.0
+    for j, indices in enumerate(micro_batches):
+        # A process short of examples runs a copy of one with weight 0, so that every process
+        # takes part in the same collective operations.
+        weight = 1.0 if indices else 0.0
+        indices = indices or step_indices[:1]
+        batch = data.batch(indices, info.device)
+        retain_batch = data.batch(indices, info.device, retain=True) \
+            if data.retain_examples is not None else None
+        with gradient_sync(model, info, enabled=j == len(micro_batches) - 1):
+            forget_sum, retain_sum = objective(model, indices, batch, indices, retain_batch)
+            loss = forget_sum / max(n_forget, 1)
+            if retain_sum is not None:
+                loss = loss + retain_sum / max(n_retain, 1)
+            # DDP and FSDP average gradients over processes; the factor makes that a sum.
+            (loss * (weight * info.world_size)).backward()
+        local_loss += weight * loss.item()
+    return all_reduce_sum([local_loss], info)[0], n_forget, n_input
+
+
 def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_examples, objective,
            info: DistInfo, out: Path, on_epoch_end, on_step) -> dict:
     pad = tokenizer.pad_token_id
@@ -514,9 +565,7 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    forget_tokens = [supervised_count(e) for e in examples]
-    retain_tokens = [supervised_count(e) for e in retain_examples] if retain_examples else None
-    input_tokens = [len(e["input_ids"]) for e in examples]
+    data = TrainData(examples, retain_examples, pad)
 
     step = _load_checkpoint(out, model, optimizer, info) if cfg.resume else 0
     log_path = out / LOG_FILE
@@ -542,29 +591,8 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
                                    else 0, steps_per_epoch):
             started = time.perf_counter()
             step_indices = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
-            micro_batches = _micro_batches(step_indices, cfg.micro_batch_size, info)
-            mine = [i for mb in micro_batches for i in mb]
-            n_forget, n_retain, n_input = all_reduce_sum(
-                [sum(forget_tokens[i] for i in mine),
-                 sum(retain_tokens[i] for i in mine) if retain_tokens else 0,
-                 sum(input_tokens[i] for i in mine)], info)
-            local_loss = 0.0
-            for j, indices in enumerate(micro_batches):
-                weight = 1.0 if indices else 0.0
-                indices = indices or step_indices[:1]
-                batch = _to_device(collate([examples[i] for i in indices], pad), info.device)
-                retain_batch = None
-                if retain_examples is not None:
-                    retain_batch = _to_device(collate([retain_examples[i] for i in indices], pad),
-                                              info.device)
-                with gradient_sync(model, info, enabled=j == len(micro_batches) - 1):
-                    forget_sum, retain_sum = objective(model, indices, batch, indices, retain_batch)
-                    # Gradients are averaged over processes, hence the factor world_size.
-                    loss = forget_sum / max(n_forget, 1)
-                    if retain_sum is not None:
-                        loss = loss + retain_sum / max(n_retain, 1)
-                    (loss * (weight * info.world_size)).backward()
-                local_loss += weight * loss.item()
+            step_loss, n_forget, n_input = step_gradients(model, objective, data, step_indices,
+                                                          cfg.micro_batch_size, info)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = cfg.lr * _lr_factor(step, warmup, total_steps)
@@ -572,7 +600,6 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = all_reduce_sum([local_loss], info)[0]
             step += 1
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
