@@ -58,7 +58,8 @@ def _assert_same_weights(a, b, atol):
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_finetune_writes_model_record_and_log(models):
@@ -127,7 +128,8 @@ def test_step_gradient_independent_of_micro_batch_size(models):
     assert tokens_one == tokens_three == sum(data.forget_tokens[i] for i in step)
     assert loss_one == pytest.approx(loss_three, rel=1e-6)
     for name, grad in grads_one.items():
-        torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-8,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_resume_matches_an_uninterrupted_run(models, tmp_path):

@@ -1,0 +1,133 @@
+"""Unlearning with 2 CPU processes (gloo) under DDP and FSDP2 equals one process.
+
+One ``torchrun`` launch runs, for each strategy, (a) the gradient of one optimizer step
+(checks the normalisation by the step's global token count, including the world-size factor
+that DDP's and FSDP's gradient averaging needs) and (b) a whole unlearning run with the
+teacher cache and a retain term, checkpoints and the final save included.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rkld.config import UnlearnConfig
+from rkld.data import load_benchmark
+from rkld.models import build_tiny_model, load_model
+from rkld.parallel import DistInfo
+from rkld.teacher_cache import LiveTeachers
+from rkld.train import TrainData, _encode, _UnlearnObjective, step_gradients, unlearn
+
+TINY = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64}
+STEP = [3, 11, 0, 7, 19, 5, 2]          # 7 examples: the two processes get 4 and 3
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from rkld.config import UnlearnConfig
+    from rkld.data import load_benchmark
+    from rkld.models import load_model
+    from rkld.parallel import init_distributed, wrap_model
+    from rkld.teacher_cache import LiveTeachers
+    from rkld.train import TrainData, _encode, _UnlearnObjective, step_gradients, unlearn
+
+    settings, step, root = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    for strategy in ("ddp", "fsdp"):
+        cfg = UnlearnConfig(**settings, out=f"{root}/{strategy}", parallel=strategy)
+        info = init_distributed(strategy)
+        student, tokenizer = load_model(cfg.model)
+        student = wrap_model(student, info)
+        teachers = LiveTeachers({"original": load_model(cfg.model)[0],
+                                 "strengthened": load_model(cfg.strengthened)[0]})
+        examples = _encode(tokenizer, load_benchmark("synthetic").split("forget10"), cfg, "f")
+        data = TrainData(examples, None, tokenizer.pad_token_id)
+        no_retain = UnlearnConfig(**dict(settings, retain_term="none"), out="unused")
+        loss, tokens, _ = step_gradients(student, _UnlearnObjective(no_retain, teachers, None),
+                                         data, step, 2, info)
+        grads = {}
+        for name, param in student.named_parameters():
+            grad = param.grad
+            grads[name.removeprefix("module.")] = (grad.full_tensor() if hasattr(grad, "full_tensor")
+                                                   else grad).clone()
+        if info.is_main:
+            torch.save({"loss": loss, "tokens": tokens, "grads": grads},
+                       f"{root}/{strategy}_step.pt")
+        unlearn(cfg)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny original model and a 'strengthened' one (the same with perturbed weights)."""
+    root = tmp_path_factory.mktemp("pair")
+    texts = [r["question"] + " " + r["answer"] for r in load_benchmark("synthetic").split("full")]
+    build_tiny_model(texts, root / "original", seed=0, **TINY)
+    strengthened, tokenizer = build_tiny_model(texts, seed=0, **TINY)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in strengthened.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    strengthened.save_pretrained(root / "strengthened")
+    tokenizer.save_pretrained(root / "strengthened")
+    return root
+
+
+def test_two_processes_match_one(pair, tmp_path):
+    settings = dict(model=str(pair / "original"), strengthened=str(pair / "strengthened"),
+                    forget="forget10", epochs=2, lr=2e-3, batch_size=8, micro_batch_size=2,
+                    max_length=48, retain_term="nll", progress=False)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+               json.dumps(settings), json.dumps(STEP), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # One process: the same step's gradient, and the same run.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = UnlearnConfig(**settings, out=str(tmp_path / "single"))
+        student, tokenizer = load_model(cfg.model)
+        teachers = LiveTeachers({"original": load_model(cfg.model)[0],
+                                 "strengthened": load_model(cfg.strengthened)[0]})
+        examples = _encode(tokenizer, load_benchmark("synthetic").split("forget10"), cfg, "f")
+        no_retain = UnlearnConfig(**dict(settings, retain_term="none"), out="unused")
+        loss, tokens, _ = step_gradients(student, _UnlearnObjective(no_retain, teachers, None),
+                                         TrainData(examples, None, tokenizer.pad_token_id),
+                                         STEP, 2, DistInfo())
+        unlearn(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+    single_weights = load_file(str(tmp_path / "single" / "model.safetensors"))
+    for strategy in ("ddp", "fsdp"):
+        step = torch.load(tmp_path / f"{strategy}_step.pt")
+        assert step["tokens"] == tokens
+        assert step["loss"] == pytest.approx(loss, rel=1e-5)
+        for name, param in student.named_parameters():
+            torch.testing.assert_close(step["grads"][name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m: f"{strategy} gradient of {name}: {m}")
+        weights = load_file(str(tmp_path / strategy / "model.safetensors"))
+        assert weights.keys() == single_weights.keys()
+        for name, value in single_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-5,
+                                       msg=lambda m: f"{strategy} weight {name}: {m}")
+        record = json.loads((tmp_path / strategy / "run.json").read_text())
+        assert record["world_size"] == 2 and record["strategy"] == strategy
+        assert record["status"] == "finished"
