@@ -38,7 +38,11 @@ class _FusedRKLFunction(torch.autograd.Function):
         if backend == "torch":
             loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
                                            temperature, reverse, need_grad)
-            ctx.save_for_backward(grad)
+            # The gradient is an intermediate that backward scales in place, so it is kept as an
+            # attribute: save_for_backward's version check would reject a second backward.
+            ctx.unscaled_grad = grad
+            ctx.save_for_backward(student, original, strengthened, keep)
+            ctx.hyper = (alpha, temperature, reverse)
         else:
             from .triton_backend import triton_rkl_forward
             loss, stats = triton_rkl_forward(student, original, strengthened, keep, alpha,
@@ -50,10 +54,15 @@ class _FusedRKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         if ctx.backend == "torch":
-            # The unscaled gradient was computed in forward. Scale out of place: the saved
-            # buffer must survive for a second backward (retain_graph, gradcheck).
-            (grad,) = ctx.saved_tensors
-            grad = grad * grad_rows.unsqueeze(-1).to(grad.dtype)
+            # The unscaled gradient was computed in forward: scale it in place (no second
+            # [rows, V] buffer, no extra pass over fresh memory). A second backward through
+            # the same graph (retain_graph, gradcheck) finds it consumed and recomputes it.
+            grad, ctx.unscaled_grad = ctx.unscaled_grad, None
+            if grad is None:
+                student, original, strengthened, keep = ctx.saved_tensors
+                _, grad = rkl_loss_and_grad(student, original, strengthened, keep, *ctx.hyper,
+                                            need_grad=True)
+            grad.mul_(grad_rows.unsqueeze(-1))
         else:
             from .triton_backend import triton_rkl_backward
             student, original, strengthened, keep, *stats = ctx.saved_tensors

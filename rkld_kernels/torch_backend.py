@@ -31,28 +31,24 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 
 def teacher_logits(original: torch.Tensor, strengthened: torch.Tensor | None, alpha: float,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, exact_non_finite: bool = True) -> torch.Tensor:
     """``o - alpha * relu(g - o)`` in ``dtype``; same semantics as
-    :func:`rkld_kernels.reference.unlearning_teacher_logits` (-inf in ``o`` stays -inf, NaN
-    propagates). May return ``original`` itself (never modify the result in place)."""
+    :func:`rkld_kernels.reference.unlearning_teacher_logits`. May return ``original`` itself
+    (never modify the result in place).
+
+    With ``exact_non_finite=False`` the boolean fix-up that keeps ``-inf`` entries of ``o`` at
+    ``-inf`` is skipped; where it would have mattered the result holds NaN instead, which the
+    caller detects (see :func:`rkl_rows`).
+    """
     o = original.to(dtype)
     if strengthened is None:
         return o
     boost = torch.sub(strengthened.to(dtype), o).clamp_min_(0.0)   # relu that keeps NaN
     teacher = torch.add(o, boost, alpha=-alpha)
-    # relu(g - o) is +inf or NaN where o == -inf; the teacher entry must stay -inf there. The
-    # check is one cheap reduction; the mask (slow boolean ops on CPU) only runs when needed.
-    if not _all_finite(o):
+    if exact_non_finite:
+        # relu(g - o) is +inf or NaN where o == -inf; the teacher entry must stay -inf there.
         teacher.masked_fill_(torch.isneginf(o), float("-inf"))
     return teacher
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """True when ``x`` holds no inf/NaN. On CUDA it answers False without looking, to avoid a
-    host sync: the masked path is exact either way, only slower."""
-    if x.device.type == "cuda":
-        return False
-    return bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax()))
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,11 +65,27 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
     The loss is in the compute dtype (float32, or float64 when the student is float64). The
     gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
     returned in the compute dtype. Inputs are 2-D ``[rows, V]`` of any float dtype and strides;
-    they are never modified. This is memory-bound work, so the number of passes is kept small.
+    they are never modified.
+
+    Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
+    On CPU the chunk is first computed without them: every place where they matter turns the
+    row's loss into NaN or inf, so a finite loss proves the fast result exact; otherwise the
+    chunk is recomputed with the fix-ups. On CUDA (no host syncs) the exact path always runs.
     """
+    if student.device.type != "cuda":
+        loss, grad = _rkl_rows(student, original, strengthened, alpha, temperature, reverse,
+                               need_grad, grad_out, exact_non_finite=False)
+        if bool(torch.isfinite(loss).all()):
+            return loss, grad
+    return _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
+                     grad_out, exact_non_finite=True)
+
+
+def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
+              grad_out, exact_non_finite):
     compute_dtype = accumulation_dtype(student.dtype)
     s = student.to(compute_dtype)
-    z = teacher_logits(original, strengthened, alpha, compute_dtype)
+    z = teacher_logits(original, strengthened, alpha, compute_dtype, exact_non_finite)
     if temperature != 1.0:
         s = s / temperature
         z = z / temperature
@@ -86,10 +98,9 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
     else:
         weight = log_q.exp()
         log_ratio = log_q.sub_(log_p)          # log q - log p, in the log_q buffer
-    # Entries of zero weight contribute nothing, but their log ratio may be +-inf, giving
-    # 0 * inf = NaN: zero them first. Only -inf logits (or NaN, which must propagate and does,
-    # since a NaN weight is not zero) can cause this, so finite chunks skip the boolean mask.
-    if not (_all_finite(s) and _all_finite(z)):
+    if exact_non_finite:
+        # Entries of zero weight contribute nothing, but their log ratio may be +-inf, giving
+        # 0 * inf = NaN: zero them first. A NaN weight (NaN input) is not zero and propagates.
         log_ratio.masked_fill_(weight == 0, 0.0)
     loss = _row_dot(weight, log_ratio)
     if not need_grad:
