@@ -1,0 +1,70 @@
+"""The ``rkld`` command line: parsing into configs, a tiny run, and one-line user errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rkld.cli import _config, build_parser, main
+from rkld.config import FinetuneConfig, UnlearnConfig
+
+TINY_ARGS = ["--tiny-vocab", "300", "--tiny-hidden", "32", "--tiny-layers", "2",
+             "--max-length", "48", "--no-progress"]
+
+
+def test_unlearn_arguments_fill_the_config():
+    args = build_parser().parse_args(
+        ["unlearn", "--model", "m", "--strengthened", "s", "--out", "o", "--forget", "forget05",
+         "--alpha", "4", "--direction", "forward", "--retain-term", "kl", "--live-teachers",
+         "--lora", "--batch-size", "16", "--micro-batch-size", "4", "--resume"])
+    cfg = _config(UnlearnConfig, args)
+    assert (cfg.model, cfg.strengthened, cfg.forget, cfg.alpha) == ("m", "s", "forget05", 4.0)
+    assert (cfg.direction, cfg.retain_term, cfg.live_teachers, cfg.lora) == \
+        ("forward", "kl", True, True)
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.resume, cfg.progress) == (16, 4, True, True)
+    # Unset options keep the dataclass defaults (the paper's).
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.method) == (1e-5, 0.01, 5, "rkld")
+    assert cfg.tiny == {}
+
+
+def test_choices_are_enforced(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["unlearn", "--model", "m", "--out", "o", "--method", "npo"])
+    assert "invalid choice: 'npo'" in capsys.readouterr().err
+
+
+def test_finetune_tiny_then_errors(tmp_path, capsys):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "target"
+        code = main(["finetune", "--model", "tiny", "--out", str(out), "--split", "forget10",
+                     "--epochs", "1", "--lr", "1e-3", "--batch-size", "10",
+                     "--micro-batch-size", "10", *TINY_ARGS])
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(out) and report["steps"] == 2
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert cfg["tiny"] == {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2}
+    assert FinetuneConfig(**cfg).split == "forget10"
+
+    code = main(["finetune", "--model", "tiny", "--out", str(out), *TINY_ARGS])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rkld finetune: error: ") and "--overwrite" in err
+    assert "Traceback" not in err
+    code = main(["unlearn", "--model", str(out), "--strengthened", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "u"), "--no-progress"])
+    assert code == 2
+    assert "strengthened model folder" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "rkld", "unlearn", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for option in ("--live-teachers", "--retain-term", "--direction", "--resume", "--lora"):
+        assert option in result.stdout
