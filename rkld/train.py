@@ -54,6 +54,7 @@ from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 RUN_RECORD = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
+SINGLE_PROCESS_STATE = "state.pt"
 NLL_CHUNK = 4096   # rows of logits alive at once in the NLL (with recomputation in backward)
 
 
@@ -410,10 +411,10 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> 
     barrier(info)
     model_state, optim_state = get_state_dict(
         model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    with warnings.catch_warnings():
-        # A single process saves without a process group, which is what we want.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    if info.distributed:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    else:   # one file: much faster than the distributed format's coordination for small models
+        torch.save({"model": model_state, "optim": optim_state}, tmp / SINGLE_PROCESS_STATE)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                tmp / f"rng.rank{info.rank}.pt")
@@ -442,8 +443,18 @@ def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    single = folder / SINGLE_PROCESS_STATE
+    if single.exists():
+        if info.distributed:
+            raise ValueError(f"{folder} was written by a single process; resume it with one "
+                             f"process (checkpoints of multi-process runs reshard freely)")
+        state = torch.load(single, weights_only=True)
+    elif not info.distributed:
+        with warnings.catch_warnings():
+            # A single process reads a multi-process checkpoint without a process group.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(folder))
+    else:
         dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"], options=options)
@@ -560,8 +571,11 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
+    # The fused AdamW is several times faster than the per-tensor loop (also on CPU); FSDP2's
+    # sharded DTensor parameters take the default implementation.
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  fused=info.strategy != "fsdp" or None)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
