@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .config import (DIRECTIONS, METHODS, PARALLEL, RETAIN_TERMS, FinetuneConfig,
@@ -93,7 +94,8 @@ def _config(config_class, args, **extra):
 
 
 def _report(out, stats) -> int:
-    print(json.dumps({"out": str(out), **stats}, indent=1, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
+        print(json.dumps({"out": str(out), **stats}, indent=1, default=str))
     return 0
 
 
@@ -152,9 +154,118 @@ def register_unlearn(subparsers) -> None:
     u.add_argument("--backend", default=_default(UnlearnConfig, "backend"),
                    choices=["auto", "triton", "torch"], help="fused loss backend")
 
+    _add_epoch_eval(parser)
+
     def handler(args):
         from .train import unlearn
-        return _report(*unlearn(_config(UnlearnConfig, args)))
+        cfg = _config(UnlearnConfig, args)
+        return _report(*unlearn(cfg, on_epoch_end=_epoch_evaluator(args, cfg)))
+    parser.set_defaults(handler=handler)
+
+
+def _add_epoch_eval(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("evaluation during unlearning")
+    e.add_argument("--eval-every-epoch", action="store_true",
+                   help="evaluate after every epoch (needs --reference), write the forget quality "
+                        "/ model utility curve and keep the epoch where forget quality first "
+                        "peaks in OUT/peak")
+    e.add_argument("--reference", default=None,
+                   help="the retain model's TOFU_EVAL.json for this forget split (from rkld eval)")
+    e.add_argument("--eval-generation", action="store_true",
+                   help="also generate every epoch (ROUGE, hence model utility); slower")
+    e.add_argument("--eval-max-new-tokens", type=int, default=200)
+
+
+def _epoch_evaluator(args, cfg):
+    """The on_epoch_end callback for --eval-every-epoch (None without it); checks the
+    reference before any training starts."""
+    if not args.eval_every_epoch:
+        if args.reference is not None:
+            raise ValueError("--reference is used with --eval-every-epoch; add it, or evaluate "
+                             "the result afterwards with rkld eval --reference")
+        return None
+    if cfg.lora:
+        raise ValueError("--eval-every-epoch keeps the peak epoch's full weights, which --lora "
+                         "training does not hold; unlearn without --lora")
+    from .data import load_benchmark
+    from .evaluate import EpochEvaluator, EvalConfig
+    benchmark = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    config = EvalConfig(forget_split=cfg.forget, generation=args.eval_generation,
+                        max_new_tokens=args.eval_max_new_tokens, max_length=cfg.max_length,
+                        template=cfg.template, progress=cfg.progress)
+    return EpochEvaluator(cfg.out, benchmark, config, args.reference, resume=cfg.resume)
+
+
+def register_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="TOFU evaluation: forget quality, model utility and their components",
+        description="Evaluate a model on the TOFU sets of --data (forget, retain, real authors, "
+                    "world facts); write TOFU_EVAL.json (open-unlearning's schema), "
+                    "TOFU_SUMMARY.json, report.md and plots to --out. Forget quality needs "
+                    "--reference, the TOFU_EVAL.json of the retain model.")
+    parser.add_argument("--model", required=True, help="model folder (or hub name)")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
+    parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
+    parser.add_argument("--reference", default=None,
+                        help="the retain model's TOFU_EVAL.json; without it forget quality is "
+                             "reported as unavailable")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--max-authors", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=200,
+                        help="greedy generation length for ROUGE (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--template", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="sequences per likelihood forward pass")
+    parser.add_argument("--generation-batch-size", type=int, default=32)
+    parser.add_argument("--no-generation", action="store_true",
+                        help="likelihood metrics only (no ROUGE, so no model utility)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results in --out computed for another model or setting")
+    parser.add_argument("--no-progress", action="store_true")
+
+    def handler(args):
+        from .evaluate import EvalConfig, run_eval
+        config = EvalConfig(forget_split=args.forget, generation=not args.no_generation,
+                            max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                            template=args.template, batch_size=args.batch_size,
+                            generation_batch_size=args.generation_batch_size,
+                            progress=not args.no_progress)
+        summary = run_eval(args.model, args.data, args.out, config=config,
+                           reference=args.reference, seed=args.seed,
+                           max_authors=args.max_authors, overwrite=args.overwrite)
+        print(json.dumps({"out": args.out, **summary}, indent=1))
+        return 0
+    parser.set_defaults(handler=handler)
+
+
+def register_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="the end-to-end demo on CPU: target and retain models, RKLD, forward-KL "
+                     "and gradient ascent, evaluated and compared",
+        description="Build a tiny model, finetune the target (all data) and retain model, "
+                    "strengthen, unlearn with RKLD, the forward-KL ablation and gradient ascent, "
+                    "evaluate every model and compare them (table, results.json, report.md, "
+                    "plots). CPU only, no network.")
+    parser.add_argument("--out", default="rkld_demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' or a folder of TOFU JSON files (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-authors", type=int, default=None,
+                        help="authors to keep (default: all for synthetic, 20 for a folder)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads; the tiny model gains little from more "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true")
+
+    def handler(args):
+        from .demo import DemoConfig, run_demo
+        run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,
+                            max_authors=args.max_authors, threads=args.threads,
+                            progress=not args.no_progress))
+        return 0
     parser.set_defaults(handler=handler)
 
 
@@ -166,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_finetune(subparsers)
     register_strengthen(subparsers)
     register_unlearn(subparsers)
+    register_eval(subparsers)
+    register_demo(subparsers)
     return parser
 
 
