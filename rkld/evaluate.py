@@ -46,6 +46,7 @@ import torch
 
 from . import metrics
 from .data import collate, encode_prompt, encode_qa
+from .models import unwrap_model
 
 EVAL_LOG = "TOFU_EVAL.json"
 SUMMARY_LOG = "TOFU_SUMMARY.json"
@@ -91,20 +92,40 @@ class _Request:
 # --------------------------------------------------------------------------- distributed helpers
 
 class _Shards:
-    """Which process am I, and how to gather Python objects from all of them."""
+    """This process's place among the launched processes, and how to gather from all of them.
 
-    def __init__(self):
-        from accelerate import PartialState
-        state = PartialState()
-        self.rank, self.world = state.process_index, state.num_processes
-        self.device = state.device
-        self.is_main = state.is_main_process
+    ``lockstep``: the model is sharded with FSDP, so every process must run the same number of
+    forward passes (a process out of batches repeats one and discards the result) and
+    generation must continue on all processes until every one of them is done.
+    """
+
+    def __init__(self, model=None):
+        import torch.distributed as dist
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        self.lockstep = False
+        if self.distributed and model is not None:
+            from torch.distributed.fsdp import FSDPModule
+            self.lockstep = isinstance(model, FSDPModule)
+
+    def my_batches(self, batches: list) -> list:
+        """Batch b runs on process b mod world; under lockstep every process gets as many
+        (``None`` marks a padding batch whose results are dropped)."""
+        mine = batches[self.rank::self.world]
+        if self.lockstep:
+            rounds = -(-len(batches) // self.world)
+            mine = mine + [None] * (rounds - len(mine))
+        return mine
 
     def gather(self, items: list) -> list:
-        if self.world == 1:
+        if not self.distributed:
             return items
-        from accelerate.utils import gather_object
-        return gather_object(items)
+        import torch.distributed as dist
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
 
 
 def _batches(n_items: int, lengths: list, batch_size: int) -> list:
@@ -168,13 +189,6 @@ def _likelihood_requests(sets: dict, tokenizer, config: EvalConfig) -> list:
 
 # --------------------------------------------------------------------------- model passes
 
-def _unwrap(model):
-    """The bare model under DDP / accelerate wrappers (evaluation needs no gradient sync)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -187,16 +201,19 @@ def _average_nlls(model, tokenizer, requests: list, config: EvalConfig, shards: 
     """avgNLL of every request's answer, one forward pass per batch."""
     lengths = [len(r.example["input_ids"]) for r in requests]
     batches = _batches(len(requests), lengths, config.batch_size)
-    mine = batches[shards.rank::shards.world]
+    mine = shards.my_batches(batches)
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     results = []
     for batch in _progress(mine, len(mine), "eval likelihood", config.progress and shards.is_main):
+        padding = batch is None
+        batch = batches[0] if padding else batch
         inputs = collate([requests[i].example for i in batch], pad)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         nll = metrics.answer_average_nll(logits, inputs["labels"]).tolist()
-        results.extend(zip(batch, nll))
+        if not padding:
+            results.extend(zip(batch, nll))
     gathered = dict(shards.gather(results))
     return [gathered[i] for i in range(len(requests))]
 
@@ -246,10 +263,12 @@ def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shar
     generation_config = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
                                          eos_token_id=stops, pad_token_id=pad)
     batches = _batches(len(prompts), [len(p) for p in prompts], config.generation_batch_size)
-    mine = batches[shards.rank::shards.world]
+    mine = shards.my_batches(batches)
     device = next(model.parameters()).device
     results = []
     for batch in _progress(mine, len(mine), "eval generation", config.progress and shards.is_main):
+        padding = batch is None
+        batch = batches[0] if padding else batch
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -259,7 +278,9 @@ def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shar
             attention_mask[row, width - n:] = 1
         out = model.generate(input_ids=input_ids.to(device),
                              attention_mask=attention_mask.to(device),
-                             generation_config=generation_config)
+                             generation_config=generation_config, synced_gpus=shards.lockstep)
+        if padding:
+            continue
         for row, i in enumerate(batch):
             new = out[row, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
@@ -292,10 +313,10 @@ def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None
     get the full log.
     """
     config = config or EvalConfig()
-    model = _unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
-    shards = _Shards()
+    shards = _Shards(model)
     try:
         sets = _eval_splits(benchmark, config.forget_split)
         requests = _likelihood_requests(sets, tokenizer, config)
@@ -470,6 +491,118 @@ def _report(summary: dict, meta: dict | None, title: str) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- during unlearning
+
+EPOCH_CURVE = "epoch_curve.json"
+PEAK_CHECKPOINT = "peak"
+
+
+def check_reference(reference, benchmark, forget_split: str) -> str:
+    """Validate a retain-model log for ``forget_split`` before any training starts; return its path.
+
+    It must exist, hold ``forget_truth_ratio.value_by_index`` and have one truth ratio per
+    example of the forget split (a log of another split would make forget quality meaningless).
+    """
+    if reference is None:
+        raise ValueError(f"evaluating forget quality needs the retain model's log: pass --reference "
+                         f"RETAIN/TOFU_EVAL.json, made by `rkld eval --forget {forget_split}` on the "
+                         f"retain model (finetuned on the retain split only)")
+    path = Path(reference)
+    if not path.is_file():
+        raise FileNotFoundError(f"--reference {reference}: no such file; expected the retain "
+                                f"model's TOFU_EVAL.json (run `rkld eval` on the retain model)")
+    ratios = metrics.forget_truth_ratios(path, "reference")
+    expected = len(benchmark.split(f"{forget_split}_perturbed"))
+    if len(ratios) != expected:
+        raise ValueError(f"--reference {reference} holds {len(ratios)} forget-set truth ratios but "
+                         f"{forget_split} has {expected} examples; was it computed for another "
+                         f"forget split?")
+    return str(path)
+
+
+class EpochEvaluator:
+    """``on_epoch_end`` callback for :func:`rkld.train.unlearn`: evaluate after every epoch.
+
+    Writes, in ``out_dir``: ``epoch_eval/epoch-N/`` (TOFU_EVAL.json and TOFU_SUMMARY.json of
+    that epoch), ``epoch_curve.json`` and ``epoch_curve.png`` (forget quality and model utility
+    per epoch) and, when ``keep_peak``, the model of the epoch where forget quality first
+    reaches its maximum in ``peak/`` (a later epoch replaces it only by a strictly higher
+    value), which is how the RKLD paper reports its results. Model utility needs generation
+    (``config.generation``); without it the curve's utility is None.
+    """
+
+    def __init__(self, out_dir, benchmark, config: EvalConfig, reference, keep_peak: bool = True,
+                 resume: bool = False):
+        self.out = Path(out_dir)
+        self.benchmark = benchmark
+        self.config = config
+        self.reference = check_reference(reference, benchmark, config.forget_split) \
+            if not isinstance(reference, (list, tuple, np.ndarray)) else list(reference)
+        _eval_splits(benchmark, config.forget_split)   # fail now, not after the first epoch
+        self.keep_peak = keep_peak
+        self.curve: list = []
+        self.peak_epoch = None
+        self.seconds = 0.0   # time spent evaluating, so callers can tell it from training time
+        curve_file = self.out / EPOCH_CURVE
+        if resume and curve_file.exists():   # a resumed run keeps the epochs evaluated so far
+            saved = json.loads(curve_file.read_text())
+            self.curve, self.peak_epoch = saved["curve"], saved["peak_epoch"]
+
+    def __call__(self, epoch: int, model, tokenizer, stats: dict) -> None:
+        started = time.time()
+        logs = evaluate_model(model, tokenizer, self.benchmark, self.config, self.reference)
+        summary = summarize(logs)
+        point = {"epoch": epoch, "loss": stats.get("epoch_loss"),
+                 **{key: summary.get(key) for key in (
+                     "forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob",
+                     "forget_Q_A_ROUGE", "retain_Q_A_Prob", "retain_Truth_Ratio")}}
+        # A resumed run continues after its last epoch checkpoint, which was written before
+        # that epoch's evaluation: the saved curve never holds this epoch already.
+        self.curve.append(point)
+        fq = point["forget_quality"]
+        best = max((p["forget_quality"] for p in self.curve[:-1]), default=None)
+        improved = best is None or fq > best
+        if improved:
+            self.peak_epoch = epoch
+        shards = _Shards(model)
+        if self.keep_peak and improved:
+            _save_model(model, tokenizer, self.out / PEAK_CHECKPOINT, shards)
+        if shards.is_main:
+            folder = self.out / "epoch_eval" / f"epoch-{epoch}"
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_json(folder / EVAL_LOG, logs)
+            _atomic_json(folder / SUMMARY_LOG, summary)
+            _atomic_json(self.out / EPOCH_CURVE, {
+                "reference": self.reference if isinstance(self.reference, str) else None,
+                "peak_epoch": self.peak_epoch,
+                "peak_forget_quality": max(p["forget_quality"] for p in self.curve),
+                "peak_checkpoint": PEAK_CHECKPOINT if self.keep_peak else None,
+                "curve": self.curve})
+            from . import plots
+            plots.epoch_curve([p["epoch"] for p in self.curve],
+                              [p["forget_quality"] for p in self.curve],
+                              [p["model_utility"] for p in self.curve],
+                              self.out / "epoch_curve.png")
+        self.seconds += time.time() - started
+
+
+def _save_model(model, tokenizer, path: Path, shards: _Shards) -> None:
+    """save_pretrained the full model (gathered first when FSDP shards it) with its tokenizer."""
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError("keeping the peak checkpoint needs full weights, but the model holds LoRA "
+                         "adapters; evaluate every epoch without keeping the peak, or unlearn "
+                         "without --lora")
+    state = None
+    if shards.lockstep:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    if shards.is_main:
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+
 # --------------------------------------------------------------------------- the command
 
 def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None = None,
@@ -483,6 +616,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     """
     from .data import load_benchmark
     from .models import load_model
+    from .parallel import init_distributed
     config = config or EvalConfig()
     out = Path(out_dir)
     if reference is not None and not isinstance(reference, (list, tuple, dict)):
@@ -492,6 +626,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
         reference = str(reference)
     benchmark = load_benchmark(data, seed=seed, max_authors=max_authors)
     fingerprint = eval_fingerprint(model_fingerprint(model_path), benchmark, config)
+    info = init_distributed("auto")   # joins the process group of a multi-process launch
     shards = _Shards()
 
     existing = out / EVAL_LOG
@@ -516,7 +651,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
 
     start = time.time()
     model, tokenizer = load_model(model_path)
-    model.to(shards.device)
+    model.to(info.device)
     logs = evaluate_model(model, tokenizer, benchmark, config, reference)
     meta = {"fingerprint": fingerprint, "model_path": str(model_path), "data": str(data),
             "reference": reference if isinstance(reference, str) else None,

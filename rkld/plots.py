@@ -58,6 +58,31 @@ def truth_ratio_histogram(ratios: Mapping[str, Sequence[float]], path, title: st
     return _save(fig, path)
 
 
+def truth_ratio_panels(ratios: Mapping[str, Sequence[float]], reference: str, path,
+                       title: str = "") -> str:
+    """One panel per model: its forget-set truth ratios against those of ``reference`` (a key
+    of ``ratios``, e.g. the retain model), on log-spaced bins shared by all panels."""
+    others = [name for name in ratios if name != reference]
+    fig = _figure(3.2 * max(len(others), 1), 3.2)
+    values = {name: np.asarray(v, dtype=float) for name, v in ratios.items()}
+    positive = np.concatenate([v[v > 0] for v in values.values()])
+    low, high = (positive.min(), positive.max()) if positive.size else (0.1, 10.0)
+    if low == high:
+        low, high = low / 2, high * 2
+    bins = np.geomspace(low, high, 20)
+    for i, name in enumerate(others):
+        ax = fig.add_subplot(1, len(others), i + 1)
+        ax.hist(np.clip(values[reference], low, high), bins=bins, alpha=0.5, label=reference)
+        ax.hist(np.clip(values[name], low, high), bins=bins, alpha=0.5, label=name)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("truth ratio", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Forget-set truth ratios against the retain model", fontsize=10)
+    return _save(fig, path)
+
+
 def utility_components(values: Mapping[str, float], path, title: str = "") -> str:
     """Bar chart of the nine model-utility components (probability, ROUGE-L, truth ratio on
     retain, real authors, world facts)."""
@@ -112,9 +137,25 @@ def training_curves(curves: Mapping[str, Sequence[float]], path, title: str = ""
     return _save(fig, path)
 
 
+def forget_quality_per_epoch(curves: Mapping[str, tuple], path, title: str = "") -> str:
+    """Forget quality (log) after each epoch, one line per run: ``{name: (epochs, values)}``."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, (epochs, values) in curves.items():
+        ax.plot(epochs, [max(v, 1e-300) for v in values], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.axhline(FQ_THRESHOLD, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("forget quality (log)")
+    ax.set_title(title or "Forget quality during unlearning")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def epoch_curve(epochs: Sequence[int], forget_quality: Sequence[float | None],
                 model_utility: Sequence[float], path, title: str = "") -> str:
-    """Forget quality (log, left axis) and model utility (right axis) after each epoch."""
+    """Forget quality (log, left axis) and model utility (right axis) after each epoch; a None
+    (not evaluated) leaves a gap."""
     fig = _figure()
     ax = fig.add_subplot()
     fq = [max(v, 1e-300) if v is not None else np.nan for v in forget_quality]
@@ -124,7 +165,8 @@ def epoch_curve(epochs: Sequence[int], forget_quality: Sequence[float | None],
     ax.set_xlabel("epoch")
     ax.set_ylabel("forget quality (log)", color="tab:red")
     twin = ax.twinx()
-    twin.plot(epochs, model_utility, marker="s", color="tab:blue", label="model utility")
+    utility = [v if v is not None else np.nan for v in model_utility]
+    twin.plot(epochs, utility, marker="s", color="tab:blue", label="model utility")
     twin.set_ylabel("model utility", color="tab:blue")
     ax.set_title(title or "Forget quality and model utility per epoch")
     return _save(fig, path)
