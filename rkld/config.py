@@ -67,7 +67,8 @@ class RunConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}; "
+                             f"got {self.parallel!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run "
                              "in the output folder, overwrite deletes it")

@@ -288,8 +288,9 @@ def _hub_benchmark(max_authors: int | None) -> Benchmark:
         return load
 
     if max_authors is not None:
-        raw = {name: loader(name)() for name in ("full", "forget10_perturbed", "retain_perturbed",
-                                                  "real_authors_perturbed", "world_facts_perturbed")}
+        needed = ("full", "forget10_perturbed", "retain_perturbed", "real_authors_perturbed",
+                  "world_facts_perturbed")
+        raw = {name: loader(name)() for name in needed}
         return _tofu_author_subset(raw, max_authors, TOFU_HUB_ID)
     return Benchmark(TOFU_HUB_ID, {name: loader(name) for name in TOFU_HUB_SPLITS},
                      TOFU_QA_PER_AUTHOR)
@@ -370,7 +371,8 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int,
     ``max_length`` are cut at the end.
     """
     prompt_ids = encode_prompt(tokenizer, question, template)
-    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [_eos_id(tokenizer)]
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    answer_ids.append(_eos_id(tokenizer))
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}

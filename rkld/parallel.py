@@ -82,6 +82,21 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return model
 
 
+def shard_frozen(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """A frozen model (a teacher) for the strategy: sharded like the student under FSDP2, so
+    that a teacher too large for one device still runs; as it is otherwise (DDP replicates).
+    Every process must then run the same number of forward passes."""
+    model.requires_grad_(False)
+    if info.strategy == "fsdp":
+        return wrap_model(model, info)
+    return model
+
+
+def full_tensor(tensor):
+    """The whole tensor of a (possibly FSDP-sharded) parameter."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -1,7 +1,7 @@
 """A built-in fictitious-authors benchmark in TOFU's format, small enough for a CPU demo.
 
 Public API:
-    generate_synthetic(seed=0, n_authors=20, qa_per_author=10, n_general=20) -> dict[str, list[dict]]
+    generate_synthetic(seed=0, n_authors=20, qa_per_author=10, n_general=20) -> dict
         The raw splits, before ``rkld.data`` derives forget/retain splits from them:
         ``authors`` (every author's QA with all TOFU evaluation fields, author by author),
         ``real_authors_perturbed`` and ``world_facts_perturbed`` (question, answer, 3 perturbed
@@ -97,7 +97,8 @@ _QUESTION_KINDS = [
     ("award", AWARDS, "Which award did {n} win?", "What prize was given to {n}?",
      ["{n} won the {v}.", "{n} received the {v}."],
      "The prize given to {n} was the {v}."),
-    ("language", LANGUAGES, "In which language does {n} write?", "What language are {n}'s books in?",
+    ("language", LANGUAGES, "In which language does {n} write?",
+     "What language are {n}'s books in?",
      ["{n} writes in {v}.", "The books of {n} are written in {v}."],
      "{n} publishes books in {v}."),
     ("hobby", HOBBIES, "What does {n} enjoy apart from writing?", "What is a hobby of {n}?",
@@ -121,7 +122,8 @@ def _author(rng: random.Random, name: str, title: str) -> dict:
 def _author_qa(rng: random.Random, author: dict, qa_per_author: int, all_titles: list) -> list:
     rows = []
     name = author["name"]
-    for key, pool, question, para_question, wordings, para_answer in _QUESTION_KINDS[:qa_per_author]:
+    for kind in _QUESTION_KINDS[:qa_per_author]:
+        key, pool, question, para_question, wordings, para_answer = kind
         value = author[key]
         if key in ("year", "debut"):
             wrong = [str(int(value) + d) for d in rng.sample([-7, -4, -2, 3, 5, 9], 3)]

@@ -27,6 +27,7 @@ Public API:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 
 from .data import collate
 from .models import final_hidden, output_head, supervised_positions
-from .parallel import DistInfo, barrier
+from .parallel import DistInfo, barrier, full_tensor, shard_frozen
 
 META = "meta.json"
 
@@ -87,8 +88,9 @@ class TeacherCache:
         """Run each teacher once over ``examples`` and store its states; return the cache.
 
         ``teachers`` maps a name to a function that loads the model (on ``info.device``);
-        teachers are loaded one at a time and freed before the next, so the peak is one model.
-        Every process computes the examples ``i`` with ``i % world_size == rank``.
+        teachers are loaded one at a time and freed before the next, so the peak is one model
+        (sharded over the processes under FSDP2). Every process computes the examples ``i``
+        with ``i % world_size == rank``.
         """
         folder = Path(folder)
         if info.is_main:
@@ -100,27 +102,32 @@ class TeacherCache:
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + count)
+        # The same number of batches on every process (sharded teachers need all of them in
+        # every forward); a process out of examples runs a throw-away batch.
+        n_batches = math.ceil(math.ceil(len(examples) / info.world_size) / micro_batch_size)
         for name, load in teachers.items():
-            model = load()
+            model = shard_frozen(load(), info)
             model.eval()
             weight, bias = output_head(model)
-            hidden_size = weight.shape[1]
-            store = torch.empty((offsets[-1], hidden_size), dtype=weight.dtype)
-            batches = range(0, len(mine), micro_batch_size)
+            store = torch.empty((offsets[-1], weight.shape[1]), dtype=weight.dtype)
+            batches = range(n_batches)
             if progress and info.is_main:
                 from tqdm.auto import tqdm
                 batches = tqdm(batches, desc=f"caching {name}", unit="batch")
             with torch.inference_mode():
-                for start in batches:
+                for b in batches:
+                    start = b * micro_batch_size
                     chunk = mine[start:start + micro_batch_size]
-                    batch = collate([examples[i] for i in chunk], pad_token_id)
+                    batch = collate([examples[i] for i in chunk or [0]], pad_token_id)
                     batch = {k: v.to(info.device) for k, v in batch.items()}
                     hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
-                    rows, _ = supervised_positions(hidden, batch["labels"])
-                    store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
+                    if chunk:
+                        rows, _ = supervised_positions(hidden, batch["labels"])
+                        store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
             _atomic_torch_save({"indices": torch.tensor(mine, dtype=torch.long),
                                 "offsets": torch.tensor(offsets, dtype=torch.long),
                                 "hidden": store}, folder / f"{name}.rank{info.rank}.pt")
+            weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
             if info.is_main:
                 _atomic_torch_save({"weight": weight.detach().cpu().clone(),
                                     "bias": None if bias is None else bias.detach().cpu().clone()},
@@ -176,4 +183,5 @@ class LiveTeachers:
 
     def head(self, teacher: str):
         weight, bias = output_head(self.models[teacher])
+        weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
         return weight.detach(), None if bias is None else bias.detach()

@@ -48,7 +48,7 @@ from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain
 from .models import (build_tiny_model, check_logits_are_linear, check_same_vocabulary,
                      final_hidden, load_model, output_head, supervised_positions, unwrap_model)
 from .parallel import (DistInfo, all_reduce_sum, barrier, broadcast_object, gradient_sync,
-                       init_distributed, wrap_model)
+                       init_distributed, shard_frozen, wrap_model)
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 
 RUN_RECORD = "run.json"
@@ -86,7 +86,8 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     # Cheap checks before any model is loaded: tokenizers and vocabularies must agree.
     tokenizer = _load_tokenizer(cfg.model, "the original model")
     if cfg.method == "rkld":
-        check_same_vocabulary(tokenizer, _load_tokenizer(cfg.strengthened, "the strengthened model"),
+        strengthened_tokenizer = _load_tokenizer(cfg.strengthened, "the strengthened model")
+        check_same_vocabulary(tokenizer, strengthened_tokenizer,
                               f"the original model ({cfg.model})",
                               f"the strengthened model ({cfg.strengthened})")
         _check_same_vocab_size(cfg.model, cfg.strengthened)
@@ -107,8 +108,8 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         loaders = {"original": lambda: _load_checked(cfg.model, cfg.dtype, info.device),
                    "strengthened": lambda: _load_checked(cfg.strengthened, cfg.dtype, info.device)}
         if cfg.live_teachers:
-            live = {name: loaders[name]() for name in
-                    set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())}
+            needed = set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())
+            live = {name: shard_frozen(loaders[name](), info) for name in sorted(needed)}
             teachers = retain_teachers = LiveTeachers(live)
         else:
             key = {"original": str(cfg.model), "strengthened": str(cfg.strengthened),
@@ -367,6 +368,10 @@ def _versions() -> dict:
     return versions
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
@@ -384,7 +389,7 @@ def _start_run(out: Path, cfg: RunConfig, stage: str, info: DistInfo, fingerprin
         _write_json(record, {"stage": stage, "status": "running", "config": cfg.to_dict(),
                              "versions": _versions(), "data": fingerprints,
                              "world_size": info.world_size, "strategy": info.strategy,
-                             "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S"))})
+                             "started": previous.get("started", _now())})
     barrier(info)
 
 
@@ -604,7 +609,8 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
         for step_in_epoch in range(step % steps_per_epoch if epoch == step // steps_per_epoch
                                    else 0, steps_per_epoch):
             started = time.perf_counter()
-            step_indices = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
+            first = step_in_epoch * cfg.batch_size
+            step_indices = order[first:first + cfg.batch_size]
             step_loss, n_forget, n_input = step_gradients(model, objective, data, step_indices,
                                                           cfg.micro_batch_size, info)
             if cfg.max_grad_norm > 0:
@@ -639,7 +645,8 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             hf_model = unwrap_model(model)
             hf_model.eval()
             try:
-                on_epoch_end(epoch + 1, hf_model, tokenizer, dict(stats, epoch_loss=epoch_losses[-1]))
+                on_epoch_end(epoch + 1, hf_model, tokenizer,
+                             dict(stats, epoch_loss=epoch_losses[-1]))
             finally:
                 hf_model.train()
     if progress is not None:
@@ -650,7 +657,7 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
     if info.is_main:
         record = json.loads((out / RUN_RECORD).read_text())
         record.update(status="finished", stats=stats,
-                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                      finished=_now())
         _write_json(out / RUN_RECORD, record)
     stats = broadcast_object(stats, info)
     return stats

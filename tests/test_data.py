@@ -64,10 +64,12 @@ def test_max_authors_and_split_errors():
 
 
 def _write_tofu_like(folder: Path, rows: list, perturbed_tail: list):
-    """full.json as several lines of arrays; forget10_perturbed as one array; holdout as JSON lines."""
+    """full.json as several lines of arrays; forget10_perturbed as one array; holdout as JSON
+    lines."""
     folder.mkdir()
     half = len(rows) // 2
-    (folder / "full.json").write_text(json.dumps(rows[:half]) + "\n" + json.dumps(rows[half:]) + "\n")
+    (folder / "full.json").write_text(json.dumps(rows[:half]) + "\n" + json.dumps(rows[half:])
+                                      + "\n")
     (folder / "forget10_perturbed.json").write_text(json.dumps(perturbed_tail))
     (folder / "holdout10.json").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
 

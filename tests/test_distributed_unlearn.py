@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
     from rkld.config import UnlearnConfig
     from rkld.data import load_benchmark
     from rkld.models import load_model
-    from rkld.parallel import init_distributed, wrap_model
+    from rkld.parallel import full_tensor, init_distributed, wrap_model
     from rkld.teacher_cache import LiveTeachers
     from rkld.train import TrainData, _encode, _UnlearnObjective, step_gradients, unlearn
 
@@ -51,11 +51,8 @@ WORKER = textwrap.dedent('''
         no_retain = UnlearnConfig(**dict(settings, retain_term="none"), out="unused")
         loss, tokens, _ = step_gradients(student, _UnlearnObjective(no_retain, teachers, None),
                                          data, step, 2, info)
-        grads = {}
-        for name, param in student.named_parameters():
-            grad = param.grad
-            grads[name.removeprefix("module.")] = (grad.full_tensor() if hasattr(grad, "full_tensor")
-                                                   else grad).clone()
+        grads = {name.removeprefix("module."): full_tensor(param.grad).clone()
+                 for name, param in student.named_parameters()}
         if info.is_main:
             torch.save({"loss": loss, "tokens": tokens, "grads": grads},
                        f"{root}/{strategy}_step.pt")
