@@ -314,7 +314,11 @@ def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
     check_logits_are_linear(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):      # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if cfg.lora:
         if info.strategy == "fsdp":
             raise ValueError("--lora with FSDP is not supported; LoRA's trainable state is small, "

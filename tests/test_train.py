@@ -164,6 +164,7 @@ def test_resume_matches_an_uninterrupted_run(models, tmp_path):
     dict(method="ga", strengthened=None),
     dict(retain_term="kl"),
     dict(lora=True, lora_rank=4, lr=1e-2),
+    dict(gradient_checkpointing=True, dtype="bfloat16", micro_batch_size=3),
 ])
 def test_unlearning_variants_run(models, tmp_path, overrides):
     epoch_ends = []
