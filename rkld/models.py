@@ -17,6 +17,7 @@ Public API:
     check_logits_are_linear(model)
         Refuse (ValueError) models whose logits are not ``lm_head(hidden)``: final-logit
         soft-capping, logit scaling, scaled tied embeddings... by config and by a probe forward.
+    check_config_logits(config, name)   the config part alone, before any weight is loaded
     check_same_vocabulary(tokenizer_a, tokenizer_b, what_a, what_b)
     unwrap_model(model) -> the Hugging Face model inside DDP / peft wrappers
 """
@@ -182,6 +183,21 @@ def supervised_positions(hidden: torch.Tensor, labels: torch.Tensor):
     return hidden[:, :-1][keep], targets[keep]
 
 
+def check_config_logits(config, name: str) -> None:
+    """Raise ValueError if a model configuration declares a transformation of the logits after
+    the lm_head (soft-capping, scaling). Cheap: needs the config only, not the weights."""
+    configs = [config] + [getattr(config, key) for key in ("text_config",)
+                          if getattr(config, key, None) is not None]
+    for cfg in configs:
+        for attr in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, attr, None)
+            if value is not None and value != 1:
+                raise ValueError(
+                    f"{name}: config.{attr} = {value}, so its logits are not lm_head(hidden); "
+                    f"the fused RKL loss would optimise a different objective. Models with "
+                    f"final-logit soft-capping or logit scaling are not supported")
+
+
 def check_logits_are_linear(model, atol: float | None = None) -> None:
     """Raise ValueError unless the model's logits are exactly ``lm_head(hidden)``.
 
@@ -190,17 +206,7 @@ def check_logits_are_linear(model, atol: float | None = None) -> None:
     then compares a probe forward's logits with the projection of its captured hidden state.
     """
     hf_model = unwrap_model(model)
-    config = hf_model.config
-    configs = [config] + [getattr(config, name) for name in ("text_config",)
-                          if getattr(config, name, None) is not None]
-    for cfg in configs:
-        for attr in _LOGIT_TRANSFORMS:
-            value = getattr(cfg, attr, None)
-            if value is not None and value != 1:
-                raise ValueError(
-                    f"{type(hf_model).__name__}: config.{attr} = {value}, so its logits are not "
-                    f"lm_head(hidden); the fused RKL loss would optimise a different objective. "
-                    f"Models with final-logit soft-capping or logit scaling are not supported")
+    check_config_logits(hf_model.config, type(hf_model).__name__)
     weight, bias = output_head(hf_model)
     if weight.device.type == "meta":
         return

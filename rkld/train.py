@@ -45,8 +45,9 @@ import torch
 from . import __version__
 from .config import FinetuneConfig, RunConfig, StrengthenConfig, UnlearnConfig
 from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain_split_for
-from .models import (build_tiny_model, check_logits_are_linear, check_same_vocabulary,
-                     final_hidden, load_model, output_head, supervised_positions, unwrap_model)
+from .models import (build_tiny_model, check_config_logits, check_logits_are_linear,
+                     check_same_vocabulary, final_hidden, load_model, output_head,
+                     supervised_positions, unwrap_model)
 from .parallel import (DistInfo, all_reduce_sum, barrier, broadcast_object, gradient_sync,
                        init_distributed, shard_frozen, wrap_model)
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
@@ -91,6 +92,8 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
                               f"the original model ({cfg.model})",
                               f"the strengthened model ({cfg.strengthened})")
         _check_same_vocab_size(cfg.model, cfg.strengthened)
+    else:
+        _precheck_model(cfg.model, "the original model")
     examples = _encode(tokenizer, forget_rows, cfg, cfg.forget)
     retain_examples = None
     if retain_split is not None:
@@ -225,6 +228,7 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
         model, tokenizer = build_tiny_model(texts, seed=cfg.seed, **cfg.tiny)
     else:
         tokenizer = _load_tokenizer(cfg.model)
+        _precheck_model(cfg.model, "the model")
         model = None
     examples = _encode(tokenizer, rows, cfg, split)
     _start_run(out, cfg, stage, info, {split: bench.fingerprint(split)})
@@ -289,10 +293,17 @@ def _load_tokenizer(path: str, what: str = "model"):
     return tokenizer
 
 
-def _check_same_vocab_size(path_a: str, path_b: str) -> None:
+def _precheck_model(path: str, what: str):
+    """The model's config, checked for logit transformations before any weight is loaded."""
     from transformers import AutoConfig
-    size_a = AutoConfig.from_pretrained(path_a).vocab_size
-    size_b = AutoConfig.from_pretrained(path_b).vocab_size
+    config = AutoConfig.from_pretrained(path)
+    check_config_logits(config, f"{what} ({path})")
+    return config
+
+
+def _check_same_vocab_size(path_a: str, path_b: str) -> None:
+    size_a = _precheck_model(path_a, "the original model").vocab_size
+    size_b = _precheck_model(path_b, "the strengthened model").vocab_size
     if size_a != size_b:
         raise ValueError(f"the original model ({path_a}) and the strengthened model ({path_b}) "
                          f"must have one vocabulary; their lm_heads have {size_a} and {size_b} "

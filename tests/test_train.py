@@ -230,6 +230,13 @@ def test_bad_input_fails_before_any_work(models, tmp_path):
     corpus.write_text("Some text to forget. " * 10)
     with pytest.raises(ValueError, match="retain-term nll needs the retain split of 'forget'"):
         unlearn(_unlearn_cfg(models, out, data=str(corpus), forget="forget", retain_term="nll"))
+    capped = tmp_path / "capped"
+    capped_model, capped_tokenizer = load_model(models["strong"])
+    capped_model.config.final_logit_softcapping = 30.0
+    capped_model.save_pretrained(capped)
+    capped_tokenizer.save_pretrained(capped)
+    with pytest.raises(ValueError, match="final_logit_softcapping = 30.0"):
+        unlearn(_unlearn_cfg(models, out, strengthened=str(capped)))
     assert not out.exists()                       # nothing was written by any failed call
     # A finished run is never replaced without --overwrite, and stays untouched.
     before = (models["target"] / "model.safetensors").read_bytes()
