@@ -23,8 +23,6 @@ computes losses only and the backward recomputes the chunks with each row of dlo
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,26 +33,24 @@ from .torch_backend import accumulation_dtype, rkl_rows
 
 _FN = "fused_linear_rkl_loss"
 
-# Default chunk size: the [chunk, V] buffers alive at once (three logits, the vocabulary pass's
-# float32 work buffers, the gradient; about this many float32 rows of V in all) are kept within
-# a per-device byte budget. On GPUs the budget is large, because big chunks keep the GEMMs
-# efficient; on CPUs smaller chunks keep the vocabulary pass in cache while the GEMMs are
-# already efficient at a few hundred rows (measured on a 2-core AVX-512 machine, H=256,
-# V=32000: 128..512 rows were within a few percent of each other, see bench/).
-_BUFFERS_PER_ROW = 8
+# Default chunk size: the [chunk, V] buffers alive at once -- the three logits, the float32
+# gradient and its copy in the weight's dtype -- are kept within a per-device byte budget,
+# counted as float32. Bigger chunks make the GEMMs more efficient (on CPU the weight-gradient
+# GEMM, whose inner dimension is the chunk, needs a few hundred rows) and cost memory.
+_BUFFERS_PER_ROW = 5
 _CHUNK_BUDGET_BYTES = {"cuda": 1 << 30}
-_DEFAULT_CHUNK_BUDGET_BYTES = 128 << 20
+_DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 
-# compiled=None compiles the vocabulary pass on CPU when a call has at least this many
-# kept-token x vocabulary elements: below it, the one-off compilation (seconds) costs more than
-# it saves.
-_COMPILE_MIN_ELEMENTS = 1 << 26
+# The torch backend hands rkl_rows this many bytes of float32 rows at a time (8 rows at
+# V = 32000): its intermediates then stay in a CPU core's L2 cache. On CUDA a whole chunk goes in
+# one call, which is what keeps the GPU busy.
+_CPU_PASS_BYTES = 1 << 20
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
     """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
-    buffers (``_BUFFERS_PER_ROW`` float32 rows each) fit the device's budget (1 GiB on CUDA,
-    128 MiB elsewhere), at least 1."""
+    buffers (``_BUFFERS_PER_ROW`` float32 rows of V per token) fit the device's budget (1 GiB on
+    CUDA, 160 MiB elsewhere), at least 1."""
     device_type = torch.device(device).type
     budget = _CHUNK_BUDGET_BYTES.get(device_type, _DEFAULT_CHUNK_BUDGET_BYTES)
     return max(1, budget // (_BUFFERS_PER_ROW * 4 * max(1, vocab_size)))
@@ -69,8 +65,7 @@ class _Plan:
     chunk_size: int
     accum_dtype: torch.dtype | None
     backend: str            # "torch" or "triton"
-    compiled: bool          # torch backend: run rkl_rows through torch.compile
-    compile_strict: bool    # compiled=True was asked for: a compiler failure is an error
+    rows_per_pass: int      # torch backend: rows per rkl_rows call within a chunk
     per_row: bool           # reduction == "none": losses per row, gradient in backward
     need_dx: bool
     need_dw: bool
@@ -190,51 +185,27 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
             row_scale = loss.new_ones(()).expand(loss.shape[0])
         return loss, triton_rkl_backward(student, original, strengthened, None, stats,
                                          row_scale, *hyper)
-    loss, grad = _torch_rows(plan, student, original, strengthened, need_grad)
+    # rkl_rows makes a dozen elementwise passes over its rows; a few rows at a time they stay
+    # in the CPU's caches instead of streaming through memory.
+    rows, vocab = student.shape
+    compute_dtype = accumulation_dtype(student.dtype)
+    loss = torch.empty(rows, dtype=compute_dtype, device=student.device)
+    grad = torch.empty((rows, vocab), dtype=compute_dtype, device=student.device) if need_grad else None
+    for start in range(0, rows, plan.rows_per_pass):
+        part = slice(start, start + plan.rows_per_pass)
+        loss[part], _ = rkl_rows(student[part], original[part],
+                                 strengthened[part] if strengthened is not None else None,
+                                 plan.alpha, plan.temperature, plan.reverse, need_grad,
+                                 grad_out=grad[part] if grad is not None else None)
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
 
 
-def _torch_rows(plan: _Plan, student, original, strengthened, need_grad: bool):
-    args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse, need_grad)
-    if plan.compiled and not _compile_failed:
-        try:
-            return _compiled_rkl_rows()(*args)
-        except _compiler_errors() as err:
-            if plan.compile_strict:
-                raise
-            _compile_failed.append(err)
-            warnings.warn(f"{_FN}: torch.compile of the vocabulary pass failed ({type(err).__name__}); "
-                          f"using eager PyTorch from now on (pass compiled=False to skip compiling)",
-                          RuntimeWarning, stacklevel=2)
-    return rkl_rows(*args)
-
-
-# Set once torch.compile has failed in this process (e.g. no C++ compiler for inductor), so that
-# the automatic choice stops retrying on every call.
-_compile_failed: list[BaseException] = []
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_rkl_rows():
-    # dynamic=True: one compilation serves every chunk height (the last chunk is shorter) and
-    # every vocabulary size. rkl_rows is memory-bound elementwise work over [chunk, V]; eager
-    # PyTorch makes a dozen passes over it, the compiled version fuses them into a few loops.
-    return torch.compile(rkl_rows, dynamic=True)
-
-
-def _compiler_errors() -> tuple[type[BaseException], ...]:
-    import torch._dynamo.exc
-    import torch._inductor.exc
-    return tuple(err for err in (getattr(torch._dynamo.exc, "BackendCompilerFailed", None),
-                                 getattr(torch._inductor.exc, "InductorError", None))
-                 if err is not None)
-
 
 def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype, compiled, fn: str = _FN) -> None:
+              labels, chunk_size, accum_dtype, fn: str = _FN) -> None:
     """Raise a clear error for every input the loss cannot use. The strengthened weight and
     bias are the resolved ones (the original head's when the strengthened head is shared)."""
     heads = [("student", student_hidden, student_weight, student_bias),
@@ -295,8 +266,6 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         if torch.promote_types(accum_dtype, student_weight.dtype) != accum_dtype:
             raise ValueError(f"{fn}: accum_dtype must be at least as precise as student_weight "
                              f"({student_weight.dtype}); got {accum_dtype}")
-    if compiled is not None and not isinstance(compiled, bool):
-        raise TypeError(f"{fn}: compiled must be None (automatic), True or False; got {compiled!r}")
 
 
 def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -310,7 +279,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, temperature: float = 1.0,
                           direction: str = "reverse", reduction: str = "mean",
                           chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                          backend: str = "auto", compiled: bool | None = None) -> torch.Tensor:
+                          backend: str = "auto") -> torch.Tensor:
     """:func:`~rkld_kernels.fused_rkl_loss` of the logits ``hidden @ weight.T + bias`` of the
     three models, without ever building a ``[tokens, V]`` tensor.
 
@@ -343,10 +312,6 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             matmul, vocabulary part by the Triton kernels), ``"torch"`` (vocabulary part by
             chunked PyTorch) or ``"reference"`` (materialises all logits and calls
             ``fused_rkl_loss(backend="reference")``; the specification, for tests).
-        compiled: torch backend only: run the vocabulary pass through ``torch.compile`` (fused
-            loops; several times faster on CPU, one-off compilation of seconds per process).
-            None compiles on CPU for calls with at least 2**26 kept-token x V elements, and
-            falls back to eager PyTorch with a warning if compilation fails.
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for
@@ -370,7 +335,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             strengthened_bias = original_bias
     _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype, compiled)
+              labels, chunk_size, accum_dtype)
     device = student_hidden.device
     backend = resolve_backend(backend, device)
 
@@ -403,14 +368,12 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     rows, vocab = xs.shape[0], student_weight.shape[0]
 
     grad_enabled = torch.is_grad_enabled()
-    use_compile = (compiled if compiled is not None else
-                   backend == "torch" and device.type == "cpu"
-                   and rows * vocab >= _COMPILE_MIN_ELEMENTS)
+    chunk_size = chunk_size or default_chunk_size(vocab, device)
     plan = _Plan(alpha=float(alpha), temperature=float(temperature),
-                 reverse=direction == "reverse",
-                 chunk_size=chunk_size or default_chunk_size(vocab, device),
+                 reverse=direction == "reverse", chunk_size=chunk_size,
                  accum_dtype=accum_dtype, backend=backend,
-                 compiled=backend == "torch" and use_compile, compile_strict=compiled is True,
+                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
+                                else chunk_size),
                  per_row=reduction == "none",
                  need_dx=grad_enabled and xs.requires_grad,
                  need_dw=grad_enabled and student_weight.requires_grad,
@@ -439,13 +402,13 @@ class LinearRKLLoss(torch.nn.Module):
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                 backend: str = "auto", compiled: bool | None = None):
+                 backend: str = "auto"):
         super().__init__()
         _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
-        self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled
+        self.accum_dtype, self.backend = accum_dtype, backend
 
     def forward(self, student_hidden, student_weight, original_hidden, original_weight,
                 strengthened_hidden=None, strengthened_weight=None, labels=None, *,
@@ -456,11 +419,10 @@ class LinearRKLLoss(torch.nn.Module):
             original_bias=original_bias, strengthened_bias=strengthened_bias, alpha=self.alpha,
             labels=labels, ignore_index=self.ignore_index, temperature=self.temperature,
             direction=self.direction, reduction=self.reduction, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype, backend=self.backend, compiled=self.compiled)
+            accum_dtype=self.accum_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, "
                 f"direction={self.direction!r}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, "
-                f"accum_dtype={self.accum_dtype}, backend={self.backend!r}, "
-                f"compiled={self.compiled}")
+                f"accum_dtype={self.accum_dtype}, backend={self.backend!r}")
