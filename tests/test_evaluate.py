@@ -1,12 +1,17 @@
 """TOFU evaluation: log schema, consistency of per-example values, batching, stopping, reuse."""
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from rkld import evaluate, metrics
+from rkld.cli import main
 from rkld.data import collate, encode_qa, load_benchmark
 from rkld.evaluate import EvalConfig, evaluate_model
 from rkld.models import build_tiny_model
@@ -160,3 +165,92 @@ def test_generation_stops_at_end_of_turn(tiny, bench_data, monkeypatch):
     prompts = [[tokenizer.bos_token_id, 5, 6, 7], [tokenizer.bos_token_id, 9]]
     texts = evaluate._generate(model, tokenizer, prompts, config, evaluate._Shards())
     assert texts == ["", ""] and lengths == [1]
+
+
+# --------------------------------------------------------------------------- the command line
+
+EVAL_ARGS = ["--data", "synthetic", "--max-authors", "10", "--forget", "forget10",
+             "--max-new-tokens", "6", "--batch-size", "48", "--generation-batch-size", "40",
+             "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cli_eval(tiny, tmp_path_factory):
+    """``rkld eval`` run once on the tiny model; its output folder."""
+    out = tmp_path_factory.mktemp("cli_eval") / "eval"
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(out), *EVAL_ARGS]) == 0
+    return out
+
+
+def test_eval_command_writes_and_reuses_or_refuses(tiny, cli_eval, capsys):
+    summary = json.loads((cli_eval / "TOFU_SUMMARY.json").read_text())
+    assert summary["forget_quality"] is None and math.isfinite(summary["model_utility"])
+    meta = json.loads((cli_eval / "EVAL_META.json").read_text())
+    assert meta["fingerprint"]["forget_split"] == "forget10"
+    capsys.readouterr()
+    # Same model, data and settings: reused, and forget quality now filled from --reference.
+    reference = cli_eval / "TOFU_EVAL.json"
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval),
+                 "--reference", str(reference), *EVAL_ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "reusing" in captured.out
+    assert json.loads((cli_eval / "TOFU_SUMMARY.json").read_text())["forget_quality"] == 1.0
+    # Another forget split (or generation length) in the same folder: refused, files untouched.
+    before = reference.read_bytes()
+    args = [a if a != "forget10" else "forget05" for a in EVAL_ARGS]
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval), *args]) == 2
+    err = capsys.readouterr().err
+    assert "another model, split or configuration" in err and "forget_split" in err
+    assert reference.read_bytes() == before
+
+
+def test_eval_command_errors(tiny, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(tmp_path / "e"),
+                 "--reference", str(tmp_path / "absent.json"), *EVAL_ARGS]) == 2
+    assert "absent.json: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_under_accelerate_launch_with_two_processes(tiny, cli_eval, tmp_path):
+    out = tmp_path / "eval2"
+    # accelerate's multi-process launcher; without GPUs both processes run on the CPU (gloo).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "rkld", "eval",
+               "--model", str(tiny["path"]), "--out", str(out), *EVAL_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count('"out"') == 1        # one report, from the main process
+    two = json.loads((out / "TOFU_EVAL.json").read_text())
+    one = json.loads((cli_eval / "TOFU_EVAL.json").read_text())
+    one["forget_quality"] = two["forget_quality"]   # the reused log above got a reference
+    assert two == one                               # every per-example value, bit for bit
+    assert json.loads((out / "EVAL_META.json").read_text())["processes"] == 2
+
+
+def test_unlearn_with_evaluation_every_epoch(tiny, cli_eval, tmp_path, capsys):
+    common = ["unlearn", "--model", str(tiny["path"]), "--method", "ga", "--data", "synthetic",
+              "--max-authors", "10", "--forget", "forget10", "--epochs", "2", "--lr", "1e-3",
+              "--batch-size", "5", "--micro-batch-size", "5", "--max-length", "96",
+              "--no-progress", "--eval-every-epoch"]
+    assert main([*common, "--out", str(tmp_path / "no_ref")]) == 2
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "no_ref").exists()
+
+    out = tmp_path / "ga"
+    assert main([*common, "--out", str(out), "--reference", str(cli_eval / "TOFU_EVAL.json")]) == 0
+    record = json.loads((out / "epoch_curve.json").read_text())
+    curve = record["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2]
+    assert all(0 <= p["forget_quality"] <= 1 and p["model_utility"] is None for p in curve)
+    fqs = [p["forget_quality"] for p in curve]
+    assert record["peak_epoch"] == fqs.index(max(fqs)) + 1
+    assert (out / "epoch_eval" / "epoch-2" / "TOFU_EVAL.json").exists()
+    assert (out / "peak" / "model.safetensors").exists() and (out / "epoch_curve.png").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
