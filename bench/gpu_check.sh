@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# Steps, each under its own time limit (about 8 minutes in all):
+# Steps, each under its own time limit (about 8 minutes in all, plus 6 for the fused-linear block):
 #   1. env.txt        GPU, driver, torch / triton / python versions
 #   2. install.log    the project, editable, without dependencies (PYTHONPATH is set as well)
 #   3. tests.log      the Triton-backend tests and the fused_rkl tests, on CUDA
@@ -84,8 +84,23 @@ print(f"copy of {nbytes / 2**30:.0f} GiB: best {best_ms:.3f} ms, "
       f"{2 * nbytes / best_ms / 1e9:.0f} GB/s (read + write)")
 EOF
 
+# (the fused-linear benchmarks run in their own step below)
 run_step bench 150 "$OUTDIR/bench.log" \
-    "$PY" -m pytest bench/ -q -ra --benchmark-json "$OUTDIR/bench.json"
+    "$PY" -m pytest bench/ -q -ra --ignore=bench/test_bench_fused_linear.py \
+    --benchmark-json "$OUTDIR/bench.json"
+
+# ---------------------------------------------------------------------------------------------
+# fused_linear_rkl_loss (the lm_head-fused loss), about 6 minutes:
+#   fused_linear_tests.log  its tests, the triton-backend ones on CUDA
+#   fused_linear_bench.log  its benchmarks (H 4096, V 128256, bf16: 8192 tokens against naive,
+#                           Liger's chunked JSD and Liger's Triton JSD; 32768 tokens for peak
+#                           memory), machine-readable in fused_linear_bench.json
+# ---------------------------------------------------------------------------------------------
+run_step fl-tests 120 "$OUTDIR/fused_linear_tests.log" \
+    "$PY" -m pytest -q -ra tests/test_fused_linear.py
+run_step fl-bench 240 "$OUTDIR/fused_linear_bench.log" \
+    "$PY" -m pytest bench/test_bench_fused_linear.py -q -ra \
+    --benchmark-json "$OUTDIR/fused_linear_bench.json"
 
 echo "logs in $OUTDIR" | tee -a "$SUMMARY"
 exit "$failed"

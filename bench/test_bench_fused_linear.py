@@ -340,9 +340,10 @@ def scaling_group() -> str:
 
 
 def naive_fits(tokens: int, vocab: int, dtype: str) -> bool:
-    """Naive needs about 8 [tokens, V] tensors (three logits, teacher, two log-softmaxes and
-    their gradients); run it only where that is under half the memory available now."""
-    need = 8 * tokens * vocab * getattr(torch, dtype).itemsize
+    """Naive holds about 10 [tokens, V] tensors at its peak (three logits, the teacher, two
+    log-softmaxes, the weights, their gradients); run it only where that is under half the
+    memory available now."""
+    need = 10 * tokens * vocab * getattr(torch, dtype).itemsize
     if DEVICE == "cuda":
         available = torch.cuda.mem_get_info()[0]
     else:
@@ -387,7 +388,7 @@ def test_peak_memory_scaling(bench_table, impl, tokens):
     _, hidden, vocab, dtype = SHAPE
     group = scaling_group()
     if impl == "naive" and not naive_fits(tokens, vocab, dtype):
-        bench_table.note(group, f"naive {tokens}: skipped, its ~8 [tokens, V] tensors do not fit")
+        bench_table.note(group, f"naive {tokens}: skipped, its ~10 [tokens, V] tensors do not fit")
         pytest.skip("naive does not fit in memory")
     if DEVICE == "cuda":
         step = make_step(impl, build_inputs(tokens, hidden, vocab, dtype, DEVICE, 2, False))

@@ -357,7 +357,15 @@ def test_default_chunk_size_follows_the_memory_budget():
     assert default_chunk_size(32000, "cuda") > cpu
 
 
-# --- triton backend (interpreter on CPU) ----------------------------------------------------
+# --- on the test device (CUDA when present), and the triton backend --------------------------
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_torch_backend_on_device(device, reduction):
+    problem = make_problem(tokens_shape=(4, 9), device=device, biases=True)
+    grad_output = torch.rand(4, 9, dtype=torch.float64, device=device) if reduction == "none" else None
+    assert_matches_reference(problem, grad_output=grad_output, reduction=reduction, chunk_size=7)
+
+
 
 triton_cases = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
