@@ -74,7 +74,6 @@ class _Plan:
     need_db: bool
 
 
-
 class _LinearRKLFunction(torch.autograd.Function):
     """Loss of the kept rows ``[n, H]``: their sum (``plan.per_row`` False) or one per row.
 
@@ -202,7 +201,6 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
-
 
 
 def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
