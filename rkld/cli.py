@@ -236,8 +236,7 @@ def register_eval(subparsers) -> None:
         summary = run_eval(args.model, args.data, args.out, config=config,
                            reference=args.reference, seed=args.seed,
                            max_authors=args.max_authors, overwrite=args.overwrite)
-        if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
-            print(json.dumps({"out": args.out, **summary}, indent=1))
+        print(json.dumps({"out": args.out, **summary}, indent=1))
         return 0
     parser.set_defaults(handler=handler)
 
@@ -270,6 +269,21 @@ def register_demo(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def register_memory(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "memory", help="estimate peak GPU memory: naive logits vs fused loss and teacher cache",
+        description="Analytic per-GPU peak memory of an unlearning step, by component, for the "
+                    "naive loss, the fused loss with live teachers and with the teacher cache "
+                    "(assumptions: see rkld/memory.py).")
+    from .memory import add_arguments
+    add_arguments(parser)
+
+    def handler(args):
+        from .memory import run_cli
+        return run_cli(args)
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rkld", description="RKLD unlearning of language models: finetune -> strengthen "
@@ -280,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_unlearn(subparsers)
     register_eval(subparsers)
     register_demo(subparsers)
+    register_memory(subparsers)
     return parser
 
 
