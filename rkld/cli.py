@@ -236,7 +236,8 @@ def register_eval(subparsers) -> None:
         summary = run_eval(args.model, args.data, args.out, config=config,
                            reference=args.reference, seed=args.seed,
                            max_authors=args.max_authors, overwrite=args.overwrite)
-        print(json.dumps({"out": args.out, **summary}, indent=1))
+        if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
+            print(json.dumps({"out": args.out, **summary}, indent=1))
         return 0
     parser.set_defaults(handler=handler)
 
