@@ -8,6 +8,8 @@ Under FSDP2 the root module (embeddings, final norm, lm_head) stays unsharded fr
 until its backward, so the student's lm_head weight read *after* the forward pass is the full
 weight, and the fused-linear loss's gradient to it is reduce-scattered with the rest of the
 root's gradients. The decoder layers (``model._no_split_modules``) are sharded one by one.
+(``rkld_kernels.distributed.LMHeadRKLLoss`` is the other way: the loss inside the head's own
+forward, as DeepSpeed ZeRO-3 would need; the tests check this one against a single process.)
 """
 from __future__ import annotations
 

@@ -643,7 +643,8 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             epoch_loss_sum += step_loss
             epoch_steps += 1
             record = {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
-                      "supervised_tokens": int(n_forget), "tokens_per_s": n_input / elapsed}
+                      "supervised_tokens": int(n_forget), "input_tokens": int(n_input),
+                      "seconds": elapsed, "tokens_per_s": n_input / elapsed}
             if info.is_main:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
