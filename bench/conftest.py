@@ -21,6 +21,8 @@ the device copy bandwidth, whether a target was met).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -146,5 +148,9 @@ def pytest_terminal_summary(terminalreporter):
     lines = _TABLE.render()
     if lines:
         terminalreporter.write_sep("=", "benchmark summary (best round; peak memory above inputs)")
+        # CPU timings depend on both: other processes on the cores stall torch's threads.
+        load = f", 1-minute load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+        terminalreporter.write_line(f"torch threads {torch.get_num_threads()} on "
+                                    f"{os.cpu_count()} CPUs{load}")
         for line in lines:
             terminalreporter.write_line(line)
