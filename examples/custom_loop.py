@@ -9,7 +9,8 @@ The loss takes final hidden states (the input of lm_head) and the lm_head weight
 [tokens, vocabulary] logits exist only one chunk at a time. Labels are aligned with the hidden
 states' positions: position t predicts token t+1, and -100 masks the question and padding.
 
-Runs on a CPU in a few seconds with a randomly initialised tiny Llama: ``python examples/custom_loop.py``.
+Runs on a CPU in a few seconds with a randomly initialised tiny Llama:
+``python examples/custom_loop.py``.
 """
 import copy
 
@@ -46,7 +47,8 @@ def main(steps: int = 20, seed: int = 0) -> dict:
     strengthened = copy.deepcopy(original).train()
     opt = torch.optim.AdamW(strengthened.parameters(), lr=3e-3)
     for _ in range(10):
-        strengthened(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        loss = strengthened(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
     strengthened.eval().requires_grad_(False)

@@ -5,7 +5,8 @@ strengthened) are held by the subclass and only run forward, under ``torch.no_gr
 ``fused_linear_rkl_loss`` takes the final hidden states and lm_head weights, so no
 [tokens, vocabulary] logits tensor is ever materialised.
 
-Runs on a CPU in a few seconds with a randomly initialised tiny Llama: ``python examples/hf_trainer.py``.
+Runs on a CPU in a few seconds with a randomly initialised tiny Llama:
+``python examples/hf_trainer.py``.
 """
 import copy
 import tempfile

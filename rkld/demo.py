@@ -28,7 +28,7 @@ from . import metrics, plots
 from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
 from .data import load_benchmark, retain_split_for
 from .evaluate import (EpochEvaluator, EvalConfig, eval_fingerprint, evaluate_model,
-                       model_fingerprint, summarize, with_reference, write_outputs)
+                       model_fingerprint, with_reference, write_outputs)
 from .models import load_model
 
 MODELS = ("target", "retain", "rkld", "fkld", "ga")
@@ -47,7 +47,7 @@ class DemoConfig:
     out: str = "rkld_demo"
     data: str = "synthetic"
     seed: int = 0
-    max_authors: int | None = None      # None: all synthetic authors, FOLDER_MAX_AUTHORS of a folder
+    max_authors: int | None = None      # None: all synthetic authors, or FOLDER_MAX_AUTHORS
     forget: str = "forget10"
     threads: int = 1
     progress: bool = True
@@ -69,7 +69,7 @@ class DemoConfig:
     alpha: float = 24.0
     # evaluation
     max_new_tokens: int = 200
-    eval_every_epoch: bool = True       # forget quality after each unlearning epoch (likelihood only)
+    eval_every_epoch: bool = True       # forget quality after each unlearning epoch (no ROUGE)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     from transformers.utils import logging as hf_logging
     hf_bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()   # per-file loading / saving bars would bury the demo's output
+    hf_logging.disable_progress_bar()   # per-file load / save bars would bury the demo's output
     try:
         record = {"config": asdict(cfg), "benchmark": benchmark.name, "max_authors": max_authors,
                   "stages": {}}
@@ -185,8 +185,8 @@ def _prepare_output(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a folder")
     if out.exists() and any(out.iterdir()) and not (out / DEMO_RECORD).exists():
-        raise FileExistsError(f"--out {out} is not empty and holds no earlier demo ({DEMO_RECORD}); "
-                              f"choose a new or empty folder")
+        raise FileExistsError(f"--out {out} is not empty and holds no earlier demo "
+                              f"({DEMO_RECORD}); choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

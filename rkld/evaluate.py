@@ -1,7 +1,8 @@
-"""TOFU evaluation of a causal LM: likelihood and generation metrics, logs in open-unlearning's schema.
+"""TOFU evaluation of a causal LM: likelihood and generation metrics, logs in open-unlearning's
+schema.
 
 Public API:
-    EvalConfig                       what to evaluate and how (forget split, generation, batch sizes)
+    EvalConfig                       what to evaluate and how (split, generation, batch sizes)
     evaluate_model(model, tokenizer, benchmark, config, reference=None) -> dict
         the evaluation log (open-unlearning's ``TOFU_EVAL.json`` schema); runs sharded when
         several processes are launched (``accelerate launch``), identical to one process.
@@ -9,15 +10,19 @@ Public API:
     with_reference(logs, reference)  recompute forget quality against a retain-model log
     write_outputs(out_dir, logs, ...) TOFU_EVAL.json, TOFU_SUMMARY.json, EVAL_META.json,
                                      report.md and PNG plots
-    run_eval(model, data, out_dir, ...) the ``rkld eval`` command: load, reuse or refuse, evaluate, write
+    run_eval(model, data, out_dir, ...) the ``rkld eval`` command: load, reuse or refuse,
+                                     evaluate, write
+    check_reference, EpochEvaluator  evaluation after every unlearning epoch
 
 Evaluation sets and metric names (open-unlearning's, so that its published retain-model logs
 work as ``reference`` and our logs load in its tools):
 
-    forget   ``{forget}_perturbed``      forget_Q_A_Prob, forget_Q_A_PARA_Prob, forget_Q_A_PERT_Prob,
-                                         forget_Q_A_ROUGE, forget_truth_ratio, forget_quality
-    retain   ``retain_perturbed``        retain_Q_A_Prob, retain_Q_A_PARA_Prob, retain_Q_A_PERT_Prob,
-                                         retain_Q_A_ROUGE, retain_Truth_Ratio
+    forget   ``{forget}_perturbed``      forget_Q_A_Prob, forget_Q_A_PARA_Prob,
+                                         forget_Q_A_PERT_Prob, forget_Q_A_ROUGE,
+                                         forget_truth_ratio, forget_quality
+    retain   ``retain_perturbed``        retain_Q_A_Prob, retain_Q_A_PARA_Prob,
+                                         retain_Q_A_PERT_Prob, retain_Q_A_ROUGE,
+                                         retain_Truth_Ratio
     ra / wf  ``real_authors_perturbed`` / ``world_facts_perturbed``
                                          {ra,wf}_Q_A_Prob, {ra,wf}_Q_A_PERT_Prob,
                                          {ra,wf}_Q_A_Prob_normalised, {ra,wf}_Q_A_ROUGE,
@@ -65,7 +70,8 @@ _SETS = (
 
 @dataclass
 class EvalConfig:
-    """What to evaluate. Fields that change results are part of the results' fingerprint."""
+    """What to evaluate. Every field but ``progress`` is part of the results' fingerprint
+    (batch sizes too: padding can change the last bits of a value)."""
     forget_split: str = "forget10"
     generation: bool = True          # ROUGE metrics (greedy generation); model utility needs them
     max_new_tokens: int = 200
@@ -210,7 +216,8 @@ def _average_nlls(model, tokenizer, requests: list, config: EvalConfig, shards: 
         batch = batches[0] if padding else batch
         inputs = collate([requests[i].example for i in batch], pad)
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        logits = model(input_ids=inputs["input_ids"],
+                       attention_mask=inputs["attention_mask"]).logits
         nll = metrics.answer_average_nll(logits, inputs["labels"]).tolist()
         if not padding:
             results.extend(zip(batch, nll))
@@ -297,8 +304,8 @@ def _probability_entry(nll_by_index: dict) -> dict:
     by_index = {}
     for index, nll in sorted(nll_by_index.items()):
         prob = metrics.probability(nll)
-        by_index[str(index)] = {"prob": prob.tolist(), "avg_loss": list(nll) if isinstance(nll, list)
-                                else float(nll)}
+        avg_loss = list(nll) if isinstance(nll, list) else float(nll)
+        by_index[str(index)] = {"prob": prob.tolist(), "avg_loss": avg_loss}
     probs = np.array([v["prob"] for v in by_index.values()], dtype=np.float64)
     return {"agg_value": float(probs.mean()), "value_by_index": by_index}
 
@@ -351,8 +358,8 @@ def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None
         ratios = metrics.truth_ratio(correct, wrong)
         score = metrics.forget_truth_ratio_score(ratios) if prefix == "forget" \
             else metrics.utility_truth_ratio_score(ratios)
-        logs[tr_key] = {"agg_value": score,
-                        "value_by_index": {str(i): {"score": float(r)} for i, r in enumerate(ratios)}}
+        logs[tr_key] = {"agg_value": score, "value_by_index": {
+            str(i): {"score": float(r)} for i, r in enumerate(ratios)}}
         if normalised:
             values = metrics.normalised_probability(metrics.probability(correct),
                                                     metrics.probability(wrong))
@@ -371,12 +378,15 @@ def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None
                 "agg_value": float(np.mean([s["rougeL_recall"] for s in scores])),
                 "value_by_index": by_index}
 
-    logs["model_utility"] = {"agg_value": metrics.model_utility(logs) if config.generation else None}
+    # Three of the nine utility components are ROUGE scores, which need generation.
+    utility = metrics.model_utility(logs) if config.generation else None
+    logs["model_utility"] = {"agg_value": utility}
     return with_reference(logs, reference)
 
 
 def with_reference(logs: dict, reference) -> dict:
-    """Return ``logs`` with ``forget_quality`` computed against ``reference`` (None: unavailable)."""
+    """Return ``logs`` with ``forget_quality`` computed against ``reference`` (None:
+    unavailable)."""
     logs = dict(logs)
     value = None
     if reference is not None:
@@ -393,18 +403,24 @@ def summarize(logs: dict) -> dict:
 
 # --------------------------------------------------------------------------- fingerprints
 
-_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+def _is_model_file(name: str) -> bool:
+    """Weights, configuration and tokenizer files; not the run records that stages and
+    evaluations write next to a model."""
+    return (name.endswith((".safetensors", ".bin", ".model", ".jinja", "merges.txt"))
+            or name in ("config.json", "generation_config.json", "special_tokens_map.json",
+                        "vocab.json", "added_tokens.json", "model.safetensors.index.json")
+            or (name.startswith("tokenizer") and name.endswith(".json")))
 
 
 def model_fingerprint(model_ref: str) -> str:
-    """sha256 over a local model folder's weight, config and tokenizer files (name and
-    content), or the name itself for a hub model id."""
+    """sha256 over a local model folder's weight, config and tokenizer files (names and
+    contents), or over the name itself for a hub model id."""
     path = Path(model_ref)
     digest = hashlib.sha256()
     if not path.is_dir():
         digest.update(f"hub:{model_ref}".encode())
         return digest.hexdigest()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES):
+    for file in sorted(p for p in path.iterdir() if p.is_file() and _is_model_file(p.name)):
         digest.update(file.name.encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -445,7 +461,8 @@ def write_outputs(out_dir, logs: dict, *, meta: dict | None = None, reference_lo
     from . import plots
     ratios = {"model": metrics.forget_truth_ratios(logs, "model").tolist()}
     if reference_logs is not None:
-        ratios["retain reference"] = metrics.forget_truth_ratios(reference_logs, "reference").tolist()
+        ratios["retain reference"] = metrics.forget_truth_ratios(reference_logs,
+                                                                 "reference").tolist()
     plots.truth_ratio_histogram(ratios, out / "truth_ratio_hist.png", title=title)
     plots.utility_components({k: summary.get(k) for k in metrics.MODEL_UTILITY_KEYS if
                               summary.get(k) is not None}, out / "utility_components.png",
@@ -504,9 +521,10 @@ def check_reference(reference, benchmark, forget_split: str) -> str:
     example of the forget split (a log of another split would make forget quality meaningless).
     """
     if reference is None:
-        raise ValueError(f"evaluating forget quality needs the retain model's log: pass --reference "
-                         f"RETAIN/TOFU_EVAL.json, made by `rkld eval --forget {forget_split}` on the "
-                         f"retain model (finetuned on the retain split only)")
+        raise ValueError(f"evaluating forget quality needs the retain model's log: pass "
+                         f"--reference RETAIN/TOFU_EVAL.json, made by `rkld eval --forget "
+                         f"{forget_split}` on the retain model (finetuned on the retain split "
+                         f"only)")
     path = Path(reference)
     if not path.is_file():
         raise FileNotFoundError(f"--reference {reference}: no such file; expected the retain "
@@ -668,4 +686,5 @@ def _versions() -> dict:
     import transformers
 
     from . import __version__
-    return {"rkld": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"rkld": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}

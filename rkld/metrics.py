@@ -6,8 +6,9 @@ and ours are interchangeable:
 
 - length-normalised probability ``p(a|q) = exp(-avgNLL)``, where avgNLL is the mean next-token
   NLL over the answer tokens, EOS included;
-- truth ratio ``R = gm_j p(perturbed_j) / p(paraphrased) = exp(avgNLL(para) - mean_j avgNLL(pert_j))``
-  (the reference computes it as ``p_wrong / (p_correct + 1e-10)``): a model that knows the
+- truth ratio ``R = gm_j p(perturbed_j) / p(paraphrased)``, i.e.
+  ``exp(avgNLL(para) - mean_j avgNLL(pert_j))`` (the reference computes it as
+  ``p_wrong / (p_correct + 1e-10)``): a model that knows the
   answer has R well below 1. The forget set scores ``mean(min(R, 1/R))`` (1 is best: true and
   false answers equally likely); retain / real authors / world facts score ``mean(max(0, 1 - R))``;
 - normalised probability (real authors, world facts) ``p_true / (p_true + sum_j p_pert_j)``;
@@ -89,7 +90,8 @@ def truth_ratio(correct_avg_nll, wrong_avg_nll) -> np.ndarray:
 
 
 def forget_truth_ratio_score(ratios) -> float:
-    """Forget-set aggregate ``mean(min(R, 1/R))``: 1 when true and false answers are equally likely."""
+    """Forget-set aggregate ``mean(min(R, 1/R))``: 1 when true and false answers are equally
+    likely."""
     r = _nonempty_1d("forget_truth_ratio_score", ratios)
     return float(np.mean(np.minimum(r, 1.0 / (r + REFERENCE_EPS))))
 
@@ -101,12 +103,13 @@ def utility_truth_ratio_score(ratios) -> float:
 
 
 def normalised_probability(correct_prob, wrong_prob) -> np.ndarray:
-    """Per-example ``p_true / (p_true + sum_j p_wrong_j)`` from ``[N]`` and ``[N, K]`` probabilities."""
+    """Per-example ``p_true / (p_true + sum_j p_wrong_j)`` from ``[N]`` and ``[N, K]``
+    probabilities."""
     correct = np.asarray(correct_prob, dtype=np.float64)
     wrong = np.asarray(wrong_prob, dtype=np.float64)
     if correct.ndim != 1 or wrong.ndim != 2 or wrong.shape[0] != correct.shape[0]:
-        raise ValueError(f"normalised_probability: expected correct_prob [N] and wrong_prob [N, K]; "
-                         f"got {correct.shape} and {wrong.shape}")
+        raise ValueError(f"normalised_probability: expected correct_prob [N] and wrong_prob "
+                         f"[N, K]; got {correct.shape} and {wrong.shape}")
     return correct / (correct + wrong.sum(axis=1) + REFERENCE_EPS)
 
 
@@ -152,7 +155,8 @@ def forget_quality(unlearned, reference) -> float:
 
 
 def forget_truth_ratios(source, name: str = "source") -> np.ndarray:
-    """Per-example forget-set truth ratios from a sequence, a loaded log or a TOFU_EVAL.json path."""
+    """Per-example forget-set truth ratios from a sequence, a loaded log or a TOFU_EVAL.json
+    path."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -202,7 +206,8 @@ def model_utility(values: Mapping) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
             raise TypeError(f"model_utility: component {key!r} must be a number; got {value!r}")
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"model_utility: component {key!r} must be finite and >= 0; got {value}")
+            raise ValueError(f"model_utility: component {key!r} must be finite and >= 0; "
+                             f"got {value}")
         components.append(float(value))
     if min(components) == 0.0:
         return 0.0

@@ -48,7 +48,8 @@ def truth_ratio_histogram(ratios: Mapping[str, Sequence[float]], path, title: st
             low, high = low / 2, high * 2
         bins = np.geomspace(low, high, 25)
         for name, values in series.items():
-            ax.hist(np.clip(values, low, high), bins=bins, alpha=0.5, label=f"{name} (n={values.size})")
+            ax.hist(np.clip(values, low, high), bins=bins, alpha=0.5,
+                    label=f"{name} (n={values.size})")
         ax.set_xscale("log")
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.legend()

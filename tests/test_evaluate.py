@@ -109,7 +109,8 @@ def test_batched_likelihood_matches_one_sequence_at_a_time(tiny, bench_data):
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert metrics.answer_average_nll(logits, batch["labels"]).tolist() == pytest.approx(alone, rel=1e-5)
+    batched = metrics.answer_average_nll(logits, batch["labels"]).tolist()
+    assert batched == pytest.approx(alone, rel=1e-5)
 
 
 def test_forget_quality_against_a_reference(tiny, tmp_path):
@@ -254,3 +255,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_model_fingerprint_follows_weights_not_run_records(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    first = evaluate.model_fingerprint(str(tmp_path))
+    (tmp_path / "run.json").write_text('{"status": "finished"}')
+    (tmp_path / "epoch_curve.json").write_text("{}")
+    assert evaluate.model_fingerprint(str(tmp_path)) == first
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert evaluate.model_fingerprint(str(tmp_path)) != first
