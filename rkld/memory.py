@@ -135,8 +135,9 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "ModelShape":
-        """From a transformers config: parameter counts from a one-layer copy of the model
-        built on the meta device (no memory), the rest from the config."""
+        """From a transformers config of a dense (not mixture-of-experts) decoder-only model:
+        parameter counts from a one-layer copy of the model built on the meta device (no
+        memory), the rest from the config."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -166,7 +167,7 @@ class ModelShape:
             heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or hidden // heads,
             intermediate=config.intermediate_size,
-            norms_per_layer=len(norms) or 2,
+            norms_per_layer=len(norms) or 2,    # a norm class we cannot recognise: Llama's two
             rms_norm=any("RMS" in type(m).__name__ for m in norms),
             gated_mlp=len(mlp_linears) >= 3,
             activation_extra=_EXTRA_SAVED_BY_ACTIVATION.get(getattr(config, "hidden_act", ""), 0),
