@@ -151,7 +151,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 meta={"fingerprint": eval_fingerprint(model_fingerprint(str(models / name)),
                                                       benchmark, eval_config),
                       "model_path": str(models / name), "data": cfg.data,
-                      "reference": "retain model (this demo)"})
+                      "reference": str(out / "eval" / "retain" / "TOFU_EVAL.json")})
             results[name] = {
                 "forget_quality": summary["forget_quality"],
                 "model_utility": summary["model_utility"],

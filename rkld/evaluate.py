@@ -515,7 +515,7 @@ PEAK_CHECKPOINT = "peak"
 
 
 def check_reference(reference, benchmark, forget_split: str) -> str:
-    """Validate a retain-model log for ``forget_split`` before any training starts; return its path.
+    """Validate a retain-model log for ``forget_split`` before any work starts; return its path.
 
     It must exist, hold ``forget_truth_ratio.value_by_index`` and have one truth ratio per
     example of the forget split (a log of another split would make forget quality meaningless).
@@ -637,12 +637,9 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     from .parallel import init_distributed
     config = config or EvalConfig()
     out = Path(out_dir)
-    if reference is not None and not isinstance(reference, (list, tuple, dict)):
-        if not Path(reference).is_file():
-            raise FileNotFoundError(f"--reference {reference}: no such file; expected the retain "
-                                    f"model's TOFU_EVAL.json (run `rkld eval` on the retain model)")
-        reference = str(reference)
     benchmark = load_benchmark(data, seed=seed, max_authors=max_authors)
+    if reference is not None:
+        reference = check_reference(reference, benchmark, config.forget_split)
     fingerprint = eval_fingerprint(model_fingerprint(model_path), benchmark, config)
     info = init_distributed("auto")   # joins the process group of a multi-process launch
     shards = _Shards()
@@ -661,7 +658,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
         logs = with_reference(json.loads(existing.read_text()), reference)
         if shards.is_main:
             meta = json.loads(meta_path.read_text())
-            meta["reference"] = reference if isinstance(reference, str) else meta.get("reference")
+            meta["reference"] = reference
             print(f"[eval] reusing results in {out} (same model, data and configuration)")
             return write_outputs(out, logs, meta=meta, reference_logs=reference,
                                  title=Path(model_path).name)
@@ -672,7 +669,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     model.to(info.device)
     logs = evaluate_model(model, tokenizer, benchmark, config, reference)
     meta = {"fingerprint": fingerprint, "model_path": str(model_path), "data": str(data),
-            "reference": reference if isinstance(reference, str) else None,
+            "reference": reference,
             "processes": shards.world, "wall_seconds": time.time() - start,
             "versions": _versions()}
     summary = summarize(logs)
