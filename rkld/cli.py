@@ -255,7 +255,7 @@ def register_demo(subparsers) -> None:
                         help="'synthetic' or a folder of TOFU JSON files (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-authors", type=int, default=None,
-                        help="authors to keep (default: all for synthetic, 20 for a folder)")
+                        help="authors to keep (default: all for synthetic, 10 for a folder)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
