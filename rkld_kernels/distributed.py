@@ -47,7 +47,7 @@ class LMHeadRKLLoss(nn.Module):
         lm_head: the student's ``nn.Linear(H_s, V)`` output layer (bias optional). It stays a
             submodule, so sharding wrappers and optimisers see its parameters.
         **loss_options: options of :class:`~rkld_kernels.LinearRKLLoss` (alpha, temperature,
-            direction, reduction, ignore_index, chunk_size, accum_dtype, backend).
+            direction, reduction, ignore_index, chunk_size, accum_dtype, backend, compiled).
 
     ``forward(hidden, original_hidden, original_weight, strengthened_hidden=None,
     strengthened_weight=None, labels=None, *, original_bias=None, strengthened_bias=None)``

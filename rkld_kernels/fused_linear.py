@@ -23,6 +23,8 @@ computes losses only and the backward recomputes the chunks with each row of dlo
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,11 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 # On CUDA a whole chunk goes in one call, which is what keeps the GPU busy.
 _CPU_PASS_BYTES = 4 << 20
 
+# compiled=None compiles the torch backend's vocabulary pass on CPU for calls with at least this
+# many kept-token x V elements (2048 tokens at V = 32768), where the one-off compilation (about
+# ten seconds) is soon paid back: compiled, the pass measured about 1.8x faster per element.
+_COMPILE_MIN_ELEMENTS = 1 << 26
+
 
 def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
     """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
@@ -68,6 +75,7 @@ class _Plan:
     accum_dtype: torch.dtype | None
     backend: str            # "torch" or "triton"
     rows_per_pass: int      # torch backend: rows per rkl_rows call within a chunk
+    compile: str            # torch backend: "off", "on" (errors raise) or "auto" (fall back)
     per_row: bool           # reduction == "none": losses per row, gradient in backward
     need_dx: bool
     need_dw: bool
@@ -194,18 +202,56 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     grad = torch.empty((rows, vocab), dtype=compute_dtype, device=student.device) if need_grad else None
     for start in range(0, rows, plan.rows_per_pass):
         part = slice(start, start + plan.rows_per_pass)
-        loss[part], _ = rkl_rows(student[part], original[part],
-                                 strengthened[part] if strengthened is not None else None,
-                                 plan.alpha, plan.temperature, plan.reverse, need_grad,
-                                 grad_out=grad[part] if grad is not None else None)
+        loss[part], _ = _rkl_rows(plan, student[part], original[part],
+                                  strengthened[part] if strengthened is not None else None,
+                                  need_grad, grad[part] if grad is not None else None)
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
 
 
+def _rkl_rows(plan: _Plan, student, original, strengthened, need_grad: bool, grad_out):
+    """:func:`rkld_kernels.torch_backend.rkl_rows`, through ``torch.compile`` if the plan says so."""
+    args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse,
+            need_grad)
+    if plan.compile == "on" or (plan.compile == "auto" and not _compile_failed):
+        try:
+            return _compiled_rkl_rows()(*args, grad_out=grad_out)
+        except _compiler_errors() as err:
+            if plan.compile == "on":
+                raise
+            _compile_failed.append(err)
+            warnings.warn(f"{_FN}: torch.compile of the vocabulary pass failed "
+                          f"({type(err).__name__}: {err}); using eager PyTorch from now on "
+                          f"(compiled=False skips the attempt)", RuntimeWarning, stacklevel=2)
+    return rkl_rows(*args, grad_out=grad_out)
+
+
+# Holds the error once torch.compile has failed in this process (e.g. no C++ compiler for
+# inductor), so that the automatic choice stops retrying on every call.
+_compile_failed: list[BaseException] = []
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rkl_rows():
+    # dynamic=True: one compilation serves every block height and vocabulary size. Eager
+    # rkl_rows makes a dozen elementwise passes over its rows; compiled, they fuse into a few
+    # loops. rkl_rows' check of its fast path (a host sync) splits the graph there; dynamo logs
+    # that graph break once, on the first call.
+    return torch.compile(rkl_rows, dynamic=True)
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return tuple(err for err in (getattr(torch._dynamo.exc, "BackendCompilerFailed", None),
+                                 getattr(torch._inductor.exc, "InductorError", None))
+                 if err is not None)
+
+
 def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype, fn: str = _FN) -> None:
+              labels, chunk_size, accum_dtype, compiled, fn: str = _FN) -> None:
     """Raise a clear error for every input the loss cannot use. The strengthened weight and
     bias are the resolved ones (the original head's when the strengthened head is shared)."""
     heads = [("student", student_hidden, student_weight, student_bias),
@@ -266,6 +312,9 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         if torch.promote_types(accum_dtype, student_weight.dtype) != accum_dtype:
             raise ValueError(f"{fn}: accum_dtype must be at least as precise as student_weight "
                              f"({student_weight.dtype}); got {accum_dtype}")
+    if compiled is not None and not isinstance(compiled, bool):
+        raise TypeError(f"{fn}: compiled must be None (automatic), True or False; got "
+                        f"{compiled!r}")
 
 
 def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -279,7 +328,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, temperature: float = 1.0,
                           direction: str = "reverse", reduction: str = "mean",
                           chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                          backend: str = "auto") -> torch.Tensor:
+                          backend: str = "auto", compiled: bool | None = None) -> torch.Tensor:
     """:func:`~rkld_kernels.fused_rkl_loss` of the logits ``hidden @ weight.T + bias`` of the
     three models, without ever building a ``[tokens, V]`` tensor.
 
@@ -312,6 +361,11 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             matmul, vocabulary part by the Triton kernels), ``"torch"`` (vocabulary part by
             chunked PyTorch) or ``"reference"`` (materialises all logits and calls
             ``fused_rkl_loss(backend="reference")``; the specification, for tests).
+        compiled: torch backend: run the vocabulary pass (rkl_rows) through ``torch.compile``,
+            which fuses its elementwise passes (on CPU about 1.8x faster per element, after a
+            one-off compilation of about ten seconds per process). None: on CPU for calls with
+            at least 2**26 kept-token x V elements, falling back to eager PyTorch with a
+            warning if compilation fails; True: always (failures raise); False: never.
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for
@@ -335,7 +389,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             strengthened_bias = original_bias
     _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype)
+              labels, chunk_size, accum_dtype, compiled)
     device = student_hidden.device
     backend = resolve_backend(backend, device)
 
@@ -374,6 +428,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                  accum_dtype=accum_dtype, backend=backend,
                  rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
                                 else chunk_size),
+                 compile=("on" if compiled else "off") if compiled is not None else
+                         ("auto" if device.type == "cpu" and rows * vocab >= _COMPILE_MIN_ELEMENTS
+                          else "off"),
                  per_row=reduction == "none",
                  need_dx=grad_enabled and xs.requires_grad,
                  need_dw=grad_enabled and student_weight.requires_grad,
@@ -402,13 +459,13 @@ class LinearRKLLoss(torch.nn.Module):
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", compiled: bool | None = None):
         super().__init__()
         _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
-        self.accum_dtype, self.backend = accum_dtype, backend
+        self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled
 
     def forward(self, student_hidden, student_weight, original_hidden, original_weight,
                 strengthened_hidden=None, strengthened_weight=None, labels=None, *,
@@ -419,10 +476,12 @@ class LinearRKLLoss(torch.nn.Module):
             original_bias=original_bias, strengthened_bias=strengthened_bias, alpha=self.alpha,
             labels=labels, ignore_index=self.ignore_index, temperature=self.temperature,
             direction=self.direction, reduction=self.reduction, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype, backend=self.backend)
+            accum_dtype=self.accum_dtype, backend=self.backend,
+            compiled=self.compiled)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, "
                 f"direction={self.direction!r}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, "
-                f"accum_dtype={self.accum_dtype}, backend={self.backend!r}")
+                f"accum_dtype={self.accum_dtype}, backend={self.backend!r}, "
+                f"compiled={self.compiled}")

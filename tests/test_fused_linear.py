@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rkld_kernels import LinearRKLLoss, fused_linear_rkl_loss, fused_rkl_loss
+from rkld_kernels import LinearRKLLoss, fused_linear, fused_linear_rkl_loss, fused_rkl_loss
 from rkld_kernels.fused_linear import default_chunk_size
 
 V, H_S, H_T = 1271, 67, 45
@@ -357,6 +357,44 @@ def test_default_chunk_size_follows_the_memory_budget():
     assert default_chunk_size(32000, "cuda") > cpu
 
 
+# --- compiled vocabulary pass -------------------------------------------------------------
+
+def test_compiled_vocabulary_pass_matches():
+    """compiled=True (what large CPU calls use by default) gives the eager result."""
+    problem = cast(make_problem(biases=True), torch.float32)
+    options = dict(chunk_size=10, reduction="mean")
+    loss, grads = loss_and_grads("torch", problem, compiled=True, **options)
+    ref_loss, ref = loss_and_grads("torch", problem, compiled=False, **options)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for k in STUDENT:
+        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_automatic_compilation_falls_back_to_eager_on_compiler_failure(monkeypatch):
+    import torch._dynamo.exc
+
+    class NoCompiler(torch._dynamo.exc.BackendCompilerFailed):
+        def __init__(self):    # the base class's signature differs between torch versions
+            RuntimeError.__init__(self, "no C++ compiler")
+
+    def broken_compile():
+        def fail(*args, **kwargs):
+            raise NoCompiler()
+        return fail
+
+    monkeypatch.setattr(fused_linear, "_compiled_rkl_rows", broken_compile)
+    monkeypatch.setattr(fused_linear, "_compile_failed", [])
+    monkeypatch.setattr(fused_linear, "_COMPILE_MIN_ELEMENTS", 1)     # make this call "large"
+    problem = cast(make_problem(), torch.float32)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the vocabulary pass failed"):
+        loss, _ = loss_and_grads("torch", problem)
+    ref, _ = loss_and_grads("torch", problem, compiled=False)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    monkeypatch.setattr(fused_linear, "_compile_failed", [])
+    with pytest.raises(NoCompiler):
+        loss_and_grads("torch", problem, compiled=True)
+
+
 # --- on the test device (CUDA when present), and the triton backend --------------------------
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -480,6 +518,7 @@ def test_bad_tensors(change, error, message):
     (dict(accum_dtype=torch.int32), TypeError, "accum_dtype must be None or a floating"),
     (dict(accum_dtype="float32"), TypeError, "accum_dtype must be None or a floating"),
     (dict(accum_dtype=torch.bfloat16), ValueError, "at least as precise"),
+    (dict(compiled="yes"), TypeError, "compiled must be None"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
     (dict(direction="both"), ValueError, "direction must be one of"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
