@@ -5,7 +5,7 @@ import torch
 
 from . import _checks
 from .reference import reference_rkl_loss
-from .torch_backend import rkl_loss_and_grad
+from .torch_backend import check_compiled_arg, rkl_loss_and_grad
 
 _FN = "fused_rkl_loss"
 
@@ -32,12 +32,14 @@ class _FusedRKLFunction(torch.autograd.Function):
     """Per-row losses of 2-D ``[rows, V]`` logits; reductions happen outside, differentiably."""
 
     @staticmethod
-    def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend):
+    def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend,
+                compiled):
         need_grad = ctx.needs_input_grad[0]
         ctx.backend = backend
         if backend == "torch":
             loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
-                                           temperature, reverse, need_grad)
+                                           temperature, reverse, need_grad, compiled=compiled)
+            ctx.compiled = compiled
             # The gradient is an intermediate that backward scales in place, so it is kept as an
             # attribute: save_for_backward's version check would reject a second backward.
             ctx.unscaled_grad = grad
@@ -61,7 +63,7 @@ class _FusedRKLFunction(torch.autograd.Function):
             if grad is None:
                 student, original, strengthened, keep = ctx.saved_tensors
                 _, grad = rkl_loss_and_grad(student, original, strengthened, keep, *ctx.hyper,
-                                            need_grad=True)
+                                            need_grad=True, compiled=ctx.compiled)
             grad.mul_(grad_rows.unsqueeze(-1))
         else:
             from .triton_backend import triton_rkl_backward
@@ -69,7 +71,7 @@ class _FusedRKLFunction(torch.autograd.Function):
             alpha, temperature, reverse = ctx.hyper
             grad = triton_rkl_backward(student, original, strengthened, keep, stats,
                                        grad_rows, alpha, temperature, reverse)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def validate_logits(student_logits, original_logits, strengthened_logits, labels,
@@ -119,7 +121,8 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
                    strengthened_logits: torch.Tensor | None = None, *, alpha: float = 8.0,
                    labels: torch.Tensor | None = None, ignore_index: int = -100,
                    temperature: float = 1.0, direction: str = "reverse",
-                   reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+                   reduction: str = "mean", backend: str = "auto",
+                   compiled: bool | None = None) -> torch.Tensor:
     """KL divergence between the student and the RKLD unlearning teacher, fused over the vocabulary.
 
     The teacher is ``o - alpha * relu(g - o)`` built from the raw original (``o``) and
@@ -140,6 +143,10 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
             ``"none"`` (per position, shape ``(...)``, 0 at masked positions).
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"``
             (chunked PyTorch) or ``"reference"`` (naive; the specification).
+        compiled: torch backend only: run its per-chunk math through ``torch.compile``
+            (True), eagerly (False), or decide (None: compile on CPU for calls of at least
+            2**26 kept-row x V elements, where the one-off ~10-20 s compilation pays back;
+            falls back to eager with a warning if compilation fails).
 
     Returns:
         The loss in float32 (float64 when the student is float64). The gradient flows to
@@ -148,6 +155,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
     validate_logits(student_logits, original_logits, strengthened_logits, labels)
+    check_compiled_arg(_FN, compiled)
     backend = resolve_backend(backend, student_logits.device)
 
     if backend == "reference":
@@ -168,7 +176,8 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
         student, original = _unit_last_stride(student), _unit_last_stride(original)
         strengthened = _unit_last_stride(strengthened) if strengthened is not None else None
     loss_rows = _FusedRKLFunction.apply(student, original, strengthened, keep, float(alpha),
-                                        float(temperature), direction == "reverse", backend)
+                                        float(temperature), direction == "reverse", backend,
+                                        compiled)
     return reduce_rows(loss_rows, keep, reduction, leading_shape)
 
 
@@ -183,19 +192,24 @@ class RKLLoss(torch.nn.Module):
     """
 
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
-                 reduction: str = "mean", ignore_index: int = -100, backend: str = "auto"):
+                 reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
+                 compiled: bool | None = None):
         super().__init__()
         _checks.check_options("RKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
+        check_compiled_arg("RKLLoss", compiled)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.compiled = compiled
 
     def forward(self, student_logits, original_logits, strengthened_logits=None, labels=None):
         return fused_rkl_loss(student_logits, original_logits, strengthened_logits,
                               alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
                               temperature=self.temperature, direction=self.direction,
-                              reduction=self.reduction, backend=self.backend)
+                              reduction=self.reduction, backend=self.backend,
+                              compiled=self.compiled)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, direction={self.direction!r}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
+                f"compiled={self.compiled}")

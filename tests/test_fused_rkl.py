@@ -379,3 +379,37 @@ def test_different_devices_refused():
     meta = torch.randn(4, 10, device="meta")
     with pytest.raises(ValueError, match=r"one device.*student_logits on cpu.*original_logits on meta"):
         fused_rkl_loss(torch.randn(4, 10), meta, backend="torch")
+
+
+def test_compiled_torch_backend_matches_reference():
+    """The torch.compile'd per-chunk math (used automatically on large CPU calls) is the same
+    math: check it on masked rows (gather path), a non-finite chunk (exact path) and both
+    directions, with one compilation (dynamic shapes)."""
+    student, original, strengthened = make_logits((11, 301))
+    for t in (student, original, strengthened):
+        t[4, 7] = float("-inf")          # one row takes the exact (boolean fix-up) path
+    labels = random_labels((11,))
+    labels[4] = 1
+    for direction in ("reverse", "forward"):
+        options = dict(labels=labels, direction=direction, reduction="sum")
+        truth = ground_truth(student, original, strengthened, **options)
+        args = [t.float() for t in (student, original, strengthened)]
+        s = args[0].clone().requires_grad_(True)
+        loss = fused_rkl_loss(s, args[1], args[2], backend="torch", compiled=True, **options)
+        loss.backward()
+        torch.testing.assert_close(loss.double(), truth[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), truth[1], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_argument_is_checked():
+    with pytest.raises(TypeError, match=r"compiled must be None \(automatic\), True or False; got 'yes'"):
+        _call(compiled="yes")
+
+
+def test_compile_mode_policy():
+    from rkld_kernels.torch_backend import COMPILE_MIN_ELEMENTS, compile_mode
+    cpu = torch.device("cpu")
+    assert compile_mode(None, cpu, COMPILE_MIN_ELEMENTS - 1) == "off"
+    assert compile_mode(None, cpu, COMPILE_MIN_ELEMENTS) == "auto"
+    assert compile_mode(False, cpu, COMPILE_MIN_ELEMENTS) == "off"
+    assert compile_mode(True, cpu, 1) == "on"
