@@ -5,7 +5,7 @@ import torch
 
 from . import _checks
 from .reference import reference_rkl_loss
-from .torch_backend import check_compiled_arg, rkl_loss_and_grad
+from .torch_backend import accumulation_dtype, check_compiled_arg, rkl_loss_and_grad
 
 _FN = "fused_rkl_loss"
 
@@ -29,49 +29,66 @@ def _triton_available() -> bool:
 
 
 class _FusedRKLFunction(torch.autograd.Function):
-    """Per-row losses of 2-D ``[rows, V]`` logits; reductions happen outside, differentiably."""
+    """Per-row losses of 2-D ``[rows, V]`` logits; reductions happen outside, differentiably.
+
+    ``presumed_row_scale``: the upstream gradient per row that the reduction will most likely
+    send (1/n for ``mean``, 1 for ``sum``; None for ``none``). The torch backend folds it into
+    the gradient it computes in forward, so that the usual ``loss.backward()`` needs no extra
+    pass over ``[rows, V]``.
+    """
 
     @staticmethod
     def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend,
-                compiled):
+                compiled, presumed_row_scale):
         need_grad = ctx.needs_input_grad[0]
         ctx.backend = backend
+        ctx.hyper = (alpha, temperature, reverse)
         if backend == "torch":
             loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
-                                           temperature, reverse, need_grad, compiled=compiled)
-            ctx.compiled = compiled
+                                           temperature, reverse, need_grad, compiled=compiled,
+                                           grad_scale=presumed_row_scale)
             # The gradient is an intermediate that backward scales in place, so it is kept as an
             # attribute: save_for_backward's version check would reject a second backward.
-            ctx.unscaled_grad = grad
+            ctx.prescaled_grad = grad
+            ctx.presumed_row_scale = presumed_row_scale
+            ctx.compiled = compiled
             ctx.save_for_backward(student, original, strengthened, keep)
-            ctx.hyper = (alpha, temperature, reverse)
         else:
             from .triton_backend import triton_rkl_forward
             loss, stats = triton_rkl_forward(student, original, strengthened, keep, alpha,
                                              temperature, reverse)
             ctx.save_for_backward(student, original, strengthened, keep, *stats)
-            ctx.hyper = (alpha, temperature, reverse)
         return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
         if ctx.backend == "torch":
-            # The unscaled gradient was computed in forward: scale it in place (no second
-            # [rows, V] buffer, no extra pass over fresh memory). A second backward through
-            # the same graph (retain_graph, gradcheck) finds it consumed and recomputes it.
-            grad, ctx.unscaled_grad = ctx.unscaled_grad, None
-            if grad is None:
+            presumed = ctx.presumed_row_scale
+            grad, ctx.prescaled_grad = ctx.prescaled_grad, None
+            if grad is None:   # a second backward through the same graph: recompute
                 student, original, strengthened, keep = ctx.saved_tensors
                 _, grad = rkl_loss_and_grad(student, original, strengthened, keep, *ctx.hyper,
-                                            need_grad=True, compiled=ctx.compiled)
-            grad.mul_(grad_rows.unsqueeze(-1))
+                                            need_grad=True, compiled=ctx.compiled,
+                                            grad_scale=presumed)
+            if presumed is None:
+                grad.mul_(grad_rows.unsqueeze(-1))
+            elif not _all_equal_on_host(grad_rows, presumed):
+                grad.mul_((grad_rows / presumed).unsqueeze(-1))
         else:
             from .triton_backend import triton_rkl_backward
             student, original, strengthened, keep, *stats = ctx.saved_tensors
             alpha, temperature, reverse = ctx.hyper
             grad = triton_rkl_backward(student, original, strengthened, keep, stats,
                                        grad_rows, alpha, temperature, reverse)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _all_equal_on_host(values: torch.Tensor, scalar: torch.Tensor) -> bool:
+    """Whether every entry of ``values`` equals ``scalar``. Answers False on CUDA rather than
+    sync (the torch backend there then pays one extra multiply)."""
+    if values.device.type == "cuda":
+        return False
+    return bool((values == scalar).all())
 
 
 def validate_logits(student_logits, original_logits, strengthened_logits, labels,
@@ -145,7 +162,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
             (chunked PyTorch) or ``"reference"`` (naive; the specification).
         compiled: torch backend only: run its per-chunk math through ``torch.compile``
             (True), eagerly (False), or decide (None: compile on CPU for calls of at least
-            2**26 kept-row x V elements, where the one-off ~10-20 s compilation pays back;
+            2**25 kept-row x V elements, where the one-off ~10-20 s compilation pays back;
             falls back to eager with a warning if compilation fails).
 
     Returns:
@@ -175,9 +192,14 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
         # The kernels address rows by a stride and expect unit stride along the vocabulary.
         student, original = _unit_last_stride(student), _unit_last_stride(original)
         strengthened = _unit_last_stride(strengthened) if strengthened is not None else None
+    presumed_row_scale = None
+    if backend == "torch" and reduction != "none":
+        count = keep.sum() if keep is not None else student.shape[0]
+        presumed_row_scale = torch.as_tensor(1.0 if reduction == "sum" else 1.0 / max(int(count), 1),
+                                             dtype=accumulation_dtype(student.dtype))
     loss_rows = _FusedRKLFunction.apply(student, original, strengthened, keep, float(alpha),
                                         float(temperature), direction == "reverse", backend,
-                                        compiled)
+                                        compiled, presumed_row_scale)
     return reduce_rows(loss_rows, keep, reduction, leading_shape)
 
 

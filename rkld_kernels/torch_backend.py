@@ -29,8 +29,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
+# Compiled, the per-chunk math is a few fused loops that stream each row, so cache residency
+# matters less than amortising the call overhead and giving both threads whole rows.
+_COMPILED_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_rows(vocab_size: int, compiled: bool = False) -> int:
+    elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
+    return max(1, elements // max(1, vocab_size))
 
 
 def teacher_logits(original: torch.Tensor, strengthened: torch.Tensor | None, alpha: float,
@@ -61,31 +67,35 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.Tensor | None,
              alpha: float, temperature: float, reverse: bool, need_grad: bool,
-             grad_out: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             grad_out: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None, *,
+             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss per row and, if asked, dL_row/d student ([rows, V]).
 
     The loss is in the compute dtype (float32, or float64 when the student is float64). The
     gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
-    returned in the compute dtype. Inputs are 2-D ``[rows, V]`` of any float dtype and strides;
+    returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d tensor, so that a
+    compiled version does not specialise on its value) when given. Inputs are 2-D ``[rows, V]`` of any float dtype and strides;
     they are never modified.
 
     Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
     On CPU the chunk is first computed without them: every place where they matter turns the
     row's loss into NaN or inf, so a finite loss proves the fast result exact; otherwise the
     chunk is recomputed with the fix-ups. On CUDA (no host syncs) the exact path always runs.
+
+    ``compiled=True`` runs both paths through ``torch.compile`` (see :func:`run_rkl_rows`).
     """
+    impl = _compiled_rkl_rows() if compiled else _rkl_rows
     if student.device.type != "cuda":
-        loss, grad = _rkl_rows(student, original, strengthened, alpha, temperature, reverse,
-                               need_grad, grad_out, exact_non_finite=False)
+        loss, grad = impl(student, original, strengthened, alpha, temperature, reverse,
+                          need_grad, grad_out, grad_scale, exact_non_finite=False)
         if bool(torch.isfinite(loss).all()):
             return loss, grad
-    return _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
-                     grad_out, exact_non_finite=True)
+    return impl(student, original, strengthened, alpha, temperature, reverse, need_grad,
+                grad_out, grad_scale, exact_non_finite=True)
 
 
 def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
-              grad_out, exact_non_finite):
+              grad_out, grad_scale, exact_non_finite):
     compute_dtype = accumulation_dtype(student.dtype)
     s = student.to(compute_dtype)
     z = teacher_logits(original, strengthened, alpha, compute_dtype, exact_non_finite)
@@ -111,7 +121,9 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
     if reverse:
         # p_v ((log p_v - log q_v) - L) / T; the last op writes the result (one rounding into
         # a low-precision grad_out).
-        if temperature != 1.0:
+        if grad_scale is not None:
+            weight.mul_(grad_scale / temperature)
+        elif temperature != 1.0:
             weight.div_(temperature)
         grad = torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
     else:
@@ -119,7 +131,9 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
         p = torch.softmax(s, dim=-1)
         q = torch.softmax(z, dim=-1)
-        if temperature != 1.0:
+        if grad_scale is not None:
+            grad = torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
+        elif temperature != 1.0:
             grad = torch.div(p.sub_(q), temperature, out=grad_out)
         else:
             grad = torch.sub(p, q, out=grad_out)
@@ -129,17 +143,18 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                       strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                       alpha: float, temperature: float, reverse: bool, need_grad: bool,
-                      chunk_rows: int | None = None, compiled: bool | None = False
+                      chunk_rows: int | None = None, compiled: bool | None = False,
+                      grad_scale: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row losses (accumulation dtype, [rows], 0 at masked rows) and the unscaled gradient in the
     student's dtype ([rows, V], zero at masked rows), processing ``chunk_rows`` rows at a time.
 
     Masked rows are skipped entirely: they cost nothing and cannot leak NaN. ``compiled``:
     run the per-chunk math through ``torch.compile`` (True), eagerly (False), or decide from
-    the call's size (None; see :func:`compile_mode`).
+    the call's size (None; see :func:`compile_mode`). ``grad_scale`` (0-d tensor) multiplies
+    the gradient as it is computed, at no extra pass.
     """
     rows, vocab = student.shape
-    chunk_rows = chunk_rows or default_chunk_rows(vocab)
     loss = torch.zeros(rows, dtype=accumulation_dtype(student.dtype), device=student.device)
     grad = None
     if need_grad:
@@ -149,9 +164,11 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     if keep is not None:
         kept_rows = keep.nonzero().squeeze(1)   # host sync: acceptable on the CPU/fallback path
         kept = kept_rows.numel()
+    mode = compile_mode(compiled, student.device, kept * vocab)
+    chunk_rows = chunk_rows or default_chunk_rows(vocab, compiled=mode != "off")
+    if keep is not None:
         bounds = torch.searchsorted(kept_rows, torch.arange(0, rows + chunk_rows, chunk_rows,
                                                             device=keep.device)).tolist()
-    mode = compile_mode(compiled, student.device, kept * vocab)
     for chunk, start in enumerate(range(0, rows, chunk_rows)):
         stop = min(start + chunk_rows, rows)
         if keep is not None:
@@ -163,7 +180,8 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                 g = strengthened.index_select(0, index) if strengthened is not None else None
                 chunk_loss, chunk_grad = run_rkl_rows(
                     mode, student.index_select(0, index), original.index_select(0, index), g,
-                    alpha, temperature, reverse, need_grad, caller="fused_rkl_loss")
+                    alpha, temperature, reverse, need_grad, grad_scale=grad_scale,
+                    caller="fused_rkl_loss")
                 loss.index_copy_(0, index, chunk_loss)
                 if grad is not None:
                     grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
@@ -172,7 +190,7 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
         chunk_loss, _ = run_rkl_rows(mode, student[start:stop], original[start:stop], g, alpha,
                                      temperature, reverse, need_grad,
                                      grad_out=grad[start:stop] if grad is not None else None,
-                                     caller="fused_rkl_loss")
+                                     grad_scale=grad_scale, caller="fused_rkl_loss")
         loss[start:stop] = chunk_loss
     return loss, grad
 
@@ -183,9 +201,9 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
 # Eager rkl_rows makes about a dozen elementwise passes over its rows; compiled by inductor they
 # fuse into a few loops (measured 2.5-3x faster per element on this project's 2-core CPU). The
 # one-off compilation takes about 10-20 s on such a CPU, so with ``compiled=None`` it is used
-# only for calls of at least this many kept-row x V elements (2048 rows at V = 32768), where it
-# is soon paid back; small calls (tests, short sequences) stay eager.
-COMPILE_MIN_ELEMENTS = 1 << 26
+# only for calls of at least this many kept-row x V elements (1024 rows at V = 32768), where a
+# training loop soon pays it back; small calls (tests, short sequences) stay eager.
+COMPILE_MIN_ELEMENTS = 1 << 25
 
 
 def compile_mode(compiled: bool | None, device: torch.device, elements: int) -> str:
@@ -206,12 +224,13 @@ def check_compiled_arg(fn: str, compiled) -> None:
 
 
 def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, temperature: float,
-                 reverse: bool, need_grad: bool, grad_out=None, caller: str = "rkld_kernels"):
+                 reverse: bool, need_grad: bool, grad_out=None, grad_scale=None,
+                 caller: str = "rkld_kernels"):
     """:func:`rkl_rows`, through ``torch.compile`` when ``mode`` (see :func:`compile_mode`) says so."""
     args = (student, original, strengthened, alpha, temperature, reverse, need_grad)
     if mode == "on" or (mode == "auto" and not _compile_failed):
         try:
-            return _compiled_rkl_rows()(*args, grad_out=grad_out)
+            return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compiled=True)
         except _compiler_errors() as err:
             if mode == "on":
                 raise
@@ -219,7 +238,7 @@ def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, tempe
             warnings.warn(f"{caller}: torch.compile of the vocabulary pass failed "
                           f"({type(err).__name__}: {err}); using eager PyTorch from now on "
                           f"(compiled=False skips the attempt)", RuntimeWarning, stacklevel=3)
-    return rkl_rows(*args, grad_out=grad_out)
+    return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale)
 
 
 # Holds the error once torch.compile has failed in this process (e.g. no C++ compiler for
@@ -229,10 +248,10 @@ _compile_failed: list[BaseException] = []
 
 @functools.lru_cache(maxsize=None)
 def _compiled_rkl_rows():
-    # dynamic=True: one compilation serves every block height and vocabulary size. rkl_rows'
-    # check of its fast path (a host sync) splits the graph there; dynamo logs that graph break
-    # once, on the first call.
-    return torch.compile(rkl_rows, dynamic=True)
+    # dynamic=True: one compilation serves every block height and vocabulary size; the fast and
+    # the exact path (a Python bool) are two graphs. The host-side check between them stays
+    # outside the compiled code, so there is no graph break.
+    return torch.compile(_rkl_rows, dynamic=True)
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:
