@@ -413,3 +413,17 @@ def test_compile_mode_policy():
     assert compile_mode(None, cpu, COMPILE_MIN_ELEMENTS) == "auto"
     assert compile_mode(False, cpu, COMPILE_MIN_ELEMENTS) == "off"
     assert compile_mode(True, cpu, 1) == "on"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scaled_upstream_gradient(reduction):
+    """The torch backend pre-scales its gradient by the reduction's usual upstream (1/n, 1);
+    any other upstream gradient (loss scaling, accumulation factors) must still be honoured."""
+    student, original, strengthened = make_logits((9, 77))
+    labels = random_labels((9,))
+    truth = ground_truth(student, original, strengthened, labels=labels, reduction=reduction)
+    s = student.clone().requires_grad_(True)
+    loss = fused_rkl_loss(s, original, strengthened, labels=labels, reduction=reduction,
+                          backend="torch")
+    (loss * -3.5).backward()
+    torch.testing.assert_close(s.grad, truth[1] * -3.5)
