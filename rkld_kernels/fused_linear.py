@@ -210,6 +210,17 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     return loss, grad
 
 
+def _compile_mode(compiled: bool | None, backend: str, device: torch.device,
+                  elements: int) -> str:
+    """How the torch backend runs rkl_rows: "on", "off" or "auto" (compile, fall back to eager
+    if compilation fails), from the ``compiled`` argument and the call's size."""
+    if backend != "torch" or compiled is False:
+        return "off"
+    if compiled:
+        return "on"
+    return "auto" if device.type == "cpu" and elements >= _COMPILE_MIN_ELEMENTS else "off"
+
+
 def _rkl_rows(plan: _Plan, student, original, strengthened, need_grad: bool, grad_out):
     """:func:`rkld_kernels.torch_backend.rkl_rows`, through ``torch.compile`` if the plan says so."""
     args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse,
@@ -428,9 +439,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                  accum_dtype=accum_dtype, backend=backend,
                  rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
                                 else chunk_size),
-                 compile=("on" if compiled else "off") if compiled is not None else
-                         ("auto" if device.type == "cpu" and rows * vocab >= _COMPILE_MIN_ELEMENTS
-                          else "off"),
+                 compile=_compile_mode(compiled, backend, device, rows * vocab),
                  per_row=reduction == "none",
                  need_dx=grad_enabled and xs.requires_grad,
                  need_dw=grad_enabled and student_weight.requires_grad,
