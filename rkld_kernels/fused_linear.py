@@ -376,7 +376,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             which fuses its elementwise passes (on CPU about 1.8x faster per element, after a
             one-off compilation of about ten seconds per process). None: on CPU for calls with
             at least 2**26 kept-token x V elements, falling back to eager PyTorch with a
-            warning if compilation fails; True: always (failures raise); False: never.
+            warning if compilation fails; True: always (failures raise); False: never. The
+            first compiled call logs one "graph break" note from torch.compile (rkl_rows checks
+            its fast path on the host); it is expected.
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for
