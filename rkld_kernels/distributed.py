@@ -19,12 +19,14 @@ of the lm_head:
   mean/sum), at the price of keeping the full weight until then.
 - DDP: wrap the whole student, head included, so that the loss is computed inside
   ``DistributedDataParallel.forward``; DDP then all-reduces the lm_head gradient like any other.
-- DeepSpeed ZeRO-3: the same module, as a submodule of the model handed to
-  ``deepspeed.initialize``: ZeRO-3's hooks gather ``lm_head.weight`` around its forward. A weight
-  used by a module that does not own it (an lm_head tied to the input embedding and called from
-  another module) must be declared with ``deepspeed.zero.register_external_parameter(module,
-  weight)``. ``deepspeed.zero.GatheredParameters([weight])`` around the loss call gives a full
-  weight for evaluation (no gradient), not for training.
+- DeepSpeed ZeRO-3: make the module a submodule of the model given to ``deepspeed.initialize``
+  and call it from the model's forward: ZeRO-3's module hooks gather ``lm_head.weight`` around
+  its forward and partition its gradient in the backward. A weight used from the forward of a
+  module that does not own it (an lm_head tied to the input embedding) must be declared there
+  with ``deepspeed.zero.register_external_parameter(module, weight)``. Outside any forward,
+  ``deepspeed.zero.GatheredParameters([weight])`` gives the full weight for inspection or
+  evaluation; for training, use the module route. (Not tested here: DeepSpeed is not a
+  dependency of this project.)
 
 Tied embeddings under FSDP2: the tied parameter must belong to one FSDP unit that is gathered
 whenever either user runs (e.g. shard the embedding and the head together in the root unit).
