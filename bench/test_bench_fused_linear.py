@@ -1,5 +1,5 @@
-"""Forward+backward of the RKLD loss from hidden states and lm_head weights: ``fused_linear_rkl_loss``
-against materialised logits and against Liger-Kernel's fused-linear JSD.
+"""Forward+backward of the RKLD loss from hidden states and lm_head weights:
+``fused_linear_rkl_loss`` against materialised logits and against Liger-Kernel's fused-linear JSD.
 
 Cases (one table per configuration, printed at the end of the run; ``--benchmark-json`` holds the
 same figures, peak memory and FLOP rates in each benchmark's ``extra_info``):
@@ -442,5 +442,6 @@ def _scaling_targets(table):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python test_bench_fused_linear.py '{\"impl\": ..., \"tokens\": ...}'")
+        raise SystemExit("usage: python test_bench_fused_linear.py "
+                         "'{\"impl\": \"ours\", \"tokens\": 4096}'")
     print(json.dumps(_single_run(json.loads(sys.argv[1]))))

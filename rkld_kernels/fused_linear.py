@@ -150,7 +150,8 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     device = xs.device
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
     dx = torch.empty(xs.shape, dtype=xs.dtype, device=device) if need_dx else None
-    dw = torch.zeros(ws.shape, dtype=plan.accum_dtype or ws.dtype, device=device) if need_dw else None
+    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or ws.dtype, device=device)
+          if need_dw else None)
     db = torch.zeros(vocab, dtype=plan.accum_dtype or bs.dtype, device=device) if need_db else None
     for start in range(0, rows, plan.chunk_size):
         stop = min(start + plan.chunk_size, rows)
@@ -199,7 +200,8 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     rows, vocab = student.shape
     compute_dtype = accumulation_dtype(student.dtype)
     loss = torch.empty(rows, dtype=compute_dtype, device=student.device)
-    grad = torch.empty((rows, vocab), dtype=compute_dtype, device=student.device) if need_grad else None
+    grad = (torch.empty((rows, vocab), dtype=compute_dtype, device=student.device)
+            if need_grad else None)
     for start in range(0, rows, plan.rows_per_pass):
         part = slice(start, start + plan.rows_per_pass)
         loss[part], _ = _rkl_rows(plan, student[part], original[part],
@@ -222,7 +224,8 @@ def _compile_mode(compiled: bool | None, backend: str, device: torch.device,
 
 
 def _rkl_rows(plan: _Plan, student, original, strengthened, need_grad: bool, grad_out):
-    """:func:`rkld_kernels.torch_backend.rkl_rows`, through ``torch.compile`` if the plan says so."""
+    """:func:`rkld_kernels.torch_backend.rkl_rows`, through ``torch.compile`` if the plan
+    says so."""
     args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse,
             need_grad)
     if plan.compile == "on" or (plan.compile == "auto" and not _compile_failed):
@@ -287,7 +290,8 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         if hidden.shape[-1] != weight.shape[1]:
             raise ValueError(f"{fn}: {model}_hidden's last dimension must equal the hidden size "
                              f"of {model}_weight (V, H) = {tuple(weight.shape)}, i.e. "
-                             f"{weight.shape[1]}; got {model}_hidden of shape {tuple(hidden.shape)}")
+                             f"{weight.shape[1]}; got {model}_hidden of shape "
+                             f"{tuple(hidden.shape)}")
         if weight.shape[0] != vocab:
             raise ValueError(f"{fn}: every lm_head must have the student's vocabulary size "
                              f"V = {vocab}; got {model}_weight of shape {tuple(weight.shape)}")

@@ -179,7 +179,8 @@ def test_no_grad_mode_computes_the_loss_only(monkeypatch):
     problem = make_problem()
     calls = []
     original_mm = torch.Tensor.addmm_
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1) or original_mm(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_",
+                        lambda *a, **k: calls.append(1) or original_mm(*a, **k))
     p = {k: v.requires_grad_(k in STUDENT) if v.dtype.is_floating_point else v
          for k, v in problem.items()}
     with torch.no_grad():
@@ -400,7 +401,8 @@ def test_automatic_compilation_falls_back_to_eager_on_compiler_failure(monkeypat
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_torch_backend_on_device(device, reduction):
     problem = make_problem(tokens_shape=(4, 9), device=device, biases=True)
-    grad_output = torch.rand(4, 9, dtype=torch.float64, device=device) if reduction == "none" else None
+    grad_output = (torch.rand(4, 9, dtype=torch.float64, device=device)
+                   if reduction == "none" else None)
     assert_matches_reference(problem, grad_output=grad_output, reduction=reduction, chunk_size=7)
 
 
@@ -415,7 +417,8 @@ def test_triton_backend(reduction, strengthened, device):
     pytest.importorskip("triton")
     problem = make_problem(tokens_shape=(2, 5), vocab=300, h_s=16, h_t=12, device=device,
                            strengthened=strengthened, biases=True)
-    grad_output = torch.rand(2, 5, dtype=torch.float64, device=device) if reduction == "none" else None
+    grad_output = (torch.rand(2, 5, dtype=torch.float64, device=device)
+                   if reduction == "none" else None)
     assert_matches_reference(problem, backend="triton", rtol=1e-9, atol=1e-12,
                              grad_output=grad_output, reduction=reduction, chunk_size=3,
                              direction="reverse" if strengthened else "forward", temperature=2.5)
