@@ -57,8 +57,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes, rss_high_water_resettable
+
 from rkld_kernels import fused_linear_rkl_loss, reference_rkl_loss
 
 ALPHA = 8.0

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
+
 from rkld_kernels import fused_rkl_loss, reference_rkl_loss, unlearning_teacher_logits
 
 ALPHA = 8.0

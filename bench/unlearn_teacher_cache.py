@@ -51,6 +51,7 @@ print(json.dumps({"tokens_per_s": sum(s["input_tokens"] for s in steps)
 
 def build_models(root: Path, hidden: int, layers: int, vocab: int, authors: int) -> None:
     import torch
+
     from rkld.data import load_benchmark
     from rkld.models import build_tiny_model
     bench = load_benchmark("synthetic", max_authors=authors)

@@ -13,8 +13,15 @@ import json
 import os
 import sys
 
-from .config import (DIRECTIONS, METHODS, PARALLEL, RETAIN_TERMS, FinetuneConfig,
-                     StrengthenConfig, UnlearnConfig)
+from .config import (
+    DIRECTIONS,
+    METHODS,
+    PARALLEL,
+    RETAIN_TERMS,
+    FinetuneConfig,
+    StrengthenConfig,
+    UnlearnConfig,
+)
 
 # Errors a user can act on: printed as one line, without a traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, OSError)

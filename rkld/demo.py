@@ -27,8 +27,15 @@ import torch
 from . import metrics, plots
 from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
 from .data import load_benchmark, retain_split_for
-from .evaluate import (EpochEvaluator, EvalConfig, eval_fingerprint, evaluate_model,
-                       model_fingerprint, with_reference, write_outputs)
+from .evaluate import (
+    EpochEvaluator,
+    EvalConfig,
+    eval_fingerprint,
+    evaluate_model,
+    model_fingerprint,
+    with_reference,
+    write_outputs,
+)
 from .models import load_model
 
 MODELS = ("target", "retain", "rkld", "fkld", "ga")

@@ -612,8 +612,7 @@ def _save_model(model, tokenizer, path: Path, shards: _Shards) -> None:
                          "without --lora")
     state = None
     if shards.lockstep:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
     if shards.is_main:

@@ -45,11 +45,27 @@ import torch
 from . import __version__
 from .config import FinetuneConfig, RunConfig, StrengthenConfig, UnlearnConfig
 from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain_split_for
-from .models import (build_tiny_model, check_config_logits, check_logits_are_linear,
-                     check_same_vocabulary, final_hidden, load_model, output_head,
-                     supervised_positions, unwrap_model)
-from .parallel import (DistInfo, all_reduce_sum, barrier, broadcast_object, gradient_sync,
-                       init_distributed, shard_frozen, wrap_model)
+from .models import (
+    build_tiny_model,
+    check_config_logits,
+    check_logits_are_linear,
+    check_same_vocabulary,
+    final_hidden,
+    load_model,
+    output_head,
+    supervised_positions,
+    unwrap_model,
+)
+from .parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gradient_sync,
+    init_distributed,
+    shard_frozen,
+    wrap_model,
+)
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 
 RUN_RECORD = "run.json"
@@ -453,8 +469,11 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> 
 def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
     """Restore the newest checkpoint; return its step (0 when there is none)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
     latest = out / CHECKPOINTS / "latest.json"
     if not latest.exists():
         return 0
@@ -490,8 +509,7 @@ def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
 def _save_final(out: Path, model, tokenizer, info: DistInfo) -> None:
     """Save the trained model (LoRA adapters merged) with its tokenizer, for the next stage."""
     if info.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
         if info.is_main:

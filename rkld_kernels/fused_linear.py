@@ -23,15 +23,13 @@ computes losses only and the backward recomputes the chunks with each row of dlo
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks
 from .fused_rkl import fused_rkl_loss, resolve_backend
-from .torch_backend import accumulation_dtype, rkl_rows
+from .torch_backend import accumulation_dtype, check_compiled_arg, compile_mode, run_rkl_rows
 
 _FN = "fused_linear_rkl_loss"
 
@@ -49,12 +47,6 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 # chunk measured about 2x slower per element); fewer, larger calls amortise the per-op overhead.
 # On CUDA a whole chunk goes in one call, which is what keeps the GPU busy.
 _CPU_PASS_BYTES = 4 << 20
-
-# compiled=None compiles the torch backend's vocabulary pass on CPU for calls with at least this
-# many kept-token x V elements (2048 tokens at V = 32768), where the one-off compilation (about
-# ten seconds) is soon paid back: compiled, the pass measured about 1.8x faster per element.
-_COMPILE_MIN_ELEMENTS = 1 << 26
-
 
 def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
     """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
@@ -204,63 +196,14 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
             if need_grad else None)
     for start in range(0, rows, plan.rows_per_pass):
         part = slice(start, start + plan.rows_per_pass)
-        loss[part], _ = _rkl_rows(plan, student[part], original[part],
-                                  strengthened[part] if strengthened is not None else None,
-                                  need_grad, grad[part] if grad is not None else None)
+        loss[part], _ = run_rkl_rows(plan.compile, student[part], original[part],
+                                     strengthened[part] if strengthened is not None else None,
+                                     plan.alpha, plan.temperature, plan.reverse, need_grad,
+                                     grad_out=grad[part] if grad is not None else None,
+                                     caller=_FN)
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
-
-
-def _compile_mode(compiled: bool | None, backend: str, device: torch.device,
-                  elements: int) -> str:
-    """How the torch backend runs rkl_rows: "on", "off" or "auto" (compile, fall back to eager
-    if compilation fails), from the ``compiled`` argument and the call's size."""
-    if backend != "torch" or compiled is False:
-        return "off"
-    if compiled:
-        return "on"
-    return "auto" if device.type == "cpu" and elements >= _COMPILE_MIN_ELEMENTS else "off"
-
-
-def _rkl_rows(plan: _Plan, student, original, strengthened, need_grad: bool, grad_out):
-    """:func:`rkld_kernels.torch_backend.rkl_rows`, through ``torch.compile`` if the plan
-    says so."""
-    args = (student, original, strengthened, plan.alpha, plan.temperature, plan.reverse,
-            need_grad)
-    if plan.compile == "on" or (plan.compile == "auto" and not _compile_failed):
-        try:
-            return _compiled_rkl_rows()(*args, grad_out=grad_out)
-        except _compiler_errors() as err:
-            if plan.compile == "on":
-                raise
-            _compile_failed.append(err)
-            warnings.warn(f"{_FN}: torch.compile of the vocabulary pass failed "
-                          f"({type(err).__name__}: {err}); using eager PyTorch from now on "
-                          f"(compiled=False skips the attempt)", RuntimeWarning, stacklevel=2)
-    return rkl_rows(*args, grad_out=grad_out)
-
-
-# Holds the error once torch.compile has failed in this process (e.g. no C++ compiler for
-# inductor), so that the automatic choice stops retrying on every call.
-_compile_failed: list[BaseException] = []
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_rkl_rows():
-    # dynamic=True: one compilation serves every block height and vocabulary size. Eager
-    # rkl_rows makes a dozen elementwise passes over its rows; compiled, they fuse into a few
-    # loops. rkl_rows' check of its fast path (a host sync) splits the graph there; dynamo logs
-    # that graph break once, on the first call.
-    return torch.compile(rkl_rows, dynamic=True)
-
-
-def _compiler_errors() -> tuple[type[BaseException], ...]:
-    import torch._dynamo.exc
-    import torch._inductor.exc
-    return tuple(err for err in (getattr(torch._dynamo.exc, "BackendCompilerFailed", None),
-                                 getattr(torch._inductor.exc, "InductorError", None))
-                 if err is not None)
 
 
 def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
@@ -327,9 +270,7 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         if torch.promote_types(accum_dtype, student_weight.dtype) != accum_dtype:
             raise ValueError(f"{fn}: accum_dtype must be at least as precise as student_weight "
                              f"({student_weight.dtype}); got {accum_dtype}")
-    if compiled is not None and not isinstance(compiled, bool):
-        raise TypeError(f"{fn}: compiled must be None (automatic), True or False; got "
-                        f"{compiled!r}")
+    check_compiled_arg(fn, compiled)
 
 
 def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -379,7 +320,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         compiled: torch backend: run the vocabulary pass (rkl_rows) through ``torch.compile``,
             which fuses its elementwise passes (on CPU about 1.8x faster per element, after a
             one-off compilation of about ten seconds per process). None: on CPU for calls with
-            at least 2**26 kept-token x V elements, falling back to eager PyTorch with a
+            at least 2**25 kept-token x V elements, falling back to eager PyTorch with a
             warning if compilation fails; True: always (failures raise); False: never. The
             first compiled call logs one "graph break" note from torch.compile (rkl_rows checks
             its fast path on the host); it is expected.
@@ -445,7 +386,8 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                  accum_dtype=accum_dtype, backend=backend,
                  rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
                                 else chunk_size),
-                 compile=_compile_mode(compiled, backend, device, rows * vocab),
+                 compile=(compile_mode(compiled, device, rows * vocab) if backend == "torch"
+                          else "off"),
                  per_row=reduction == "none",
                  need_dx=grad_enabled and xs.requires_grad,
                  need_dw=grad_enabled and student_weight.requires_grad,

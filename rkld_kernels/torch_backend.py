@@ -74,8 +74,8 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
     The loss is in the compute dtype (float32, or float64 when the student is float64). The
     gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
     returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d tensor, so that a
-    compiled version does not specialise on its value) when given. Inputs are 2-D ``[rows, V]`` of any float dtype and strides;
-    they are never modified.
+    compiled version does not specialise on its value) when given. Inputs are 2-D
+    ``[rows, V]`` of any float dtype and strides; they are never modified.
 
     Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
     On CPU the chunk is first computed without them: every place where they matter turns the

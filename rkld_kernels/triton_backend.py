@@ -37,8 +37,13 @@ except ImportError as _err:
     _TRITON_IMPORT_ERROR: ImportError | None = _err
 else:
     _TRITON_IMPORT_ERROR = None
-    from .triton_kernels import (PARTIAL_COUNT, STAT_COUNT, rkl_grad_kernel,
-                                 rkl_stats_combine_kernel, rkl_stats_kernel)
+    from .triton_kernels import (
+        PARTIAL_COUNT,
+        STAT_COUNT,
+        rkl_grad_kernel,
+        rkl_stats_combine_kernel,
+        rkl_stats_kernel,
+    )
 
 # Columns one program handles per loop step (stats) or in total (gradient). 4096 columns over
 # 8 warps is 16 per thread: wide, vectorised loads of all three inputs with registers to spare.

@@ -4,9 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from rkld.data import (FORGET_SPLITS, IGNORE_INDEX, collate, encode_prompt, encode_qa,
-                       encode_records, encode_text_blocks, load_benchmark, prompt_text,
-                       read_json_rows, retain_split_for)
+from rkld.data import (
+    FORGET_SPLITS,
+    IGNORE_INDEX,
+    collate,
+    encode_prompt,
+    encode_qa,
+    encode_records,
+    encode_text_blocks,
+    load_benchmark,
+    prompt_text,
+    read_json_rows,
+    retain_split_for,
+)
 from rkld.models import train_tokenizer
 
 TOFU_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"

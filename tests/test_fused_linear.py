@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rkld_kernels import LinearRKLLoss, fused_linear, fused_linear_rkl_loss, fused_rkl_loss
+from rkld_kernels import (
+    LinearRKLLoss,
+    fused_linear_rkl_loss,
+    fused_rkl_loss,
+    torch_backend,
+)
 from rkld_kernels.fused_linear import default_chunk_size
 
 V, H_S, H_T = 1271, 67, 45
@@ -383,15 +388,15 @@ def test_automatic_compilation_falls_back_to_eager_on_compiler_failure(monkeypat
             raise NoCompiler()
         return fail
 
-    monkeypatch.setattr(fused_linear, "_compiled_rkl_rows", broken_compile)
-    monkeypatch.setattr(fused_linear, "_compile_failed", [])
-    monkeypatch.setattr(fused_linear, "_COMPILE_MIN_ELEMENTS", 1)     # make this call "large"
+    monkeypatch.setattr(torch_backend, "_compiled_rkl_rows", broken_compile)
+    monkeypatch.setattr(torch_backend, "_compile_failed", [])
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", 1)     # make this call "large"
     problem = cast(make_problem(), torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile of the vocabulary pass failed"):
         loss, _ = loss_and_grads("torch", problem)
     ref, _ = loss_and_grads("torch", problem, compiled=False)
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
-    monkeypatch.setattr(fused_linear, "_compile_failed", [])
+    monkeypatch.setattr(torch_backend, "_compile_failed", [])
     with pytest.raises(NoCompiler):
         loss_and_grads("torch", problem, compiled=True)
 

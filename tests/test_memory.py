@@ -3,7 +3,8 @@
 The measured peaks come from real training steps of tiny models on CPU, each case in a fresh
 subprocess (this file run as a script): it records its resident set size (RSS), builds the
 models and the optimizer states (as they are after a first step), resets the kernel's RSS
-high-water mark, runs one step and reports the high-water mark minus the first RSS. Allocations of 64 KiB and more are mapped and unmapped directly by the C library in
+high-water mark, runs one step and reports the high-water mark minus the first RSS.
+Allocations of 64 KiB and more are mapped and unmapped directly by the C library in
 that process (MALLOC_MMAP_THRESHOLD_), so the RSS follows live tensor bytes closely.
 """
 from __future__ import annotations

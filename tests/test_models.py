@@ -6,9 +6,17 @@ import torch
 from transformers import LlamaForCausalLM
 
 from rkld.data import collate, encode_qa, load_benchmark
-from rkld.models import (build_tiny_model, check_logits_are_linear, check_same_vocabulary,
-                         final_hidden, load_model, output_head, supervised_positions,
-                         train_tokenizer)
+from rkld.models import (
+    build_tiny_model,
+    check_logits_are_linear,
+    check_same_vocabulary,
+    final_hidden,
+    load_model,
+    output_head,
+    supervised_positions,
+    train_tokenizer,
+)
+
 TINY = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64)
 

@@ -12,8 +12,17 @@ from rkld.data import collate, load_benchmark
 from rkld.models import build_tiny_model, final_hidden, load_model, supervised_positions
 from rkld.parallel import DistInfo
 from rkld.teacher_cache import LiveTeachers, TeacherCache
-from rkld.train import (TrainData, _encode, _paired_retain, _UnlearnObjective, finetune,
-                        step_gradients, strengthen, token_nll_sum, unlearn)
+from rkld.train import (
+    TrainData,
+    _encode,
+    _paired_retain,
+    _UnlearnObjective,
+    finetune,
+    step_gradients,
+    strengthen,
+    token_nll_sum,
+    unlearn,
+)
 
 TINY = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64}

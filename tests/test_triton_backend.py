@@ -15,8 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from rkld_kernels import fused_rkl_loss  # noqa: E402
-from rkld_kernels import triton_backend  # noqa: E402
+from rkld_kernels import (
+    fused_rkl_loss,  # noqa: E402
+    triton_backend,  # noqa: E402
+)
 from rkld_kernels.triton_backend import triton_rkl_backward, triton_rkl_forward  # noqa: E402
 
 # The interpreter evaluates both branches of every tl.where in NumPy, which warns about the

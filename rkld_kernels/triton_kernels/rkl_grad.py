@@ -14,8 +14,13 @@ import triton
 import triton.language as tl
 
 from .logits import load_tempered_logits
-from .rkl_stats import (STAT_LOG_SUM_STUDENT, STAT_LOG_SUM_TEACHER, STAT_LOSS, STAT_MAX_STUDENT,
-                        STAT_MAX_TEACHER)
+from .rkl_stats import (
+    STAT_LOG_SUM_STUDENT,
+    STAT_LOG_SUM_TEACHER,
+    STAT_LOSS,
+    STAT_MAX_STUDENT,
+    STAT_MAX_TEACHER,
+)
 
 
 @triton.jit
