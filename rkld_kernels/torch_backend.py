@@ -1,8 +1,9 @@
 """Chunked PyTorch backend: the same math as the Triton kernels, for CPUs and as a fallback.
 
-Rows are processed a chunk at a time in float32, so no full-vocabulary float32 tensor larger
-than ``chunk_rows x V`` exists besides the gradient itself. The loss and the per-row gradient
-(before the upstream ``grad_output`` scale) come out of one pass over the chunk.
+Rows are processed a chunk at a time in float32 (float64 for float64 students), so no
+full-vocabulary work tensor larger than ``chunk_rows x V`` exists besides the gradient itself.
+The loss and the gradient of each chunk (optionally pre-multiplied by a scale, so that the usual
+backward needs no further pass) come out of one call, eager or through ``torch.compile``.
 
 Math per row, with s~ = s/T, z~ = z/T, p = softmax(s~), q = softmax(z~):
 
