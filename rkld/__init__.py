@@ -6,3 +6,14 @@ fictitious-authors benchmark), ``rkld.models`` (loading and tiny models), ``rkld
 (finetune / strengthen / unlearn), ``rkld.teacher_cache``, ``rkld.cli`` (the ``rkld`` command).
 """
 __version__ = "0.1.0"
+
+import os as _os
+
+if "DS_ACCELERATOR" not in _os.environ:
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        # DeepSpeed (if installed) is imported by accelerate and transformers as a side effect;
+        # without CUDA it picks its CPU accelerator anyway but first prints a warning to standard
+        # output, where the rkld command writes its JSON report. Naming the choice it would make
+        # keeps that output clean; a DS_ACCELERATOR set by the user is left alone.
+        _os.environ["DS_ACCELERATOR"] = "cpu"

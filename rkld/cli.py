@@ -84,8 +84,8 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
                    help="replace a run already in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--parallel", default=d("parallel"), choices=PARALLEL,
-                   help="several processes: ddp or fsdp (FSDP2); auto reads accelerate's "
-                        "environment (default: %(default)s)")
+                   help="several processes: ddp, fsdp (FSDP2) or zero3 (DeepSpeed ZeRO-3); auto "
+                        "reads accelerate's environment (default: %(default)s)")
 
 
 def _config(config_class, args, **extra):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 METHODS = ("rkld", "ga")
 DIRECTIONS = ("reverse", "forward")
 RETAIN_TERMS = ("none", "nll", "kl")
-PARALLEL = ("auto", "none", "ddp", "fsdp")
+PARALLEL = ("auto", "none", "ddp", "fsdp", "zero3")
 
 
 @dataclass

@@ -120,8 +120,10 @@ def load_model(path_or_name, dtype=None):
 
 
 def unwrap_model(model):
-    """The Hugging Face model inside DDP (``.module``) and peft (``get_base_model``) wrappers."""
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """The Hugging Face model inside DDP and DeepSpeed (``.module``) and peft
+    (``get_base_model``) wrappers."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or \
+            type(model).__name__ == "DeepSpeedEngine":
         model = model.module
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
@@ -154,7 +156,7 @@ def capture_final_hidden(model, project_all: bool = False):
             return None
         return (hidden[..., -1:, :],) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(hook)
+    handle = head.register_forward_pre_hook(hook, prepend=True)
     try:
         yield captured
     finally:
@@ -210,8 +212,10 @@ def check_logits_are_linear(model, atol: float | None = None) -> None:
     weight, bias = output_head(hf_model)
     if weight.device.type == "meta":
         return
+    partitioned = hasattr(weight, "ds_id")     # ZeRO-3: the forward gathers, every process runs it
     probe_length = 5
-    input_ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % weight.shape[0]
+    vocab = weight.ds_shape[0] if partitioned else weight.shape[0]
+    input_ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % vocab
     input_ids = input_ids.unsqueeze(0)
     was_training = hf_model.training
     hf_model.eval()
@@ -220,8 +224,9 @@ def check_logits_are_linear(model, atol: float | None = None) -> None:
             logits = hf_model(input_ids=input_ids, use_cache=False).logits
     finally:
         hf_model.train(was_training)
-    rebuilt = torch.nn.functional.linear(captured[0].float(), weight.float(),
-                                         None if bias is None else bias.float())
+    with _gathered([weight, bias] if partitioned else []):
+        rebuilt = torch.nn.functional.linear(captured[0].float(), weight.float(),
+                                             None if bias is None else bias.float())
     logits = logits.float()
     if atol is None:
         atol = 1e-4 if weight.dtype == torch.float32 else 5e-2
@@ -233,6 +238,13 @@ def check_logits_are_linear(model, atol: float | None = None) -> None:
             f"(relative max difference {error.item():.3g}); the model transforms logits after "
             f"the head (soft-capping, scaling, scaled tied embeddings), which the fused RKL "
             f"loss does not reproduce")
+
+
+def _gathered(params):
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters([p for p in params if p is not None])
 
 
 def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) -> None:

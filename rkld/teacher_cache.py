@@ -35,7 +35,7 @@ import torch
 
 from .data import collate
 from .models import final_hidden, output_head, supervised_positions
-from .parallel import DistInfo, barrier, full_tensor, shard_frozen
+from .parallel import DistInfo, barrier, full_shape, full_tensor, shard_frozen
 
 META = "meta.json"
 
@@ -109,12 +109,13 @@ class TeacherCache:
             model = shard_frozen(load(), info)
             model.eval()
             weight, bias = output_head(model)
-            store = torch.empty((offsets[-1], weight.shape[1]), dtype=weight.dtype)
+            store = torch.empty((offsets[-1], full_shape(weight)[1]), dtype=weight.dtype)
             batches = range(n_batches)
             if progress and info.is_main:
                 from tqdm.auto import tqdm
                 batches = tqdm(batches, desc=f"caching {name}", unit="batch")
-            with torch.inference_mode():
+            # ZeRO-3 gathers parameters into buffers it reuses: no inference-mode tensors there.
+            with torch.inference_mode(info.strategy != "zero3"), torch.no_grad():
                 for b in batches:
                     start = b * micro_batch_size
                     chunk = mine[start:start + micro_batch_size]
@@ -167,12 +168,19 @@ class TeacherCache:
 
 class LiveTeachers:
     """Teacher models kept in memory and run on every batch (``--live-teachers``): the same
-    interface as TeacherCache, for checking it and for data too large to cache."""
+    interface as TeacherCache, for checking it and for data too large to cache.
+
+    The teachers' lm_head parameters are gathered once here (when FSDP2 or ZeRO-3 shards them),
+    so every process must construct it."""
 
     def __init__(self, models: dict):
         self.models = models
-        for model in models.values():
+        self._heads = {}
+        for name, model in models.items():
             model.eval()
+            weight, bias = output_head(model)
+            weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
+            self._heads[name] = (weight.detach(), None if bias is None else bias.detach())
 
     def rows(self, teacher: str, indices: list, batch: dict) -> torch.Tensor:
         model = self.models[teacher]
@@ -182,6 +190,4 @@ class LiveTeachers:
         return rows
 
     def head(self, teacher: str):
-        weight, bias = output_head(self.models[teacher])
-        weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
-        return weight.detach(), None if bias is None else bias.detach()
+        return self._heads[teacher]

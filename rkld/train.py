@@ -52,19 +52,24 @@ from .models import (
     check_same_vocabulary,
     final_hidden,
     load_model,
-    output_head,
     supervised_positions,
     unwrap_model,
 )
 from .parallel import (
     DistInfo,
     all_reduce_sum,
+    backward,
     barrier,
     broadcast_object,
+    full_shape,
     gradient_sync,
+    head_runner,
     init_distributed,
     shard_frozen,
     wrap_model,
+    zero3_engine,
+    zero3_loading,
+    zero3_setup,
 )
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 
@@ -72,6 +77,7 @@ RUN_RECORD = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 SINGLE_PROCESS_STATE = "state.pt"
+ZERO3_TAG = "zero3"      # the folder DeepSpeed's save_checkpoint writes its partitions into
 NLL_CHUNK = 4096   # rows of logits alive at once in the NLL (with recomputation in backward)
 
 
@@ -91,6 +97,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     """Unlearn ``cfg.forget`` from ``cfg.model``; returns ``(out_dir, stats)``."""
     cfg.validate()
     info = init_distributed(cfg.parallel)
+    _check_strategy(cfg, info, on_epoch_end)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     forget_rows = _split_rows(bench, cfg.forget, "forget set")
     retain_split = None
@@ -110,6 +117,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         _check_same_vocab_size(cfg.model, cfg.strengthened)
     else:
         _precheck_model(cfg.model, "the original model")
+    zero3_setup(info, _weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
     examples = _encode(tokenizer, forget_rows, cfg, cfg.forget)
     retain_examples = None
     if retain_split is not None:
@@ -124,8 +132,8 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     teachers = retain_teachers = None
     teacher_names = ("original", "strengthened") if cfg.method == "rkld" else ()
     if cfg.retain_term == "kl" or teacher_names:
-        loaders = {"original": lambda: _load_checked(cfg.model, cfg.dtype, info.device),
-                   "strengthened": lambda: _load_checked(cfg.strengthened, cfg.dtype, info.device)}
+        loaders = {"original": lambda: _load_checked(cfg.model, cfg.dtype, info),
+                   "strengthened": lambda: _load_checked(cfg.strengthened, cfg.dtype, info)}
         if cfg.live_teachers:
             needed = set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())
             live = {name: shard_frozen(loaders[name](), info) for name in sorted(needed)}
@@ -174,11 +182,17 @@ def token_nll_sum(hidden_rows: torch.Tensor, weight: torch.Tensor, bias, targets
 
 
 def _student_rows(model, batch):
+    """The student's final hidden states at the supervised positions, their targets, and
+    ``head(fn, *tensors)``, which calls ``fn(weight, bias, *tensors)`` with the lm_head's
+    parameters whole (under FSDP2 the root's parameters are unsharded after the forward; under
+    ZeRO-3 the call runs inside a module forward that gathers them)."""
     hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
     rows, targets = supervised_positions(hidden, batch["labels"])
-    # Read the head after the forward: under FSDP2 the root's parameters are unsharded now.
-    weight, bias = output_head(model)
-    return rows, targets, weight, bias
+    return rows, targets, head_runner(model)
+
+
+def _nll(weight, bias, rows, targets):
+    return token_nll_sum(rows, weight, bias, targets)
 
 
 class _NLLObjective:
@@ -186,8 +200,8 @@ class _NLLObjective:
     retain = False
 
     def __call__(self, model, indices, batch, retain_indices, retain_batch):
-        rows, targets, weight, bias = _student_rows(model, batch)
-        return token_nll_sum(rows, weight, bias, targets), None
+        rows, targets, head = _student_rows(model, batch)
+        return head(_nll, rows, targets), None
 
 
 class _UnlearnObjective:
@@ -203,31 +217,38 @@ class _UnlearnObjective:
     def __call__(self, model, indices, batch, retain_indices, retain_batch):
         from rkld_kernels import fused_linear_rkl_loss
         cfg = self.cfg
-        rows, targets, weight, bias = _student_rows(model, batch)
+        rows, targets, head = _student_rows(model, batch)
         if cfg.method == "ga":
-            forget_sum = -token_nll_sum(rows, weight, bias, targets)
+            forget_sum = -head(_nll, rows, targets)
         else:
             original_w, original_b = self.teachers.head("original")
             strengthened_w, strengthened_b = self.teachers.head("strengthened")
-            forget_sum = fused_linear_rkl_loss(
-                rows, weight, self.teachers.rows("original", indices, batch), original_w,
-                self.teachers.rows("strengthened", indices, batch), strengthened_w,
-                student_bias=bias, original_bias=original_b, strengthened_bias=strengthened_b,
-                alpha=cfg.alpha, temperature=cfg.temperature, direction=cfg.direction,
-                reduction="sum", chunk_size=cfg.chunk_size, backend=cfg.backend)
+            original_rows = self.teachers.rows("original", indices, batch)
+            strengthened_rows = self.teachers.rows("strengthened", indices, batch)
+
+            def rkld(weight, bias, rows):
+                return fused_linear_rkl_loss(
+                    rows, weight, original_rows, original_w, strengthened_rows, strengthened_w,
+                    student_bias=bias, original_bias=original_b,
+                    strengthened_bias=strengthened_b, alpha=cfg.alpha,
+                    temperature=cfg.temperature, direction=cfg.direction, reduction="sum",
+                    chunk_size=cfg.chunk_size, backend=cfg.backend)
+            forget_sum = head(rkld, rows)
         if not self.retain:
             return forget_sum, None
-        retain_rows, retain_targets, weight, bias = _student_rows(model, retain_batch)
+        retain_rows, retain_targets, head = _student_rows(model, retain_batch)
         if cfg.retain_term == "nll":
-            retain_sum = token_nll_sum(retain_rows, weight, bias, retain_targets)
+            retain_sum = head(_nll, retain_rows, retain_targets)
         else:   # forward KL to the original model: plain distillation, no strengthened teacher
             original_w, original_b = self.retain_teachers.head("original")
-            retain_sum = fused_linear_rkl_loss(
-                retain_rows, weight, self.retain_teachers.rows("original", retain_indices,
-                                                               retain_batch), original_w,
-                student_bias=bias, original_bias=original_b, temperature=cfg.temperature,
-                direction="forward", reduction="sum", chunk_size=cfg.chunk_size,
-                backend=cfg.backend)
+            teacher_rows = self.retain_teachers.rows("original", retain_indices, retain_batch)
+
+            def distil(weight, bias, rows):
+                return fused_linear_rkl_loss(
+                    rows, weight, teacher_rows, original_w, student_bias=bias,
+                    original_bias=original_b, temperature=cfg.temperature, direction="forward",
+                    reduction="sum", chunk_size=cfg.chunk_size, backend=cfg.backend)
+            retain_sum = head(distil, retain_rows)
         return forget_sum, retain_sum
 
 
@@ -236,22 +257,47 @@ class _UnlearnObjective:
 def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     cfg.validate()
     info = init_distributed(cfg.parallel)
+    _check_strategy(cfg, info, on_epoch_end)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
     out = _check_output(cfg, stage)
     if cfg.model == "tiny":
         texts = _benchmark_texts(bench)
         model, tokenizer = build_tiny_model(texts, seed=cfg.seed, **cfg.tiny)
+        if cfg.dtype is not None:
+            model.to(getattr(torch, cfg.dtype))
     else:
         tokenizer = _load_tokenizer(cfg.model)
         _precheck_model(cfg.model, "the model")
         model = None
+    zero3_setup(info, _weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
     examples = _encode(tokenizer, rows, cfg, split)
     _start_run(out, cfg, stage, info, {split: bench.fingerprint(split)})
     model = _load_student(cfg, info, tokenizer, model)
     stats = _train(cfg, stage, model, tokenizer, examples, None, _NLLObjective(), info, out,
                    on_epoch_end, on_step)
     return out, stats
+
+
+def _check_strategy(cfg: RunConfig, info: DistInfo, on_epoch_end) -> None:
+    """Refuse combinations a strategy does not support, before any work starts."""
+    if info.strategy == "zero3":
+        if cfg.lora:
+            raise ValueError("--lora under DeepSpeed ZeRO-3 is not supported; LoRA's trainable "
+                             "state is small, so use DDP (or a single process) for LoRA runs")
+        if on_epoch_end is not None:
+            raise ValueError("per-epoch callbacks (--eval-every-epoch) are not supported under "
+                             "DeepSpeed ZeRO-3, where no process holds the whole model; use "
+                             "FSDP2, or evaluate the saved model with rkld eval")
+
+
+def _weights_dtype(cfg: RunConfig) -> str:
+    """The dtype the student trains in: --dtype, else the saved one (float32 for tiny)."""
+    if cfg.dtype is not None or cfg.model == "tiny":
+        return cfg.dtype or "float32"
+    config = _precheck_model(cfg.model, "the model")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype or "float32").removeprefix("torch.")
 
 
 def _split_rows(bench, split: str, what: str) -> list:
@@ -326,19 +372,29 @@ def _check_same_vocab_size(path_a: str, path_b: str) -> None:
                          f"rows")
 
 
-def _load_checked(path: str, dtype, device):
-    model, _ = load_model(path, dtype=dtype)
+def _load_checked(path: str, dtype, info: DistInfo):
+    """A frozen teacher, checked to have linear logits; under ZeRO-3 loaded partitioned and
+    returned as a DeepSpeed inference engine."""
+    with zero3_loading(info):
+        model, _ = load_model(path, dtype=dtype)
+    if info.strategy == "zero3":
+        model = shard_frozen(model, info)
+        check_logits_are_linear(model)     # a forward through the engine: after wrapping
+        return model
     check_logits_are_linear(model)
-    return model.to(device)
+    return model.to(info.device)
 
 
 def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
     if model is None:
-        model, _ = load_model(cfg.model, dtype=cfg.dtype)
-        if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
+        with zero3_loading(info):
+            model, _ = load_model(cfg.model, dtype=cfg.dtype)
+        rows = full_shape(model.get_output_embeddings().weight)[0]
+        if len(tokenizer) > rows:
             raise ValueError(f"{cfg.model}: the tokenizer has {len(tokenizer)} tokens but the "
-                             f"lm_head only {model.get_output_embeddings().weight.shape[0]} rows")
-    check_logits_are_linear(model)
+                             f"lm_head only {rows} rows")
+    if info.strategy != "zero3":    # under ZeRO-3 once the engine exists (a forward is needed)
+        check_logits_are_linear(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         options = {"use_reentrant": False}
@@ -356,7 +412,8 @@ def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
             raise ImportError("--lora needs peft: pip install 'rkld[lora]'") from None
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=0.0, target_modules="all-linear"))
-    model.to(info.device)
+    if info.strategy != "zero3":      # the engine places (and partitions) the model itself
+        model.to(info.device)
     model.train()
     return wrap_model(model, info)
 
@@ -445,12 +502,15 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    model_state, optim_state = get_state_dict(
-        model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    if info.distributed:
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    else:   # one file: much faster than the distributed format's coordination for small models
-        torch.save({"model": model_state, "optim": optim_state}, tmp / SINGLE_PROCESS_STATE)
+    if info.strategy == "zero3":     # each process writes its partitions of weights and states
+        model.save_checkpoint(str(tmp), tag=ZERO3_TAG, save_latest=False)
+    else:
+        model_state, optim_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        if info.distributed:
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        else:   # one file: much faster than the distributed format's coordination
+            torch.save({"model": model_state, "optim": optim_state}, tmp / SINGLE_PROCESS_STATE)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                tmp / f"rng.rank{info.rank}.pt")
@@ -459,7 +519,9 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> 
         final = root / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_json(root / "latest.json", {"step": step, "dir": final.name})
+        _write_json(root / "latest.json", {"step": step, "dir": final.name,
+                                           "strategy": info.strategy,
+                                           "world_size": info.world_size})
         for old in root.glob("step-*"):
             if old.name != final.name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -479,6 +541,21 @@ def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
         return 0
     pointer = json.loads(latest.read_text())
     folder = out / CHECKPOINTS / pointer["dir"]
+    zero3 = (folder / ZERO3_TAG).is_dir()
+    if zero3 != (info.strategy == "zero3"):
+        raise ValueError(f"{folder} was written " + ("under" if zero3 else "without")
+                         + " DeepSpeed ZeRO-3; resume it " + ("under ZeRO-3" if zero3 else
+                                                             "with DDP, FSDP2 or one process"))
+    if zero3:
+        if pointer.get("world_size") != info.world_size:
+            raise ValueError(f"{folder} holds ZeRO-3 partitions of {pointer.get('world_size')} "
+                             f"processes; resume it with that many (this run has "
+                             f"{info.world_size})")
+        loaded, _ = model.load_checkpoint(str(folder), tag=ZERO3_TAG)
+        if loaded is None:
+            raise FileNotFoundError(f"{folder / ZERO3_TAG}: DeepSpeed found no checkpoint there")
+        _load_rng(folder, info)
+        return int(pointer["step"])
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
@@ -497,18 +574,26 @@ def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
         dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"], options=options)
+    _load_rng(folder, info)
+    return int(pointer["step"])
+
+
+def _load_rng(folder: Path, info: DistInfo) -> None:
     rng_file = folder / f"rng.rank{info.rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and info.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"])
-    return int(pointer["step"])
 
 
 def _save_final(out: Path, model, tokenizer, info: DistInfo) -> None:
     """Save the trained model (LoRA adapters merged) with its tokenizer, for the next stage."""
-    if info.strategy == "fsdp":
+    if info.strategy == "zero3":
+        state = _zero3_full_state(unwrap_model(model), info)
+        if info.is_main:
+            unwrap_model(model).save_pretrained(out, state_dict=state)
+    elif info.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
@@ -523,6 +608,24 @@ def _save_final(out: Path, model, tokenizer, info: DistInfo) -> None:
     if info.is_main:
         tokenizer.save_pretrained(out)
     barrier(info)
+
+
+def _zero3_full_state(hf_model, info: DistInfo) -> dict | None:
+    """The whole state dict on the main process (None elsewhere), gathered one ZeRO-3
+    parameter at a time so that no process holds more than one extra parameter on the
+    accelerator."""
+    import deepspeed
+    state = {}
+    for name, param in hf_model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if info.is_main:
+                state[name] = param.detach().cpu().clone()
+    if not info.is_main:
+        return None
+    for name, value in hf_model.state_dict(keep_vars=True).items():     # persistent buffers
+        if not isinstance(value, torch.nn.Parameter):
+            state[name] = value.detach().cpu().clone()
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -597,8 +700,8 @@ def step_gradients(model, objective, data: TrainData, step_indices: list,
             loss = forget_sum / max(n_forget, 1)
             if retain_sum is not None:
                 loss = loss + retain_sum / max(n_retain, 1)
-            # DDP and FSDP average gradients over processes; the factor makes that a sum.
-            (loss * (weight * info.world_size)).backward()
+            # DDP, FSDP and ZeRO-3 average gradients over processes; the factor makes that a sum.
+            backward(model, loss * (weight * info.world_size), info)
         local_loss += weight * loss.item()
     return all_reduce_sum([local_loss], info)[0], n_forget, n_input
 
@@ -607,13 +710,16 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
            info: DistInfo, out: Path, on_epoch_end, on_step) -> dict:
     pad = tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
+    decay = [p for p in trainable if len(full_shape(p)) >= 2]
+    no_decay = [p for p in trainable if len(full_shape(p)) < 2]
     # The fused AdamW is several times faster than the per-tensor loop (also on CPU); FSDP2's
-    # sharded DTensor parameters take the default implementation.
+    # sharded DTensor parameters and ZeRO-3's flat partitions take the default implementation.
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                  fused=info.strategy != "fsdp" or None)
+                                  fused=info.strategy not in ("fsdp", "zero3") or None)
+    if info.strategy == "zero3":
+        model, optimizer = zero3_engine(model, optimizer, info)
+        check_logits_are_linear(model)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
@@ -646,13 +752,16 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             step_indices = order[first:first + cfg.batch_size]
             step_loss, n_forget, n_input = step_gradients(model, objective, data, step_indices,
                                                           cfg.micro_batch_size, info)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = cfg.lr * _lr_factor(step, warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if info.strategy == "zero3":    # clips (gradient_clipping), steps and zeroes
+                model.step()
+            else:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - started
             train_seconds += elapsed

@@ -25,8 +25,9 @@ of the lm_head:
   module that does not own it (an lm_head tied to the input embedding) must be declared there
   with ``deepspeed.zero.register_external_parameter(module, weight)``. Outside any forward,
   ``deepspeed.zero.GatheredParameters([weight])`` gives the full weight for inspection or
-  evaluation; for training, use the module route. (Not tested here: DeepSpeed is not a
-  dependency of this project.)
+  evaluation; for training, use the module route. (Tested: tests/test_fused_linear_distributed.py
+  runs this module under DDP, FSDP2 and ZeRO-3 with 2 processes; the project's training
+  pipeline takes the external-parameter route instead.)
 
 Tied embeddings under FSDP2: the tied parameter must belong to one FSDP unit that is gathered
 whenever either user runs (e.g. shard the embedding and the head together in the root unit).

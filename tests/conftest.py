@@ -4,6 +4,9 @@ Triton's interpreter must be switched on before triton is first imported, and on
 is present: then the Triton kernels run on CPU tensors (slowly), so keep their shapes small.
 """
 import os
+import socket
+import subprocess
+import sys
 
 import torch
 
@@ -26,3 +29,48 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A tiny Llama for the multi-process pipeline tests (small enough for 2 CPU processes).
+TINY_PAIR_CONFIG = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """Folders ``original`` (a tiny model with its tokenizer) and ``strengthened`` (the same
+    with perturbed weights, standing in for the strengthened model)."""
+    from rkld.data import load_benchmark
+    from rkld.models import build_tiny_model
+    root = tmp_path_factory.mktemp("pair")
+    texts = [r["question"] + " " + r["answer"] for r in load_benchmark("synthetic").split("full")]
+    build_tiny_model(texts, root / "original", seed=0, **TINY_PAIR_CONFIG)
+    strengthened, tokenizer = build_tiny_model(texts, seed=0, **TINY_PAIR_CONFIG)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in strengthened.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    strengthened.save_pretrained(root / "strengthened")
+    tokenizer.save_pretrained(root / "strengthened")
+    return root
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: int = 600) -> None:
+    """Run ``script args...`` in ``nproc`` CPU processes under ``torch.distributed.run``
+    (rendezvous on loopback, one thread each); fail the test with the processes' output tails
+    if it does not exit cleanly. The workers import this checkout's packages."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+               *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -6,24 +6,14 @@ newest checkpoint; a second launch, new processes as after a real crash, resumes
 runs. The resumed runs must end with the uninterrupted runs' weights and step losses.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
 
-from rkld.data import load_benchmark
-from rkld.models import build_tiny_model
-
-TINY = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 STRATEGIES = ("ddp", "fsdp")
-ROOT = Path(__file__).resolve().parents[1]
 # forget10 has 20 examples: 3 steps per epoch of 8, 6 in all. Checkpoints after steps 2, 3
 # (epoch end) and 4; killed after step 5, so the resume starts from step 4 and redoes step 5.
 STEPS, KILLED_AFTER, CHECKPOINT = 6, 5, 4
@@ -60,44 +50,17 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tiny_pair(root):
-    """A tiny original model and a 'strengthened' one (the same with perturbed weights)."""
-    texts = [r["question"] + " " + r["answer"] for r in load_benchmark("synthetic").split("full")]
-    build_tiny_model(texts, root / "original", seed=0, **TINY)
-    strengthened, tokenizer = build_tiny_model(texts, seed=0, **TINY)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in strengthened.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    strengthened.save_pretrained(root / "strengthened")
-    tokenizer.save_pretrained(root / "strengthened")
-
-
 def _launch(script, settings, root, phase):
     plan = {"settings": settings, "strategies": STRATEGIES, "killed_after": KILLED_AFTER}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-               json.dumps(plan), str(root), phase]
-    # The workers import this checkout's rkld whether or not it is installed.
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun(script, json.dumps(plan), root, phase)
 
 
 def _log(folder) -> list:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def test_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
-    _tiny_pair(tmp_path)
-    settings = dict(model=str(tmp_path / "original"), strengthened=str(tmp_path / "strengthened"),
+def test_resumed_two_process_run_matches_an_uninterrupted_one(pair, tmp_path):
+    settings = dict(model=str(pair / "original"), strengthened=str(pair / "strengthened"),
                     forget="forget10", epochs=2, lr=2e-3, batch_size=8, micro_batch_size=2,
                     max_length=48, save_every=2, progress=False)
     script = tmp_path / "worker.py"
@@ -132,7 +95,7 @@ def test_resumed_two_process_run_matches_an_uninterrupted_one(tmp_path):
         want_weights = load_file(str(full / "model.safetensors"))
         got_weights = load_file(str(resumed / "model.safetensors"))
         assert got_weights.keys() == want_weights.keys()
-        original = load_file(str(tmp_path / "original" / "model.safetensors"))
+        original = load_file(str(pair / "original" / "model.safetensors"))
         assert any(not torch.equal(value, original[name]) for name, value in want_weights.items())
         for name, value in want_weights.items():
             torch.testing.assert_close(got_weights[name], value, rtol=0, atol=1e-6,

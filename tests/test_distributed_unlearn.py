@@ -6,25 +6,20 @@ that DDP's and FSDP's gradient averaging needs) and (b) a whole unlearning run w
 teacher cache and a retain term, checkpoints and the final save included.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
 
 from rkld.config import UnlearnConfig
 from rkld.data import load_benchmark
-from rkld.models import build_tiny_model, load_model
+from rkld.models import load_model
 from rkld.parallel import DistInfo
 from rkld.teacher_cache import LiveTeachers
 from rkld.train import TrainData, _encode, _UnlearnObjective, step_gradients, unlearn
 
-TINY = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64}
 STEP = [3, 11, 0, 7, 19, 5, 2]          # 7 examples: the two processes get 4 and 3
 
 WORKER = textwrap.dedent('''
@@ -59,40 +54,13 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """A tiny original model and a 'strengthened' one (the same with perturbed weights)."""
-    root = tmp_path_factory.mktemp("pair")
-    texts = [r["question"] + " " + r["answer"] for r in load_benchmark("synthetic").split("full")]
-    build_tiny_model(texts, root / "original", seed=0, **TINY)
-    strengthened, tokenizer = build_tiny_model(texts, seed=0, **TINY)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in strengthened.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    strengthened.save_pretrained(root / "strengthened")
-    tokenizer.save_pretrained(root / "strengthened")
-    return root
-
-
 def test_two_processes_match_one(pair, tmp_path):
     settings = dict(model=str(pair / "original"), strengthened=str(pair / "strengthened"),
                     forget="forget10", epochs=2, lr=2e-3, batch_size=8, micro_batch_size=2,
                     max_length=48, retain_term="nll", progress=False)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-               json.dumps(settings), json.dumps(STEP), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun(script, json.dumps(settings), json.dumps(STEP), tmp_path)
 
     # One process: the same step's gradient, and the same run.
     previous = torch.get_num_threads()
