@@ -315,6 +315,16 @@ def main(argv=None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rkld {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group of a multi-process run before the interpreter exits: left to
+    interpreter shutdown, the backend's threads can abort the process after a finished run."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -73,4 +73,9 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600) -> None:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
                *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    if result.returncode != 0:
+        # Progress bars (carriage-return lines ending in "it/s]") would crowd out the error.
+        lines = [line for line in (result.stdout + "\n" + result.stderr).splitlines()
+                 if line.strip() and "it/s]" not in line and "s/it]" not in line]
+        pytest.fail(f"{script} under torchrun exited with {result.returncode}:\n"
+                    + "\n".join(lines[-150:]), pytrace=False)

@@ -81,6 +81,9 @@ WORKER = textwrap.dedent('''
     assert mine <= whole // 2 + len(params), (mine, whole)
     model, _ = load_model(settings["model"])      # outside the context: an ordinary model
     assert sum(p.numel() for p in model.parameters()) == whole
+
+    # Leave the process group before exiting: at interpreter shutdown gloo's threads can abort.
+    torch.distributed.destroy_process_group()
 ''')
 
 

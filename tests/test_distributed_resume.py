@@ -47,6 +47,9 @@ WORKER = textwrap.dedent('''
                 raise SystemExit("the run was not killed")
         else:
             unlearn(config("resumed", resume=True))
+
+    # Leave the process group before exiting: at interpreter shutdown gloo's threads can abort.
+    torch.distributed.destroy_process_group()
 ''')
 
 

@@ -51,6 +51,9 @@ WORKER = textwrap.dedent('''
             torch.save({"loss": loss, "tokens": tokens, "grads": grads},
                        f"{root}/{strategy}_step.pt")
         unlearn(cfg)
+
+    # Leave the process group before exiting: at interpreter shutdown gloo's threads can abort.
+    torch.distributed.destroy_process_group()
 ''')
 
 
