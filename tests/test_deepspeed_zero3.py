@@ -6,8 +6,9 @@ two processes:
       the strategy picked from accelerate's environment (``--parallel auto``);
   (b) the same run killed after step 3 (its last checkpoint is step 2) and resumed;
   (c) unlearning with live teachers (ZeRO-3 inference engines) and the +KL retain term;
-  (d) a model loaded under ``zero3_loading`` is partitioned as it is created.
-The test then runs (a) and (c) in one process and compares the saved weights and the losses.
+  (d) a model loaded under ``zero3_loading`` is partitioned as it is created;
+  (e) finetuning (next-token NLL through the same head call) from the saved original model.
+The test then runs (a), (c) and (e) in one process and compares the saved weights and losses.
 """
 import json
 import textwrap
@@ -17,14 +18,14 @@ import torch
 from conftest import torchrun
 from safetensors.torch import load_file
 
-from rkld.config import UnlearnConfig
+from rkld.config import FinetuneConfig, UnlearnConfig
 from rkld.parallel import (
     DistInfo,
     _check_accelerate_deepspeed_env,
     init_distributed,
     zero3_setup,
 )
-from rkld.train import _check_strategy, unlearn
+from rkld.train import _check_strategy, finetune, unlearn
 
 SETTINGS = dict(forget="forget10", epochs=2, lr=2e-3, batch_size=8, micro_batch_size=2,
                 max_length=48, progress=False)
@@ -39,11 +40,12 @@ WORKER = textwrap.dedent('''
     # 40 s); the training loop never uses it (gloo does the collectives), so skip the build.
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from rkld.config import UnlearnConfig
+    from rkld.config import FinetuneConfig, UnlearnConfig
     from rkld.train import unlearn
 
     settings, runs, kill_after, root = (json.loads(sys.argv[1]), json.loads(sys.argv[2]),
                                         int(sys.argv[3]), sys.argv[4])
+    finetune_settings = json.loads(sys.argv[5])
     # (a) the strategy from accelerate's environment, as `accelerate launch` with zero3.yaml sets
     os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
     unlearn(UnlearnConfig(**settings, **runs["cache"], out=f"{root}/cache", parallel="auto"))
@@ -66,6 +68,11 @@ WORKER = textwrap.dedent('''
                           resume=True))
     # (c) live teachers and the +KL retain term
     unlearn(UnlearnConfig(**{**settings, **runs["live"]}, out=f"{root}/live", parallel="zero3"))
+
+    # (e) finetuning (the NLL stages) from a saved model
+    from rkld.config import FinetuneConfig
+    from rkld.train import finetune
+    finetune(FinetuneConfig(**finetune_settings, out=f"{root}/finetune", parallel="zero3"))
 
     # (d) models load partitioned: each process materialises only its share of the weights
     from rkld.models import load_model
@@ -105,13 +112,17 @@ def test_zero3_two_processes_match_one(pair, tmp_path):
                     strengthened=str(pair / "strengthened"))
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    torchrun(script, json.dumps(settings), json.dumps(RUNS), KILL_AFTER, tmp_path)
+    finetune_settings = dict(model=str(pair / "original"), split="forget10", epochs=1, lr=2e-3,
+                             batch_size=8, micro_batch_size=2, max_length=48, progress=False)
+    torchrun(script, json.dumps(settings), json.dumps(RUNS), KILL_AFTER, tmp_path,
+             json.dumps(finetune_settings))
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name, run in RUNS.items():
             unlearn(UnlearnConfig(**{**settings, **run}, out=str(tmp_path / f"single_{name}")))
+        finetune(FinetuneConfig(**finetune_settings, out=str(tmp_path / "single_finetune")))
     finally:
         torch.set_num_threads(previous)
 
@@ -120,7 +131,7 @@ def test_zero3_two_processes_match_one(pair, tmp_path):
     moved = max((single[k] - original[k]).abs().max().item() for k in original)
     assert moved > 1e-3, "the runs must change the weights for the comparison to mean anything"
 
-    for name in RUNS:
+    for name in (*RUNS, "finetune"):
         folder = tmp_path / name
         record = json.loads((folder / "run.json").read_text())
         assert record["status"] == "finished"
