@@ -307,7 +307,8 @@ def _register_head_params(call: HeadCall, head) -> None:
 def head_runner(model):
     """``run(fn, *tensors) -> fn(weight, bias, *tensors)`` with the student's lm_head parameters
     whole: directly, or under ZeRO-3 inside the forward of its :class:`HeadCall`."""
-    hf_model = _hf_model(_unwrap_engine(model))
+    from .models import unwrap_model
+    hf_model = unwrap_model(model)
     call = getattr(hf_model, HEAD_CALL, None)
     if call is not None:
         return call
@@ -316,14 +317,7 @@ def head_runner(model):
 
 
 def _is_engine(model) -> bool:
-    return type(model).__name__ in ("DeepSpeedEngine", "InferenceEngine") and hasattr(model,
-                                                                                    "module")
-
-
-def _unwrap_engine(model):
-    while _is_engine(model) or isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def zero3_engine(model: torch.nn.Module, optimizer, info: DistInfo):
@@ -332,6 +326,6 @@ def zero3_engine(model: torch.nn.Module, optimizer, info: DistInfo):
     deepspeed = _import_deepspeed()
     engine, optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                  config=info.ds_config)
-    call = getattr(_hf_model(engine.module), HEAD_CALL)
-    _register_head_params(call, _hf_model(engine.module).get_output_embeddings())
+    hf_model = _hf_model(engine.module)
+    _register_head_params(getattr(hf_model, HEAD_CALL), hf_model.get_output_embeddings())
     return engine, optimizer
