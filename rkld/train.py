@@ -106,7 +106,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         if retain_split is None or retain_split not in bench.splits:
             raise ValueError(f"--retain-term {cfg.retain_term} needs the retain split of "
                              f"{cfg.forget!r}, which benchmark {bench.name!r} does not have")
-    out = _check_output(cfg, "unlearn")
+    out = _check_output(cfg, "unlearn", info)
     # Cheap checks before any model is loaded: tokenizers and vocabularies must agree.
     tokenizer = _load_tokenizer(cfg.model, "the original model")
     if cfg.method == "rkld":
@@ -260,7 +260,7 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     _check_strategy(cfg, info, on_epoch_end)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
-    out = _check_output(cfg, stage)
+    out = _check_output(cfg, stage, info)
     if cfg.model == "tiny":
         texts = _benchmark_texts(bench)
         model, tokenizer = build_tiny_model(texts, seed=cfg.seed, **cfg.tiny)
@@ -420,9 +420,27 @@ def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
 
 # --------------------------------------------------------------------------- output folder
 
-def _check_output(cfg: RunConfig, stage: str) -> Path:
-    """Refuse output folders that would lose or mix results; change nothing on disk."""
+def _check_output(cfg: RunConfig, stage: str, info: DistInfo) -> Path:
+    """Refuse output folders that would lose or mix results; change nothing on disk.
+
+    Only the main process looks at the folder, and every process raises what it found: the
+    processes of one launch reach this point at different times, and a process that looked
+    after the main one had written ``run.json`` (in ``_start_run``) would see its own launch's
+    run as an unfinished one and refuse it."""
     out = Path(cfg.out).expanduser()
+    error = None
+    if info.is_main:
+        try:
+            _refuse_output(out, cfg, stage)
+        except (FileExistsError, ValueError) as exc:
+            error = exc
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise error
+    return out
+
+
+def _refuse_output(out: Path, cfg: RunConfig, stage: str) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a folder")
     record = out / RUN_RECORD
@@ -439,7 +457,6 @@ def _check_output(cfg: RunConfig, stage: str) -> Path:
                                   f"pass --resume to continue it or --overwrite to restart")
         if cfg.resume and previous.get("stage") != stage:
             raise ValueError(f"--resume: {out} holds a {previous.get('stage')} run, not {stage}")
-    return out
 
 
 def _versions() -> dict:

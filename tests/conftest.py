@@ -20,6 +20,28 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# The packages whose versions decide what the suite exercises (pinned for tests in
+# requirements/test-constraints.txt); printed once at the start of the run, also under -q
+# (which hides pytest's own header).
+REPORTED_PACKAGES = ("torch", "triton", "transformers", "accelerate", "deepspeed", "peft")
+
+
+def environment_line() -> str:
+    from importlib import metadata
+    versions = []
+    for name in REPORTED_PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    return "rkld test environment: " + ", ".join(versions) + f"; device {DEVICE}"
+
+
+def pytest_sessionstart(session):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(environment_line())
+
 
 @pytest.fixture
 def device():

@@ -98,3 +98,47 @@ def test_two_processes_match_one(pair, tmp_path):
         record = json.loads((tmp_path / strategy / "run.json").read_text())
         assert record["world_size"] == 2 and record["strategy"] == strategy
         assert record["status"] == "finished"
+
+
+LATE_WORKER = textwrap.dedent('''
+    import json, os, sys, time, torch
+    torch.set_num_threads(1)
+    import rkld.train as train
+    from rkld.config import UnlearnConfig
+
+    settings, out = json.loads(sys.argv[1]), sys.argv[2]
+    waiting = out + ".rank0-waits"
+    # Rank 1 reaches the output check late, as a loaded machine can make it do: only once rank 0
+    # has either written run.json of this launch (it did not wait) or started waiting for the
+    # other processes' agreement (rank 0's broadcasts are marked by a file).
+    if os.environ["RANK"] == "0":
+        broadcast_object = train.broadcast_object
+        def marked_broadcast_object(*args, **kwargs):
+            open(waiting, "w").close()
+            return broadcast_object(*args, **kwargs)
+        train.broadcast_object = marked_broadcast_object
+    else:
+        load_benchmark = train.load_benchmark
+        def late_load_benchmark(*args, **kwargs):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (
+                    os.path.exists(waiting) or os.path.exists(os.path.join(out, "run.json"))):
+                time.sleep(0.05)
+            return load_benchmark(*args, **kwargs)
+        train.load_benchmark = late_load_benchmark
+    train.unlearn(UnlearnConfig(**settings, out=out, parallel="ddp"))
+    torch.distributed.destroy_process_group()
+''')
+
+
+def test_a_process_that_checks_the_output_late_is_not_refused(pair, tmp_path):
+    """The processes of one launch must not take their own run for an earlier unfinished one
+    (the cause of a rare failure of the test above on a loaded machine)."""
+    settings = dict(model=str(pair / "original"), strengthened=str(pair / "strengthened"),
+                    forget="forget01", epochs=1, lr=1e-3, batch_size=4, micro_batch_size=2,
+                    max_length=32, progress=False)
+    script = tmp_path / "late_worker.py"
+    script.write_text(LATE_WORKER)
+    torchrun(script, json.dumps(settings), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "finished" and record["world_size"] == 2
