@@ -6,7 +6,6 @@ import functools
 import torch
 
 from . import _checks
-from .reference import reference_rkl_loss
 from ._custom_ops import (
     COMPILED_CODES,
     COMPILED_FROM_CODE,
@@ -17,6 +16,8 @@ from ._custom_ops import (
     upstream_per_row,
     vmap_by_loop,
 )
+from .reference import reference_rkl_loss
+from .tensor_parallel import is_dtensor, vocab_parallel_rkl_loss
 from .torch_backend import (
     accumulation_dtype,
     check_compiled_arg,
@@ -179,8 +180,10 @@ def validate_logits(student_logits, original_logits, strengthened_logits, labels
     for name, t in (("original_logits", original_logits),
                     ("strengthened_logits", strengthened_logits)):
         if t is not None and t.shape != student_logits.shape:
+            hint = (_checks.PADDING_HINT if t.dim() == student_logits.dim()
+                    and t.shape[:-1] == student_logits.shape[:-1] else "")
             raise ValueError(f"{fn}: {name} must have the shape of student_logits, "
-                             f"{tuple(student_logits.shape)}; got {tuple(t.shape)}")
+                             f"{tuple(student_logits.shape)}; got {tuple(t.shape)}" + hint)
     if student_logits.shape[-1] == 0:
         raise ValueError(f"{fn}: the vocabulary (last) dimension must be at least 1; got shape "
                          f"{tuple(student_logits.shape)}")
@@ -192,6 +195,18 @@ def validate_logits(student_logits, original_logits, strengthened_logits, labels
                                    "original_logits": original_logits,
                                    "strengthened_logits": strengthened_logits,
                                    "labels": labels})
+
+
+def first_columns(fn: str, vocab_size, **logits):
+    """The first ``vocab_size`` columns of each logits tensor (views; None stays None)."""
+    for name, t in logits.items():
+        if t is not None:
+            _checks.check_float_tensor(fn, name, t)
+            if t.dim() == 0:
+                raise ValueError(f"{fn}: {name} must have shape (..., V); got a 0-d tensor")
+    _checks.check_vocab_size(fn, vocab_size, {name: t.shape[-1] for name, t in logits.items()
+                                              if t is not None})
+    return tuple(t[..., :vocab_size] if t is not None else None for t in logits.values())
 
 
 def reduce_rows(loss_rows: torch.Tensor, keep: torch.Tensor | None, reduction: str,
@@ -215,7 +230,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
                    labels: torch.Tensor | None = None, ignore_index: int = -100,
                    temperature: float = 1.0, direction: str = "reverse",
                    reduction: str = "mean", backend: str = "auto",
-                   compiled: bool | None = None) -> torch.Tensor:
+                   compiled: bool | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """KL divergence between the student and the RKLD unlearning teacher, fused over the vocabulary.
 
     The teacher is ``o - alpha * relu(g - o)`` built from the raw original (``o``) and
@@ -240,13 +255,35 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
             (True), eagerly (False), or decide (None: compile on CPU for calls of at least
             2**25 kept-row x V elements, where the one-off ~10-20 s compilation pays back;
             falls back to eager with a warning if compilation fails).
+        vocab_size: use only the first ``vocab_size`` columns of every logits tensor, for models
+            whose vocabularies differ only by padding (e.g. 152064 vs 151936); the student's
+            gradient is 0 in the columns left out. None: all three must have one shape.
 
     Returns:
         The loss in float32 (float64 when the student is float64). The gradient flows to
         ``student_logits`` only, in its dtype.
+
+    The loss is the custom operator ``torch.ops.rkld.rkl_loss``: ``torch.compile``
+    (``fullgraph=True``) traces it without a graph break and runs its backward compiled, and no
+    backend reads a device value on the host off CPU (CUDA-graph capturable). ``torch.func``
+    transforms (``grad``, ``vmap``) work; a backward with ``create_graph=True`` (second
+    derivatives) and ``torch.func.grad`` recompute the gradient with differentiable PyTorch ops
+    over the full ``[rows, V]`` (exact, naive memory). Logits given as DTensors sharded on the
+    vocabulary (``Shard(-1)``, tensor parallelism) are handled by
+    :func:`rkld_kernels.tensor_parallel.vocab_parallel_rkl_loss`.
     """
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    if any(is_dtensor(t) for t in (student_logits, original_logits, strengthened_logits)):
+        return vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits,
+                                       alpha=alpha, labels=labels, ignore_index=ignore_index,
+                                       temperature=temperature, direction=direction,
+                                       reduction=reduction, backend=backend,
+                                       vocab_size=vocab_size)
+    if vocab_size is not None:
+        student_logits, original_logits, strengthened_logits = first_columns(
+            _FN, vocab_size, student_logits=student_logits, original_logits=original_logits,
+            strengthened_logits=strengthened_logits)
     validate_logits(student_logits, original_logits, strengthened_logits, labels)
     check_compiled_arg(_FN, compiled)
     backend = resolve_backend(backend, student_logits.device)
@@ -290,23 +327,23 @@ class RKLLoss(torch.nn.Module):
 
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
                  reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
-                 compiled: bool | None = None):
+                 compiled: bool | None = None, vocab_size: int | None = None):
         super().__init__()
         _checks.check_options("RKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         check_compiled_arg("RKLLoss", compiled)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
-        self.compiled = compiled
+        self.compiled, self.vocab_size = compiled, vocab_size
 
     def forward(self, student_logits, original_logits, strengthened_logits=None, labels=None):
         return fused_rkl_loss(student_logits, original_logits, strengthened_logits,
                               alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
                               temperature=self.temperature, direction=self.direction,
                               reduction=self.reduction, backend=self.backend,
-                              compiled=self.compiled)
+                              compiled=self.compiled, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, direction={self.direction!r}, "
                 f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
-                f"compiled={self.compiled}")
+                f"compiled={self.compiled}, vocab_size={self.vocab_size}")
