@@ -24,6 +24,17 @@ COMPILED_CODES = {None: "auto", True: "always", False: "never"}
 COMPILED_FROM_CODE = {code: value for value, code in COMPILED_CODES.items()}
 
 
+# The Python implementation of every rkld operator by name, for tests whose dispatch modes look
+# inside the operators (a dispatch mode sees an operator as one call, not the ops it runs).
+IMPLEMENTATIONS: dict = {}
+
+
+def custom_op(name: str, fn):
+    """Register ``fn`` as the operator ``rkld::name`` (no input is mutated)."""
+    IMPLEMENTATIONS[name] = fn
+    return torch.library.custom_op(f"rkld::{name}", fn, mutates_args=())
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform is active (then the autograd.Function route is taken).
     Never true while torch.compile traces (dynamo sees the operator route only)."""

@@ -32,6 +32,7 @@ from . import _checks
 from ._custom_ops import (
     COMPILED_CODES,
     COMPILED_FROM_CODE,
+    custom_op,
     differentiable_logit_grad,
     function_route,
     functorch_active,
@@ -138,8 +139,7 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-@torch.library.custom_op("rkld::linear_rkl_loss", mutates_args=())
-def linear_rkl_loss_op(
+def _linear_rkl_loss_impl(
         xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, xo: torch.Tensor,
         wo: torch.Tensor, bo: torch.Tensor | None, xg: torch.Tensor | None,
         wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
@@ -160,6 +160,9 @@ def linear_rkl_loss_op(
     return loss, _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
 
 
+linear_rkl_loss_op = custom_op("linear_rkl_loss", _linear_rkl_loss_impl)
+
+
 @linear_rkl_loss_op.register_fake
 def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, temperature, reverse,
                           chunk_size, accum_dtype, backend, compiled, per_row, need_dx, need_dw,
@@ -177,8 +180,7 @@ def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db):
     return dx, dw, db
 
 
-@torch.library.custom_op("rkld::linear_rkl_loss_backward", mutates_args=())
-def linear_rkl_loss_backward_op(
+def _linear_rkl_loss_backward_impl(
         xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, xo: torch.Tensor,
         wo: torch.Tensor, bo: torch.Tensor | None, xg: torch.Tensor | None,
         wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
@@ -194,6 +196,10 @@ def linear_rkl_loss_backward_op(
     _, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=True,
                                 row_scale=grad_rows)
     return _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
+
+
+linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
+                                        _linear_rkl_loss_backward_impl)
 
 
 @linear_rkl_loss_backward_op.register_fake

@@ -9,6 +9,7 @@ from . import _checks
 from ._custom_ops import (
     COMPILED_CODES,
     COMPILED_FROM_CODE,
+    custom_op,
     differentiable_logit_grad,
     function_route,
     functorch_active,
@@ -50,11 +51,10 @@ def _triton_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 # The operator: rkld::rkl_loss (reduced loss of 2-D logits, plus what the backward needs)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("rkld::rkl_loss", mutates_args=())
-def rkl_loss_op(student: torch.Tensor, original: torch.Tensor,
-                strengthened: torch.Tensor | None, keep: torch.Tensor | None, alpha: float,
-                temperature: float, reverse: bool, reduction: str, backend: str,
-                compiled: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
+                   strengthened: torch.Tensor | None, keep: torch.Tensor | None, alpha: float,
+                   temperature: float, reverse: bool, reduction: str, backend: str,
+                   compiled: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of ``[rows, V]`` logits after ``reduction`` (0-d, or ``[rows]`` for ``none``) and
     ``saved``: what the backward needs when ``need_grad``, else an empty tensor.
 
@@ -84,6 +84,9 @@ def rkl_loss_op(student: torch.Tensor, original: torch.Tensor,
     return reduce_rows(loss_rows, keep, reduction, (rows,)), saved
 
 
+rkl_loss_op = custom_op("rkl_loss", _rkl_loss_impl)
+
+
 @rkl_loss_op.register_fake
 def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, reverse,
                    reduction, backend, compiled, need_grad):
@@ -100,15 +103,19 @@ def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, re
     return loss, saved
 
 
-@torch.library.custom_op("rkld::rkl_loss_triton_backward", mutates_args=())
-def rkl_loss_triton_backward_op(student: torch.Tensor, original: torch.Tensor,
-                                strengthened: torch.Tensor | None, keep: torch.Tensor | None,
-                                stats: torch.Tensor, grad_rows: torch.Tensor, alpha: float,
-                                temperature: float, reverse: bool) -> torch.Tensor:
+def _rkl_loss_triton_backward_impl(student: torch.Tensor, original: torch.Tensor,
+                                   strengthened: torch.Tensor | None,
+                                   keep: torch.Tensor | None, stats: torch.Tensor,
+                                   grad_rows: torch.Tensor, alpha: float, temperature: float,
+                                   reverse: bool) -> torch.Tensor:
     """``grad_rows[r] * dL_r / d student[r]`` from the triton forward's statistics."""
     from .triton_backend import triton_rkl_backward
     return triton_rkl_backward(student, original, strengthened, keep, (stats,), grad_rows,
                                alpha, temperature, reverse)
+
+
+rkl_loss_triton_backward_op = custom_op("rkl_loss_triton_backward",
+                                        _rkl_loss_triton_backward_impl)
 
 
 @rkl_loss_triton_backward_op.register_fake
