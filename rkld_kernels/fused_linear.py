@@ -1,8 +1,9 @@
 """``fused_linear_rkl_loss``: the RKLD loss from hidden states and lm_head weights, token-chunked.
 
 For each model the logits are ``hidden @ weight.T + bias``. They are never built for all tokens
-at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul)
-are processed ``chunk_size`` at a time, and for each chunk
+at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul,
+or, with ``drop_masked=False``, computed and zeroed without a host sync) are processed
+``chunk_size`` at a time, and for each chunk
 
 1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``;
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is

@@ -73,9 +73,9 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     else:
         scale = None
         if reduction == "mean":   # a 0-d tensor: no host read, one compiled graph for all counts
-            count = keep.sum().clamp(min=1) if keep is not None else torch.tensor(max(rows, 1))
-            scale = 1.0 / count.to(device=student.device,
-                                   dtype=accumulation_dtype(student.dtype))
+            acc_dtype = accumulation_dtype(student.dtype)
+            scale = (1.0 / keep.sum().clamp(min=1).to(acc_dtype) if keep is not None else
+                     torch.full((), 1.0 / max(rows, 1), dtype=acc_dtype, device=student.device))
         loss_rows, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
                                             temperature, reverse, need_grad,
                                             compiled=COMPILED_FROM_CODE[compiled],

@@ -134,6 +134,26 @@ def _replicated_local(fn, name, t, mesh):
     return t.to_local()
 
 
+def _check_same_on_every_rank(fn, named: dict, group) -> None:
+    """Plain tensors stand for replicated ones: check (one tiny all-reduce and a host read)
+    that every rank holds the same, so that e.g. data-parallel shards of an FSDP-sharded
+    lm_head, which are not vocabulary shards, are refused rather than mixed up."""
+    named = {name: t for name, t in named.items() if t is not None and not is_dtensor(t)}
+    if not named:
+        return
+    sums = torch.stack([t.detach().double().sum() for t in named.values()])
+    both = torch.cat([sums, -sums])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both[: len(named)], -both[len(named):]
+    differs = ~torch.isclose(high, low, rtol=1e-9, atol=0.0) & ~torch.isnan(sums)
+    for name, bad in zip(named, differs.tolist()):
+        if bad:
+            raise ValueError(f"{fn}: {name} differs between the ranks of the vocabulary mesh; "
+                             f"with vocabulary-sharded inputs, plain tensors must be replicated "
+                             f"(the same on every rank). Weights sharded by FSDP are not "
+                             f"vocabulary shards: run the loss where they are gathered")
+
+
 def _shard_range(size: int, world: int, rank: int) -> tuple[int, int]:
     """[start, stop) of rank's part of ``size`` entries under ``Shard`` (torch.chunk layout)."""
     chunk = -(-size // world)
@@ -263,6 +283,7 @@ def vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits
             _checks.check_frozen(fn, name, named[name])
     _checks.check_float_tensor(fn, "student_logits", student)
     _checks.check_labels(fn, labels, student.shape[:-1], "student_logits")
+    _check_same_on_every_rank(fn, {"labels": labels}, mesh.get_group())
     leading_shape = student.shape[:-1]
     vocab = student.shape[-1]
     keep = labels.reshape(-1) != ignore_index if labels is not None else None
@@ -447,6 +468,8 @@ def vocab_parallel_linear_rkl_loss(student_hidden, student_weight, original_hidd
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"{fn}: chunk_size must be None or an int >= 1; got {chunk_size!r}")
+    _check_same_on_every_rank(fn, {**{f"{m}_hidden": hidden[m] for m in weights},
+                                   "labels": labels}, mesh.get_group())
     leading_shape = local_x["student"].shape[:-1]
 
     def flat(x):

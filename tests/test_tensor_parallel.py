@@ -150,6 +150,10 @@ def _worker(rank, init_file, out_dir):
             assert w.grad.placements == (Shard(0),)
             results[f"linear{index}"] = (loss.full_tensor(), x.grad, w.grad.full_tensor(),
                                          b.grad.full_tensor() if b is not None else None)
+        try:       # hidden states that differ per rank are data-parallel, not replicated
+            fused_linear_rkl_loss(xs + rank, shard(ws, 0), xo, shard(wo, 0), labels=labels)
+        except ValueError as err:
+            results["not_replicated"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -218,6 +222,11 @@ def test_bad_layouts_get_clear_errors(results):
         replicated, mixed = results[rank]["layout_errors"]
         assert "must be sharded on its vocabulary dimension (Shard(2))" in replicated
         assert "must be a DTensor like the other vocabulary-sharded inputs" in mixed
+
+
+def test_hidden_states_that_differ_between_ranks_are_refused(results):
+    for rank in range(WORLD):
+        assert "student_hidden differs between the ranks" in results[rank]["not_replicated"]
 
 
 def test_tensor_parallel_llama_example_matches_one_process(tmp_path):
