@@ -60,3 +60,19 @@ def check_labels(fn: str, labels, expected_shape: tuple, ref_name: str) -> None:
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"{fn}: labels must have the leading shape of {ref_name}, "
                          f"{tuple(expected_shape)}; got {tuple(labels.shape)}")
+
+
+def check_vocab_size(fn: str, vocab_size, named_sizes: dict) -> None:
+    """``vocab_size`` (the first N vocabulary entries of every model are used) must be an int
+    between 1 and the smallest vocabulary given."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"{fn}: vocab_size must be None or an int >= 1 (the number of leading "
+                         f"vocabulary entries to use); got {vocab_size!r}")
+    for name, size in named_sizes.items():
+        if size < vocab_size:
+            raise ValueError(f"{fn}: vocab_size={vocab_size} is larger than the vocabulary of "
+                             f"{name} ({size})")
+
+
+PADDING_HINT = ("; if the vocabularies differ only by padding (e.g. 152064 vs 151936), pass "
+                "vocab_size=N to use the first N entries of each")

@@ -1,8 +1,9 @@
 """``fused_linear_rkl_loss``: the RKLD loss from hidden states and lm_head weights, token-chunked.
 
 For each model the logits are ``hidden @ weight.T + bias``. They are never built for all tokens
-at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul)
-are processed ``chunk_size`` at a time, and for each chunk
+at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul,
+or, with ``drop_masked=False``, computed and zeroed without a host sync) are processed
+``chunk_size`` at a time, and for each chunk
 
 1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``;
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
@@ -23,13 +24,31 @@ computes losses only and the backward recomputes the chunks with each row of dlo
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks
+from ._custom_ops import (
+    COMPILED_CODES,
+    COMPILED_FROM_CODE,
+    custom_op,
+    differentiable_logit_grad,
+    function_route,
+    functorch_active,
+    tracing,
+    vmap_by_loop,
+)
 from .fused_rkl import fused_rkl_loss, resolve_backend
-from .torch_backend import accumulation_dtype, check_compiled_arg, compile_mode, run_rkl_rows
+from .tensor_parallel import is_dtensor, vocab_parallel_linear_rkl_loss
+from .torch_backend import (
+    accumulation_dtype,
+    check_compiled_arg,
+    compile_mode,
+    run_rkl_rows,
+    teacher_logits,
+)
 
 _FN = "fused_linear_rkl_loss"
 
@@ -74,65 +93,205 @@ class _Plan:
     need_db: bool
 
 
-class _LinearRKLFunction(torch.autograd.Function):
-    """Loss of the kept rows ``[n, H]``: their sum (``plan.per_row`` False) or one per row.
+# ---------------------------------------------------------------------------------------------
+# The operators: rkld::linear_rkl_loss and, for reduction="none", its backward
+# ---------------------------------------------------------------------------------------------
+def _make_plan(xs, ws, bs, alpha, temperature, reverse, chunk_size, accum_dtype, backend,
+               compiled, per_row, need_dx, need_dw, need_db) -> _Plan:
+    rows, vocab, device = xs.shape[0], ws.shape[0], xs.device
+    chunk_size = chunk_size or default_chunk_size(vocab, device)
+    return _Plan(alpha=alpha, temperature=temperature, reverse=reverse, chunk_size=chunk_size,
+                 accum_dtype=accum_dtype, backend=backend,
+                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
+                                else chunk_size),
+                 compile=(compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
+                          if backend == "torch" else "off"),
+                 per_row=per_row, need_dx=need_dx, need_dw=need_dw,
+                 need_db=need_db and bs is not None)
 
-    Inputs after ``plan``: student hidden, weight, bias; original hidden, weight, bias;
-    strengthened hidden, weight, bias (None where absent). Only the student's three get
-    gradients, and only those the plan asks for.
-    """
 
-    @staticmethod
-    def forward(ctx, plan, xs, ws, bs, xo, wo, bo, xg, wg, bg):
-        inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
-        ctx.plan = plan
-        ctx.weight_dtype = ws.dtype
-        ctx.bias_dtype = bs.dtype if bs is not None else None
-        if plan.per_row:
-            loss_rows, _ = _run_chunks(plan, inputs, grads=False)
-            ctx.save_for_backward(*inputs)
-            return loss_rows
-        loss_rows, grads = _run_chunks(plan, inputs, grads=True)
-        ctx.save_for_backward(*grads)
-        ctx.consumed = False
-        return loss_rows.sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        plan = ctx.plan
-        if plan.per_row:
-            _, (dx, dw, db) = _run_chunks(plan, ctx.saved_tensors, grads=True,
-                                          row_scale=grad_loss)
+def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None):
+    """:func:`_run_chunks` over all positions with masked ones (``keep`` False) at loss 0 and
+    hidden gradient 0: dropped before the GEMMs (``drop_masked``; one ``nonzero``, a host sync
+    on CUDA) or computed and zeroed (sync-free)."""
+    xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
+    positions = xs.shape[0]
+    kept = None
+    if keep is not None and drop_masked:
+        kept = keep.nonzero().squeeze(1)
+        if kept.numel() == positions:
+            kept = None                            # nothing masked: keep the views, no gather
         else:
-            # The gradient was computed in forward; scale it in place by the scalar grad_output.
-            # The buffers are private to this graph node, so a second backward (retain_graph)
-            # must not scale them again.
-            if ctx.consumed:
-                raise RuntimeError(
-                    f"{_FN} computes the gradient during the forward pass and supports one "
-                    f"backward pass per forward for reduction='mean'/'sum'; recompute the loss, "
-                    f"or use reduction='none' (recomputes in backward) or backend='reference'")
-            ctx.consumed = True
-            dx, dw, db = ctx.saved_tensors
+            xs, xo = xs.index_select(0, kept), xo.index_select(0, kept)
+            xg = xg.index_select(0, kept) if xg is not None else None
+            row_scale = row_scale.index_select(0, kept) if row_scale is not None else None
+        keep = None
+    plan = _make_plan(xs, ws, bs, *options)
+    loss_rows, (dx, dw, db) = _run_chunks(plan, (xs, ws, bs, xo, wo, bo, xg, wg, bg),
+                                          grads=grads, row_scale=row_scale, keep=keep)
+    if kept is not None:
+        loss_rows = loss_rows.new_zeros(positions).index_copy(0, kept, loss_rows)
+        if dx is not None:
+            dx = dx.new_zeros((positions, dx.shape[1])).index_copy(0, kept, dx)
+    return loss_rows, dx, dw, db
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _linear_rkl_loss_impl(
+        xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, xo: torch.Tensor,
+        wo: torch.Tensor, bo: torch.Tensor | None, xg: torch.Tensor | None,
+        wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
+        alpha: float, temperature: float, reverse: bool, chunk_size: int,
+        accum_dtype: torch.dtype | None, backend: str, compiled: str, per_row: bool,
+        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of 2-D hidden states ``[positions, H]``: per position (``per_row``; 0 where ``keep``
+    is False) or the sum over kept positions (0-d), and, unless ``per_row``, the gradient of
+    that sum: ``dx`` ``[positions, H_s]`` in the hidden dtype, ``dw`` ``[V, H_s]`` and ``db``
+    ``[V]`` in ``accum_dtype`` (or the weight's); empty tensors for those not asked for.
+    ``chunk_size`` 0 picks :func:`default_chunk_size`."""
+    options = (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled,
+               per_row, need_dx, need_dw, need_db)
+    inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
+    loss_rows, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=not per_row)
+    loss = loss_rows if per_row else loss_rows.sum()
+    return loss, _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
+
+
+linear_rkl_loss_op = custom_op("linear_rkl_loss", _linear_rkl_loss_impl)
+
+
+@linear_rkl_loss_op.register_fake
+def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, temperature, reverse,
+                          chunk_size, accum_dtype, backend, compiled, per_row, need_dx, need_dw,
+                          need_db, drop_masked):
+    loss = xs.new_empty((xs.shape[0],) if per_row else (), dtype=accumulation_dtype(ws.dtype))
+    return (loss, *_fake_grads(xs, ws, bs, accum_dtype, not per_row and need_dx,
+                               not per_row and need_dw, not per_row and need_db))
+
+
+def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db):
+    dx = xs.new_empty(xs.shape) if need_dx else xs.new_empty(0)
+    dw = ws.new_empty(ws.shape, dtype=accum_dtype or ws.dtype) if need_dw else ws.new_empty(0)
+    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or bs.dtype) if need_db and bs is not None
+          else ws.new_empty(0))
+    return dx, dw, db
+
+
+def _linear_rkl_loss_backward_impl(
+        xs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, xo: torch.Tensor,
+        wo: torch.Tensor, bo: torch.Tensor | None, xg: torch.Tensor | None,
+        wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
+        grad_rows: torch.Tensor, alpha: float, temperature: float, reverse: bool,
+        chunk_size: int, accum_dtype: torch.dtype | None, backend: str, compiled: str,
+        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_i grad_rows[i] * loss_i`` (``reduction="none"``): the chunks are
+    recomputed with each row of dL/dlogits scaled by its upstream gradient."""
+    options = (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled, True,
+               need_dx, need_dw, need_db)
+    inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
+    _, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=True,
+                                row_scale=grad_rows)
+    return _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
+
+
+linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
+                                        _linear_rkl_loss_backward_impl)
+
+
+@linear_rkl_loss_backward_op.register_fake
+def _linear_rkl_loss_backward_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_rows, alpha,
+                                   temperature, reverse, chunk_size, accum_dtype, backend,
+                                   compiled, need_dx, need_dw, need_db, drop_masked):
+    return _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, *options = inputs
+    _, dx, dw, db = output
+    ctx.mark_non_differentiable(dx, dw, db)
+    ctx.options = tuple(options)
+    ctx.save_for_backward(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep)
+    # Gradients of the sum, computed in forward; the first backward scales them by the scalar
+    # grad_output (in place when eager: the buffers are private to this graph node).
+    ctx.grads = None if options[7] else (dx, dw, db)
+
+
+def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
+    xs, ws, bs, xo, wo, bo, xg, wg, bg, keep = ctx.saved_tensors
+    (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled, per_row,
+     need_dx, need_dw, need_db, drop_masked) = ctx.options
+    none = (None,) * 19                        # the mask and the options
+    want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    want_db = bs is not None and ctx.needs_input_grad[2]
+    if not (want_dx or want_dw or want_db):
+        return (None, None, None, *none)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, torch.func.grad): differentiable recomputation.
+        dx, dw, db = _differentiable_linear_grads(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep,
+                                                  grad_loss, alpha, temperature, reverse)
+    elif per_row:
+        dx, dw, db = linear_rkl_loss_backward_op(
+            xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_loss, alpha, temperature, reverse,
+            chunk_size, accum_dtype, backend, compiled, want_dx, want_dw, want_db, drop_masked)
+    else:
+        if ctx.grads is None:
+            raise RuntimeError(
+                f"{_FN} computes the gradient during the forward pass and supports one "
+                f"backward pass per forward for reduction='mean'/'sum'; recompute the loss, "
+                f"or use reduction='none' (recomputes in backward) or backend='reference'")
+        (dx, dw, db), ctx.grads = ctx.grads, None
+        if tracing(grad_loss):
+            dx, dw, db = (torch.mul(t, grad_loss).to(t.dtype) for t in (dx, dw, db))
+        else:
             for grad in (dx, dw, db):
-                if grad is not None:
-                    grad.mul_(grad_loss)
-        return (None, dx, _cast(dw, ctx.weight_dtype), _cast(db, ctx.bias_dtype),
-                None, None, None, None, None, None)
+                grad.mul_(grad_loss)
+    return (dx if want_dx else None, _cast(dw, ws.dtype) if want_dw else None,
+            _cast(db, bs.dtype) if want_db else None, *none)
+
+
+def _differentiable_linear_grads(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_loss, alpha,
+                                 temperature, reverse):
+    """(dx, dw, db) of the loss with differentiable ops on the full logits (double backward)."""
+    acc_dtype = accumulation_dtype(ws.dtype)
+
+    def logits(x, w, b):
+        return torch.nn.functional.linear(x.to(acc_dtype), w.to(acc_dtype),
+                                          b.to(acc_dtype) if b is not None else None)
+
+    teacher = teacher_logits(logits(xo, wo, bo), logits(xg, wg, bg) if xg is not None else None,
+                             alpha, acc_dtype)
+    dlogits = differentiable_logit_grad(logits(xs, ws, bs), teacher, keep, temperature, reverse)
+    dlogits = dlogits * (grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss)
+    dx = (dlogits @ ws.to(acc_dtype)).to(xs.dtype)
+    dw = dlogits.t() @ xs.to(acc_dtype)
+    db = dlogits.sum(0) if bs is not None else None
+    return dx, dw, db
+
+
+linear_rkl_loss_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+linear_rkl_loss_op.register_vmap(functools.partial(vmap_by_loop, linear_rkl_loss_op))
+_LinearRKLFunction = function_route(linear_rkl_loss_op, _linear_setup_context, _linear_backward,
+                                    "_LinearRKLFunction")
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | None = None):
+def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None):
     """One pass over the kept rows, ``plan.chunk_size`` at a time.
 
     Returns the loss per row (float32, float64 for a float64 student) and, when ``grads``,
     ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in its dtype, and the weight and bias
     gradients in the accumulation dtype (None for those the plan does not ask for). Each row's
     dL/dlogits is multiplied by ``row_scale[row]`` when given (``reduction="none"``'s backward).
+    Rows where the bool mask ``keep`` is False get loss 0 and dL/dlogits 0 (NaN there included).
     """
     xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
     need_dx, need_dw, need_db = (grads and plan.need_dx, grads and plan.need_dw,
@@ -154,6 +313,8 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
         scale = row_scale[start:stop] if row_scale is not None else None
         loss_rows[start:stop], dlogits = _vocabulary_pass(plan, student, original, strengthened,
                                                           need_grad, scale)
+        if keep is not None:
+            _zero_masked_rows(keep[start:stop], loss_rows[start:stop], dlogits)
         del student, original, strengthened      # free the chunk's logits before the grad GEMMs
         if not need_grad:
             continue
@@ -167,6 +328,12 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
         if need_db:
             db.add_(dlogits.sum(0))
     return loss_rows, (dx, dw, db)
+
+
+def _zero_masked_rows(keep: torch.Tensor, loss: torch.Tensor, dlogits: torch.Tensor | None):
+    loss.masked_fill_(~keep, 0.0)
+    if dlogits is not None:
+        dlogits.masked_fill_(~keep.unsqueeze(1), 0.0)
 
 
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -237,7 +404,8 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
                              f"{tuple(hidden.shape)}")
         if weight.shape[0] != vocab:
             raise ValueError(f"{fn}: every lm_head must have the student's vocabulary size "
-                             f"V = {vocab}; got {model}_weight of shape {tuple(weight.shape)}")
+                             f"V = {vocab}; got {model}_weight of shape {tuple(weight.shape)}"
+                             + _checks.PADDING_HINT)
         if hidden.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(f"{fn}: {model}_hidden must have the token shape of student_hidden, "
                              f"{tuple(student_hidden.shape[:-1])} (+ hidden size); got "
@@ -284,7 +452,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, temperature: float = 1.0,
                           direction: str = "reverse", reduction: str = "mean",
                           chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                          backend: str = "auto", compiled: bool | None = None) -> torch.Tensor:
+                          backend: str = "auto", compiled: bool | None = None,
+                          drop_masked: bool = True, vocab_size: int | None = None
+                          ) -> torch.Tensor:
     """:func:`~rkld_kernels.fused_rkl_loss` of the logits ``hidden @ weight.T + bias`` of the
     three models, without ever building a ``[tokens, V]`` tensor.
 
@@ -305,8 +475,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         student_bias, original_bias, strengthened_bias: optional ``(V,)`` lm_head biases.
         alpha, labels, ignore_index, temperature, direction, reduction: as in
             :func:`~rkld_kernels.fused_rkl_loss`. ``labels`` has the token shape ``(...)``.
-            Masked tokens are dropped before any matmul, so they cost nothing; finding the kept
-            tokens is one host sync (``nonzero``) per call.
+            Masked tokens are dropped before any matmul (see ``drop_masked``).
         chunk_size: tokens per chunk; None picks :func:`default_chunk_size` from a per-device
             memory budget.
         accum_dtype: dtype of the weight/bias gradient accumulators, e.g. ``torch.float32`` for a
@@ -324,6 +493,13 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             warning if compilation fails; True: always (failures raise); False: never. The
             first compiled call logs one "graph break" note from torch.compile (rkl_rows checks
             its fast path on the host); it is expected.
+        drop_masked: True (default): masked tokens are dropped before the GEMMs, so they cost
+            nothing; finding them is one ``nonzero``, a host sync on CUDA. False: every token
+            goes through the GEMMs and masked ones are zeroed, with no host sync (for CUDA
+            graph capture; costs the masked tokens' share of the compute).
+        vocab_size: use only the first ``vocab_size`` rows of every lm_head weight (and bias),
+            for models whose vocabularies differ only by padding (e.g. 152064 vs 151936 rows).
+            None: every weight must have the student's number of rows.
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for
@@ -332,10 +508,20 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     Gradients reach ``student_hidden`` and, when they require grad, ``student_weight`` and
     ``student_bias``; teachers must not require grad. With ``mean``/``sum`` the gradient is
     computed during the forward pass (one backward per forward); with ``none`` the backward
-    recomputes the chunks to honour a per-position ``grad_output`` exactly.
+    recomputes the chunks to honour a per-position ``grad_output`` exactly. A backward with
+    ``create_graph=True`` (second derivatives) and ``torch.func`` transforms recompute the
+    gradient from the full logits with differentiable PyTorch ops: exact, with the naive
+    formula's memory.
+
+    The loss is the custom operator ``torch.ops.rkld.linear_rkl_loss``: ``torch.compile``
+    (``fullgraph=True``) traces it without a graph break and runs its backward compiled.
+    Weights given as DTensors sharded over the vocabulary (``Shard(0)``, tensor parallelism)
+    are handled by :func:`rkld_kernels.tensor_parallel.vocab_parallel_linear_rkl_loss`.
     """
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    if not isinstance(drop_masked, bool):
+        raise TypeError(f"{_FN}: drop_masked must be True or False; got {drop_masked!r}")
     if strengthened_hidden is None and (strengthened_weight is not None
                                         or strengthened_bias is not None):
         raise ValueError(f"{_FN}: strengthened_weight/strengthened_bias were given without "
@@ -345,6 +531,24 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         strengthened_weight = original_weight      # one lm_head shared by both teachers
         if strengthened_bias is None:
             strengthened_bias = original_bias
+    heads = (student_weight, student_bias, original_weight, original_bias, strengthened_weight,
+             strengthened_bias)
+    if any(is_dtensor(t) for t in heads):
+        return vocab_parallel_linear_rkl_loss(
+            student_hidden, student_weight, original_hidden, original_weight,
+            strengthened_hidden, strengthened_weight, student_bias=student_bias,
+            original_bias=original_bias, strengthened_bias=strengthened_bias, alpha=alpha,
+            labels=labels, ignore_index=ignore_index, temperature=temperature,
+            direction=direction, reduction=reduction, chunk_size=chunk_size,
+            accum_dtype=accum_dtype, backend=backend, vocab_size=vocab_size)
+    if vocab_size is not None:
+        named = {"student_weight": student_weight, "original_weight": original_weight,
+                 "strengthened_weight": strengthened_weight}
+        _checks.check_vocab_size(_FN, vocab_size, {name: w.shape[0] for name, w in named.items()
+                                                   if isinstance(w, torch.Tensor) and w.dim()})
+        (student_weight, student_bias, original_weight, original_bias, strengthened_weight,
+         strengthened_bias) = (t[:vocab_size] if isinstance(t, torch.Tensor) and t.dim() else t
+                               for t in heads)
     _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
               labels, chunk_size, accum_dtype, compiled)
@@ -368,39 +572,25 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     xg = (strengthened_hidden.reshape(-1, strengthened_hidden.shape[-1])
           if strengthened_hidden is not None else None)
     positions = xs.shape[0]
-    kept = None
-    if labels is not None:
-        # Host sync: the number of kept tokens sizes every later buffer and loop.
-        kept = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
-        if kept.numel() == positions:
-            kept = None                            # nothing masked: keep the views, no gather
-        else:
-            xs, xo = xs.index_select(0, kept), xo.index_select(0, kept)
-            xg = xg.index_select(0, kept) if xg is not None else None
-    rows, vocab = xs.shape[0], student_weight.shape[0]
-
-    grad_enabled = torch.is_grad_enabled()
-    chunk_size = chunk_size or default_chunk_size(vocab, device)
-    plan = _Plan(alpha=float(alpha), temperature=float(temperature),
-                 reverse=direction == "reverse", chunk_size=chunk_size,
-                 accum_dtype=accum_dtype, backend=backend,
-                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
-                                else chunk_size),
-                 compile=(compile_mode(compiled, device, rows * vocab) if backend == "torch"
-                          else "off"),
-                 per_row=reduction == "none",
-                 need_dx=grad_enabled and xs.requires_grad,
-                 need_dw=grad_enabled and student_weight.requires_grad,
-                 need_db=grad_enabled and student_bias is not None and student_bias.requires_grad)
-    loss = _LinearRKLFunction.apply(plan, xs, student_weight, student_bias, xo, original_weight,
-                                    original_bias, xg, strengthened_weight, strengthened_bias)
+    keep = labels.reshape(-1) != ignore_index if labels is not None else None
+    # Under torch.func transforms the backward recomputes differentiably (see _custom_ops), so
+    # the forward skips the fused gradient.
+    functorch = functorch_active()
+    grad_enabled = torch.is_grad_enabled() and not functorch
+    args = (xs, student_weight, student_bias, xo, original_weight, original_bias, xg,
+            strengthened_weight, strengthened_bias, keep, float(alpha), float(temperature),
+            direction == "reverse", chunk_size or 0, accum_dtype, backend,
+            COMPILED_CODES[compiled], reduction == "none", grad_enabled and xs.requires_grad,
+            grad_enabled and student_weight.requires_grad,
+            grad_enabled and student_bias is not None and student_bias.requires_grad,
+            drop_masked)
+    loss = (_LinearRKLFunction.apply(*args) if functorch else linear_rkl_loss_op(*args))[0]
     if reduction == "none":
-        if kept is not None:
-            loss = loss.new_zeros(positions).index_copy(0, kept, loss)
         return loss.reshape(leading_shape)
     if reduction == "sum":
         return loss
-    return loss / max(rows, 1)
+    count = keep.sum().clamp(min=1).to(loss.dtype) if keep is not None else max(positions, 1)
+    return loss / count
 
 
 class LinearRKLLoss(torch.nn.Module):
@@ -416,13 +606,15 @@ class LinearRKLLoss(torch.nn.Module):
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
-                 backend: str = "auto", compiled: bool | None = None):
+                 backend: str = "auto", compiled: bool | None = None,
+                 drop_masked: bool = True, vocab_size: int | None = None):
         super().__init__()
         _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
         self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled
+        self.drop_masked, self.vocab_size = drop_masked, vocab_size
 
     def forward(self, student_hidden, student_weight, original_hidden, original_weight,
                 strengthened_hidden=None, strengthened_weight=None, labels=None, *,
@@ -434,11 +626,12 @@ class LinearRKLLoss(torch.nn.Module):
             labels=labels, ignore_index=self.ignore_index, temperature=self.temperature,
             direction=self.direction, reduction=self.reduction, chunk_size=self.chunk_size,
             accum_dtype=self.accum_dtype, backend=self.backend,
-            compiled=self.compiled)
+            compiled=self.compiled, drop_masked=self.drop_masked, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, "
                 f"direction={self.direction!r}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, "
                 f"accum_dtype={self.accum_dtype}, backend={self.backend!r}, "
-                f"compiled={self.compiled}")
+                f"compiled={self.compiled}, drop_masked={self.drop_masked}, "
+                f"vocab_size={self.vocab_size}")

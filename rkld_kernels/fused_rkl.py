@@ -1,11 +1,31 @@
 """``fused_rkl_loss``: reverse (or forward) KL to the RKLD unlearning teacher, from logits."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks
+from ._custom_ops import (
+    COMPILED_CODES,
+    COMPILED_FROM_CODE,
+    custom_op,
+    differentiable_logit_grad,
+    function_route,
+    functorch_active,
+    tracing,
+    upstream_per_row,
+    vmap_by_loop,
+)
 from .reference import reference_rkl_loss
-from .torch_backend import accumulation_dtype, check_compiled_arg, rkl_loss_and_grad
+from .tensor_parallel import is_dtensor, vocab_parallel_rkl_loss
+from .torch_backend import (
+    accumulation_dtype,
+    check_compiled_arg,
+    host_reads_allowed,
+    rkl_loss_and_grad,
+    teacher_logits,
+)
 
 _FN = "fused_rkl_loss"
 
@@ -28,67 +48,131 @@ def _triton_available() -> bool:
     return True
 
 
-class _FusedRKLFunction(torch.autograd.Function):
-    """Per-row losses of 2-D ``[rows, V]`` logits; reductions happen outside, differentiably.
+# ---------------------------------------------------------------------------------------------
+# The operator: rkld::rkl_loss (reduced loss of 2-D logits, plus what the backward needs)
+# ---------------------------------------------------------------------------------------------
+def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
+                   strengthened: torch.Tensor | None, keep: torch.Tensor | None, alpha: float,
+                   temperature: float, reverse: bool, reduction: str, backend: str,
+                   compiled: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of ``[rows, V]`` logits after ``reduction`` (0-d, or ``[rows]`` for ``none``) and
+    ``saved``: what the backward needs when ``need_grad``, else an empty tensor.
 
-    ``presumed_row_scale``: the upstream gradient per row that the reduction will most likely
-    send (1/n for ``mean``, 1 for ``sum``; None for ``none``). The torch backend folds it into
-    the gradient it computes in forward, so that the usual ``loss.backward()`` needs no extra
-    pass over ``[rows, V]``.
+    torch backend: ``saved`` is the gradient itself, computed in the same pass as the loss and
+    already scaled for the reduction (1/count for ``mean``), so the usual ``loss.backward()``
+    costs no further pass over ``[rows, V]``. triton backend: ``saved`` is the kernels' per-row
+    statistics; the gradient kernel runs in backward. ``compiled``: "auto", "always" or "never"
+    (the losses' ``compiled=None/True/False``).
     """
-
-    @staticmethod
-    def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, backend,
-                compiled, presumed_row_scale):
-        need_grad = ctx.needs_input_grad[0]
-        ctx.backend = backend
-        ctx.hyper = (alpha, temperature, reverse)
-        if backend == "torch":
-            loss, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
-                                           temperature, reverse, need_grad, compiled=compiled,
-                                           grad_scale=presumed_row_scale)
-            # The gradient is an intermediate that backward scales in place, so it is kept as an
-            # attribute: save_for_backward's version check would reject a second backward.
-            ctx.prescaled_grad = grad
-            ctx.presumed_row_scale = presumed_row_scale
-            ctx.compiled = compiled
-            ctx.save_for_backward(student, original, strengthened, keep)
-        else:
-            from .triton_backend import triton_rkl_forward
-            loss, stats = triton_rkl_forward(student, original, strengthened, keep, alpha,
-                                             temperature, reverse)
-            ctx.save_for_backward(student, original, strengthened, keep, *stats)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        if ctx.backend == "torch":
-            presumed = ctx.presumed_row_scale
-            grad, ctx.prescaled_grad = ctx.prescaled_grad, None
-            if grad is None:   # a second backward through the same graph: recompute
-                student, original, strengthened, keep = ctx.saved_tensors
-                _, grad = rkl_loss_and_grad(student, original, strengthened, keep, *ctx.hyper,
-                                            need_grad=True, compiled=ctx.compiled,
-                                            grad_scale=presumed)
-            if presumed is None:
-                grad.mul_(grad_rows.unsqueeze(-1))
-            elif not _all_equal_on_host(grad_rows, presumed):
-                grad.mul_((grad_rows / presumed).unsqueeze(-1))
-        else:
-            from .triton_backend import triton_rkl_backward
-            student, original, strengthened, keep, *stats = ctx.saved_tensors
-            alpha, temperature, reverse = ctx.hyper
-            grad = triton_rkl_backward(student, original, strengthened, keep, stats,
-                                       grad_rows, alpha, temperature, reverse)
-        return grad, None, None, None, None, None, None, None, None, None
+    rows = student.shape[0]
+    if backend == "triton":
+        from .triton_backend import triton_rkl_forward
+        loss_rows, (stats,) = triton_rkl_forward(student, original, strengthened, keep, alpha,
+                                                 temperature, reverse)
+        saved = stats if need_grad else student.new_empty(0)
+    else:
+        scale = None
+        if reduction == "mean":   # a 0-d tensor: no host read, one compiled graph for all counts
+            acc_dtype = accumulation_dtype(student.dtype)
+            scale = (1.0 / keep.sum().clamp(min=1).to(acc_dtype) if keep is not None else
+                     torch.full((), 1.0 / max(rows, 1), dtype=acc_dtype, device=student.device))
+        loss_rows, grad = rkl_loss_and_grad(student, original, strengthened, keep, alpha,
+                                            temperature, reverse, need_grad,
+                                            compiled=COMPILED_FROM_CODE[compiled],
+                                            grad_scale=scale)
+        saved = grad if grad is not None else student.new_empty(0)
+    return reduce_rows(loss_rows, keep, reduction, (rows,)), saved
 
 
-def _all_equal_on_host(values: torch.Tensor, scalar: torch.Tensor) -> bool:
-    """Whether every entry of ``values`` equals ``scalar``. Answers False on CUDA rather than
-    sync (the torch backend there then pays one extra multiply)."""
-    if values.device.type == "cuda":
-        return False
-    return bool((values == scalar).all())
+rkl_loss_op = custom_op("rkl_loss", _rkl_loss_impl)
+
+
+@rkl_loss_op.register_fake
+def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, reverse,
+                   reduction, backend, compiled, need_grad):
+    rows = student.shape[0]
+    acc_dtype = accumulation_dtype(student.dtype)
+    loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc_dtype)
+    if not need_grad:
+        saved = student.new_empty(0)
+    elif backend == "triton":
+        from .triton_kernels import STAT_COUNT
+        saved = student.new_empty((STAT_COUNT, rows), dtype=acc_dtype)
+    else:
+        saved = student.new_empty(student.shape)
+    return loss, saved
+
+
+def _rkl_loss_triton_backward_impl(student: torch.Tensor, original: torch.Tensor,
+                                   strengthened: torch.Tensor | None,
+                                   keep: torch.Tensor | None, stats: torch.Tensor,
+                                   grad_rows: torch.Tensor, alpha: float, temperature: float,
+                                   reverse: bool) -> torch.Tensor:
+    """``grad_rows[r] * dL_r / d student[r]`` from the triton forward's statistics."""
+    from .triton_backend import triton_rkl_backward
+    return triton_rkl_backward(student, original, strengthened, keep, (stats,), grad_rows,
+                               alpha, temperature, reverse)
+
+
+rkl_loss_triton_backward_op = custom_op("rkl_loss_triton_backward",
+                                        _rkl_loss_triton_backward_impl)
+
+
+@rkl_loss_triton_backward_op.register_fake
+def _rkl_loss_triton_backward_fake(student, original, strengthened, keep, stats, grad_rows,
+                                   alpha, temperature, reverse):
+    return student.new_empty(student.shape)
+
+
+def _rkl_setup_context(ctx, inputs, output):
+    (student, original, strengthened, keep, alpha, temperature, reverse, reduction, backend,
+     compiled, need_grad) = inputs
+    _, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.options = (alpha, temperature, reverse, reduction, backend, compiled)
+    ctx.save_for_backward(student, original, strengthened, keep,
+                          saved if backend == "triton" and need_grad else None)
+    # The torch backend's gradient is handed over (and, eagerly, scaled in place) by the first
+    # backward; an attribute rather than a saved tensor, so that no second reference stops
+    # autograd from adopting it as .grad without a copy.
+    ctx.prescaled_grad = saved if backend != "triton" and need_grad else None
+
+
+def _rkl_backward(ctx, grad_loss, _grad_saved):
+    none = (None,) * 10
+    if not ctx.needs_input_grad[0]:
+        return (None, *none)
+    student, original, strengthened, keep, stats = ctx.saved_tensors
+    alpha, temperature, reverse, reduction, backend, compiled = ctx.options
+    rows = student.shape[0]
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, torch.func.grad): differentiable recomputation.
+        acc_dtype = accumulation_dtype(student.dtype)
+        grad = differentiable_logit_grad(
+            student.to(acc_dtype), teacher_logits(original, strengthened, alpha, acc_dtype),
+            keep, temperature, reverse)
+        row_grad = upstream_per_row(grad_loss, keep, reduction, rows).unsqueeze(-1)
+        return ((grad * row_grad).to(student.dtype), *none)
+    if backend == "triton":
+        grad_rows = upstream_per_row(grad_loss, keep, reduction, rows)
+        return (rkl_loss_triton_backward_op(student, original, strengthened, keep, stats,
+                                            grad_rows, alpha, temperature, reverse), *none)
+    grad, ctx.prescaled_grad = ctx.prescaled_grad, None
+    if grad is None:   # a second backward through the same graph (retain_graph): recompute
+        _, grad = rkl_loss_op(student, original, strengthened, keep, alpha, temperature,
+                              reverse, reduction, backend, compiled, True)
+    scale = grad_loss.unsqueeze(-1) if reduction == "none" else grad_loss
+    if tracing(grad_loss):
+        return (torch.mul(grad, scale).to(grad.dtype), *none)
+    if reduction == "none" or not host_reads_allowed(grad.device) or not bool(grad_loss == 1):
+        grad.mul_(scale)
+    return (grad, *none)
+
+
+rkl_loss_op.register_autograd(_rkl_backward, setup_context=_rkl_setup_context)
+rkl_loss_op.register_vmap(functools.partial(vmap_by_loop, rkl_loss_op))
+_RKLLossFunction = function_route(rkl_loss_op, _rkl_setup_context, _rkl_backward,
+                                  "_RKLLossFunction")
 
 
 def validate_logits(student_logits, original_logits, strengthened_logits, labels,
@@ -103,8 +187,10 @@ def validate_logits(student_logits, original_logits, strengthened_logits, labels
     for name, t in (("original_logits", original_logits),
                     ("strengthened_logits", strengthened_logits)):
         if t is not None and t.shape != student_logits.shape:
+            hint = (_checks.PADDING_HINT if t.dim() == student_logits.dim()
+                    and t.shape[:-1] == student_logits.shape[:-1] else "")
             raise ValueError(f"{fn}: {name} must have the shape of student_logits, "
-                             f"{tuple(student_logits.shape)}; got {tuple(t.shape)}")
+                             f"{tuple(student_logits.shape)}; got {tuple(t.shape)}" + hint)
     if student_logits.shape[-1] == 0:
         raise ValueError(f"{fn}: the vocabulary (last) dimension must be at least 1; got shape "
                          f"{tuple(student_logits.shape)}")
@@ -116,6 +202,18 @@ def validate_logits(student_logits, original_logits, strengthened_logits, labels
                                    "original_logits": original_logits,
                                    "strengthened_logits": strengthened_logits,
                                    "labels": labels})
+
+
+def first_columns(fn: str, vocab_size, **logits):
+    """The first ``vocab_size`` columns of each logits tensor (views; None stays None)."""
+    for name, t in logits.items():
+        if t is not None:
+            _checks.check_float_tensor(fn, name, t)
+            if t.dim() == 0:
+                raise ValueError(f"{fn}: {name} must have shape (..., V); got a 0-d tensor")
+    _checks.check_vocab_size(fn, vocab_size, {name: t.shape[-1] for name, t in logits.items()
+                                              if t is not None})
+    return tuple(t[..., :vocab_size] if t is not None else None for t in logits.values())
 
 
 def reduce_rows(loss_rows: torch.Tensor, keep: torch.Tensor | None, reduction: str,
@@ -139,7 +237,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
                    labels: torch.Tensor | None = None, ignore_index: int = -100,
                    temperature: float = 1.0, direction: str = "reverse",
                    reduction: str = "mean", backend: str = "auto",
-                   compiled: bool | None = None) -> torch.Tensor:
+                   compiled: bool | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """KL divergence between the student and the RKLD unlearning teacher, fused over the vocabulary.
 
     The teacher is ``o - alpha * relu(g - o)`` built from the raw original (``o``) and
@@ -164,13 +262,35 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
             (True), eagerly (False), or decide (None: compile on CPU for calls of at least
             2**25 kept-row x V elements, where the one-off ~10-20 s compilation pays back;
             falls back to eager with a warning if compilation fails).
+        vocab_size: use only the first ``vocab_size`` columns of every logits tensor, for models
+            whose vocabularies differ only by padding (e.g. 152064 vs 151936); the student's
+            gradient is 0 in the columns left out. None: all three must have one shape.
 
     Returns:
         The loss in float32 (float64 when the student is float64). The gradient flows to
         ``student_logits`` only, in its dtype.
+
+    The loss is the custom operator ``torch.ops.rkld.rkl_loss``: ``torch.compile``
+    (``fullgraph=True``) traces it without a graph break and runs its backward compiled, and no
+    backend reads a device value on the host off CPU (CUDA-graph capturable). ``torch.func``
+    transforms (``grad``, ``vmap``) work; a backward with ``create_graph=True`` (second
+    derivatives) and ``torch.func.grad`` recompute the gradient with differentiable PyTorch ops
+    over the full ``[rows, V]`` (exact, naive memory). Logits given as DTensors sharded on the
+    vocabulary (``Shard(-1)``, tensor parallelism) are handled by
+    :func:`rkld_kernels.tensor_parallel.vocab_parallel_rkl_loss`.
     """
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    if any(is_dtensor(t) for t in (student_logits, original_logits, strengthened_logits)):
+        return vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits,
+                                       alpha=alpha, labels=labels, ignore_index=ignore_index,
+                                       temperature=temperature, direction=direction,
+                                       reduction=reduction, backend=backend,
+                                       vocab_size=vocab_size)
+    if vocab_size is not None:
+        student_logits, original_logits, strengthened_logits = first_columns(
+            _FN, vocab_size, student_logits=student_logits, original_logits=original_logits,
+            strengthened_logits=strengthened_logits)
     validate_logits(student_logits, original_logits, strengthened_logits, labels)
     check_compiled_arg(_FN, compiled)
     backend = resolve_backend(backend, student_logits.device)
@@ -192,15 +312,14 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
         # The kernels address rows by a stride and expect unit stride along the vocabulary.
         student, original = _unit_last_stride(student), _unit_last_stride(original)
         strengthened = _unit_last_stride(strengthened) if strengthened is not None else None
-    presumed_row_scale = None
-    if backend == "torch" and reduction != "none":
-        count = keep.sum() if keep is not None else student.shape[0]
-        presumed_row_scale = torch.as_tensor(1.0 if reduction == "sum" else 1.0 / max(int(count), 1),
-                                             dtype=accumulation_dtype(student.dtype))
-    loss_rows = _FusedRKLFunction.apply(student, original, strengthened, keep, float(alpha),
-                                        float(temperature), direction == "reverse", backend,
-                                        compiled, presumed_row_scale)
-    return reduce_rows(loss_rows, keep, reduction, leading_shape)
+    # Under torch.func transforms the backward recomputes differentiably (see _custom_ops), so
+    # the forward skips the fused gradient.
+    functorch = functorch_active()
+    need_grad = torch.is_grad_enabled() and student.requires_grad and not functorch
+    args = (student, original, strengthened, keep, float(alpha), float(temperature),
+            direction == "reverse", reduction, backend, COMPILED_CODES[compiled], need_grad)
+    loss, _ = _RKLLossFunction.apply(*args) if functorch else rkl_loss_op(*args)
+    return loss.reshape(leading_shape) if reduction == "none" else loss
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -215,23 +334,23 @@ class RKLLoss(torch.nn.Module):
 
     def __init__(self, alpha: float = 8.0, temperature: float = 1.0, direction: str = "reverse",
                  reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
-                 compiled: bool | None = None):
+                 compiled: bool | None = None, vocab_size: int | None = None):
         super().__init__()
         _checks.check_options("RKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         check_compiled_arg("RKLLoss", compiled)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
-        self.compiled = compiled
+        self.compiled, self.vocab_size = compiled, vocab_size
 
     def forward(self, student_logits, original_logits, strengthened_logits=None, labels=None):
         return fused_rkl_loss(student_logits, original_logits, strengthened_logits,
                               alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
                               temperature=self.temperature, direction=self.direction,
                               reduction=self.reduction, backend=self.backend,
-                              compiled=self.compiled)
+                              compiled=self.compiled, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, direction={self.direction!r}, "
                 f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}, "
-                f"compiled={self.compiled}")
+                f"compiled={self.compiled}, vocab_size={self.vocab_size}")

@@ -35,6 +35,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 _COMPILED_CHUNK_ELEMENTS = 1 << 23
 
 
+def host_reads_allowed(device: torch.device) -> bool:
+    """Whether the torch backend may read device values on the host (``nonzero``, ``bool(t)``).
+
+    On CPU that costs no synchronisation, and the shortcuts it enables (skipping masked rows,
+    a fast path without the non-finite fix-ups) pay. Elsewhere the backend stays sync-free, so
+    that a CUDA training step can be captured in a CUDA graph. (Tests switch this off to check
+    the sync-free path on CPU.)
+    """
+    return device.type == "cpu"
+
+
 def default_chunk_rows(vocab_size: int, compiled: bool = False) -> int:
     elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
     return max(1, elements // max(1, vocab_size))
@@ -81,12 +92,13 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
     Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
     On CPU the chunk is first computed without them: every place where they matter turns the
     row's loss into NaN or inf, so a finite loss proves the fast result exact; otherwise the
-    chunk is recomputed with the fix-ups. On CUDA (no host syncs) the exact path always runs.
+    chunk is recomputed with the fix-ups. On CUDA (no host syncs; see
+    :func:`host_reads_allowed`) the exact path always runs.
 
     ``compiled=True`` runs both paths through ``torch.compile`` (see :func:`run_rkl_rows`).
     """
     impl = _compiled_rkl_rows() if compiled else _rkl_rows
-    if student.device.type != "cuda":
+    if host_reads_allowed(student.device):
         loss, grad = impl(student, original, strengthened, alpha, temperature, reverse,
                           need_grad, grad_out, grad_scale, exact_non_finite=False)
         if bool(torch.isfinite(loss).all()):
@@ -150,7 +162,10 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     """Row losses (accumulation dtype, [rows], 0 at masked rows) and the unscaled gradient in the
     student's dtype ([rows, V], zero at masked rows), processing ``chunk_rows`` rows at a time.
 
-    Masked rows are skipped entirely: they cost nothing and cannot leak NaN. ``compiled``:
+    Masked rows are skipped entirely on CPU: they cost nothing and cannot leak NaN. Elsewhere
+    (no host syncs, see :func:`host_reads_allowed`) every row is computed and the masked ones
+    are zeroed afterwards with ``torch.where`` / ``masked_fill``, so NaN there cannot leak
+    either. ``compiled``:
     run the per-chunk math through ``torch.compile`` (True), eagerly (False), or decide from
     the call's size (None; see :func:`compile_mode`). ``grad_scale`` (0-d tensor) multiplies
     the gradient as it is computed, at no extra pass.
@@ -159,11 +174,16 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     loss = torch.zeros(rows, dtype=accumulation_dtype(student.dtype), device=student.device)
     grad = None
     if need_grad:
-        alloc = torch.zeros if keep is not None else torch.empty
+        skipped_rows = keep is not None and host_reads_allowed(student.device)
+        alloc = torch.zeros if skipped_rows else torch.empty
         grad = alloc((rows, vocab), dtype=student.dtype, device=student.device)
+    if keep is not None and not host_reads_allowed(student.device):
+        return _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha,
+                                     temperature, reverse, need_grad, chunk_rows, compiled,
+                                     grad_scale)
     kept = rows
     if keep is not None:
-        kept_rows = keep.nonzero().squeeze(1)   # host sync: acceptable on the CPU/fallback path
+        kept_rows = keep.nonzero().squeeze(1)   # no sync on CPU (host_reads_allowed)
         kept = kept_rows.numel()
     mode = compile_mode(compiled, student.device, kept * vocab)
     chunk_rows = chunk_rows or default_chunk_rows(vocab, compiled=mode != "off")
@@ -193,6 +213,27 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                                      grad_out=grad[start:stop] if grad is not None else None,
                                      grad_scale=grad_scale, caller="fused_rkl_loss")
         loss[start:stop] = chunk_loss
+    return loss, grad
+
+
+def _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha, temperature,
+                          reverse, need_grad, chunk_rows, compiled, grad_scale):
+    """:func:`rkl_loss_and_grad` without reading ``keep`` on the host: every row is computed,
+    then masked rows get loss 0 and gradient 0 (whatever NaN their logits held)."""
+    rows, vocab = student.shape
+    mode = compile_mode(compiled, student.device, rows * vocab)
+    chunk_rows = chunk_rows or default_chunk_rows(vocab, compiled=mode != "off")
+    for start in range(0, rows, chunk_rows):
+        part = slice(start, min(start + chunk_rows, rows))
+        kept = keep[part]
+        chunk_loss, _ = run_rkl_rows(mode, student[part], original[part],
+                                     strengthened[part] if strengthened is not None else None,
+                                     alpha, temperature, reverse, need_grad,
+                                     grad_out=grad[part] if grad is not None else None,
+                                     grad_scale=grad_scale, caller="fused_rkl_loss")
+        loss[part] = torch.where(kept, chunk_loss, 0.0)
+        if grad is not None:
+            grad[part].masked_fill_(~kept.unsqueeze(1), 0.0)
     return loss, grad
 
 

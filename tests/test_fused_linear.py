@@ -17,6 +17,7 @@ from rkld_kernels import (
     fused_rkl_loss,
     torch_backend,
 )
+from rkld_kernels._custom_ops import IMPLEMENTATIONS
 from rkld_kernels.fused_linear import default_chunk_size
 
 V, H_S, H_T = 1271, 67, 45
@@ -323,6 +324,9 @@ class _ShapeRecorder(TorchDispatchMode):
         self.matmul_rows = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rkld":     # look inside the loss's operators
+            with self:
+                return IMPLEMENTATIONS[func._opname](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
