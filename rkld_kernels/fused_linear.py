@@ -23,6 +23,7 @@ computes losses only and the backward recomputes the chunks with each row of dlo
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,7 @@ class _LinearRKLFunction(torch.autograd.Function):
     def forward(ctx, plan, xs, ws, bs, xo, wo, bo, xg, wg, bg):
         inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
         ctx.plan = plan
-        ctx.weight_dtype = ws.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = xs.dtype, ws.dtype
         ctx.bias_dtype = bs.dtype if bs is not None else None
         if plan.per_row:
             loss_rows, _ = _run_chunks(plan, inputs, grads=False)
@@ -118,8 +119,9 @@ class _LinearRKLFunction(torch.autograd.Function):
             for grad in (dx, dw, db):
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return (None, dx, _cast(dw, ctx.weight_dtype), _cast(db, ctx.bias_dtype),
-                None, None, None, None, None, None)
+        # Each gradient is rounded to its parameter's dtype once, after the scaling.
+        return (None, _cast(dx, ctx.hidden_dtype), _cast(dw, ctx.weight_dtype),
+                _cast(db, ctx.bias_dtype), None, None, None, None, None, None)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -130,8 +132,9 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     """One pass over the kept rows, ``plan.chunk_size`` at a time.
 
     Returns the loss per row (float32, float64 for a float64 student) and, when ``grads``,
-    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in its dtype, and the weight and bias
-    gradients in the accumulation dtype (None for those the plan does not ask for). Each row's
+    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in float32 (float64 for a float64
+    student), and the weight and bias gradients in the accumulation dtype (None for those the
+    plan does not ask for); the caller rounds each once to its parameter's dtype. Each row's
     dL/dlogits is multiplied by ``row_scale[row]`` when given (``reduction="none"``'s backward).
     """
     xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
@@ -140,37 +143,131 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     need_grad = need_dx or need_dw or need_db
     rows, vocab = xs.shape[0], ws.shape[0]
     device = xs.device
+    student_head, original_head = _Head(xs, ws, bs), _Head(xo, wo, bo)
+    strengthened_head = _Head(xg, wg, bg) if xg is not None else None
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
-    dx = torch.empty(xs.shape, dtype=xs.dtype, device=device) if need_dx else None
-    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or ws.dtype, device=device)
-          if need_dw else None)
-    db = torch.zeros(vocab, dtype=plan.accum_dtype or bs.dtype, device=device) if need_db else None
+    dx = (torch.empty(xs.shape, dtype=accumulation_dtype(xs.dtype), device=device)
+          if need_dx else None)
+    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or accumulation_dtype(ws.dtype),
+                      device=device) if need_dw else None)
+    db = (torch.zeros(vocab, dtype=plan.accum_dtype or accumulation_dtype(bs.dtype),
+                      device=device) if need_db else None)
     for start in range(0, rows, plan.chunk_size):
         stop = min(start + plan.chunk_size, rows)
-        x = xs[start:stop]
-        student = _chunk_logits(x, ws, bs)
-        original = _chunk_logits(xo[start:stop], wo, bo)
-        strengthened = _chunk_logits(xg[start:stop], wg, bg) if xg is not None else None
+        student = student_head.logits(start, stop)
+        original = original_head.logits(start, stop)
+        strengthened = (strengthened_head.logits(start, stop) if strengthened_head is not None
+                        else None)
         scale = row_scale[start:stop] if row_scale is not None else None
         loss_rows[start:stop], dlogits = _vocabulary_pass(plan, student, original, strengthened,
                                                           need_grad, scale)
         del student, original, strengthened      # free the chunk's logits before the grad GEMMs
         if not need_grad:
             continue
-        dlogits_w = dlogits.to(ws.dtype)         # GEMM operands share the weight's dtype
-        if need_dx:
-            torch.mm(dlogits_w, ws, out=dx[start:stop])
-        if need_dw:
-            # dW += dlogits^T x in the accumulator's dtype, straight into it (no [V, H] temporary).
-            grad_rows = dlogits_w if dw.dtype == ws.dtype else dlogits.to(dw.dtype)
-            dw.addmm_(grad_rows.t(), x.to(dw.dtype))
         if need_db:
             db.add_(dlogits.sum(0))
+        student_head.gradient_gemms(dlogits, start, stop, dx, dw)
     return loss_rows, (dx, dw, db)
 
 
-def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+def gemm_mode(dtype: torch.dtype, device: torch.device) -> str:
+    """How the GEMMs of an lm_head with ``dtype`` weights on ``device`` keep float32 precision
+    (logits are never rounded to a low-precision dtype before the softmax):
+
+    - ``"native"``: float32/float64; the GEMMs run in that dtype.
+    - ``"fp32_out"``: float16/bfloat16 on CUDA: GEMMs in the input dtype with float32
+      accumulation and float32 output (``torch.mm(..., out_dtype=torch.float32)``).
+    - ``"upcast"``: float16/bfloat16 elsewhere, or on CUDA with a torch that lacks
+      ``out_dtype``: the weight is converted to float32 once per call and the hidden rows chunk
+      by chunk. Products of float16/bfloat16 numbers are exact in float32, so this computes
+      what ``"fp32_out"`` computes (a CPU's bf16 GEMMs would round their output to bf16, and
+      on AVX2 they run about 10x slower than float32 ones).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "native"
+    return "fp32_out" if _fp32_out_gemms(torch.device(device)) else "upcast"
+
+
+def _fp32_out_gemms(device: torch.device) -> bool:
+    """Whether float16/bfloat16 GEMMs with float32 output, accumulating into a float32 ``out``,
+    run on ``device``: CUDA with a torch whose ``mm``/``addmm`` take ``out_dtype``."""
+    if device.type != "cuda" or "dtype_out" not in torch.ops.aten.addmm.overloads():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_fp32_out_gemms(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fp32_out_gemms(device_index: int) -> bool:
+    # Some torch builds take out_dtype but refuse a float32 accumulator in addmm (they require
+    # it in the operands' dtype): ask the device once rather than parse version strings.
+    device = torch.device("cuda", device_index)
+    a = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+    acc = torch.zeros((1, 1), dtype=torch.float32, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+class _Head:
+    """One model's lm_head in the chunk loop: float32 (float64 for float64 inputs) logits of
+    rows ``[start, stop)`` and, for the student, the gradient GEMMs, in the :func:`gemm_mode`
+    of its dtype and device."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.mode = gemm_mode(weight.dtype, weight.device)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        if self.mode == "upcast":
+            self.weight = weight.float()
+            self.bias = bias.float() if bias is not None else None
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        x = self.hidden[start:stop]
+        return x.float() if self.mode == "upcast" else x
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        x, weight, bias = self._rows(start, stop), self.weight, self.bias
+        if self.mode == "fp32_out":
+            if bias is not None:
+                return torch.addmm(bias, x, weight.t(), out_dtype=torch.float32)
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+    def gradient_gemms(self, dlogits: torch.Tensor, start: int, stop: int,
+                       dx: torch.Tensor | None, dw: torch.Tensor | None) -> None:
+        """``dx[start:stop] = dlogits @ W`` and ``dw += dlogits^T x[start:stop]`` (each when not
+        None) from the chunk's float32 (float64) dL/dlogits, which this may overwrite. ``dx`` is
+        float32 (float64); ``dw`` float32/float64, or the weight's dtype if the caller chose so."""
+        x = self._rows(start, stop)
+        if self.mode != "fp32_out":
+            if dw is not None:
+                # In the accumulator's dtype, straight into it (no [V, H] temporary).
+                dw.addmm_(dlogits.to(dw.dtype).t(), x.to(dw.dtype))
+            if dx is not None:
+                torch.mm(dlogits.to(self.weight.dtype), self.weight, out=dx[start:stop])
+            return
+        # Low-precision GEMMs need dL/dlogits in the weight's dtype. Rounded once, it costs dW
+        # about one more rounding's worth of error (1.4x that of rounding the exact dW). dX =
+        # dlogits @ W sums V terms that largely cancel (a row of dlogits sums to 0 and lm_head
+        # rows share a mean direction), which magnifies the same rounding past 2x; so dX gets
+        # dlogits as two terms, hi + lo (16 significant bits), each a float32-accumulated GEMM.
+        low = self.weight.dtype
+        hi = dlogits.to(low)
+        if dw is not None:
+            if dw.dtype == torch.float32:
+                torch.addmm(dw, hi.t(), x, out_dtype=torch.float32, out=dw)
+            elif dw.dtype == low:
+                dw.addmm_(hi.t(), x)
+            else:
+                dw.addmm_(dlogits.to(dw.dtype).t(), x.to(dw.dtype))
+        if dx is not None:
+            lo = dlogits.sub_(hi).to(low)          # the remainder is exact in float32
+            out = dx[start:stop]
+            torch.mm(hi, self.weight, out_dtype=torch.float32, out=out)
+            torch.addmm(out, lo, self.weight, out_dtype=torch.float32, out=out)
 
 
 def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bool,
