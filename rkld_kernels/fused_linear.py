@@ -4,15 +4,28 @@ For each model the logits are ``hidden @ weight.T + bias``. They are never built
 at once: the kept tokens (``labels != ignore_index``; masked ones are dropped before any matmul)
 are processed ``chunk_size`` at a time, and for each chunk
 
-1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``;
+1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``, in float32
+   whatever the input dtype (float64 for float64 inputs; see "Precision");
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
    :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
    :mod:`rkld_kernels.triton_backend` (triton backend);
-3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a
-   ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (``addmm_`` into one ``[V, H]``
-   accumulator), plus ``db += dlogits.sum(0)``.
+3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a float32
+   ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (accumulated in place into one
+   ``[V, H]`` accumulator, float32 by default), plus ``db += dlogits.sum(0)``.
 
 Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
+
+Precision. At the start of unlearning the student equals the original model, so p ~ q on most
+of the vocabulary and the loss and its gradient are small differences of large numbers: logits
+rounded to bfloat16 (about 0.04 on logits of size 10) are as large as what the loss is made of.
+So no logit is ever rounded to a low-precision dtype. For float16/bfloat16 heads the GEMMs
+accumulate in float32 and write float32 (:func:`gemm_mode`: ``torch.mm(..., out_dtype=
+torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs in float32; the
+dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
+that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
+has scaled them, then each is rounded once to its parameter's dtype. The result meets the
+precision contract of the README: a loss within 1e-3 relative of float64 on the same rounded
+inputs, gradients within 2x the error of rounding the exact gradient to their dtype.
 
 When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
 one scalar, so the whole gradient is computed during the forward pass and the backward only
@@ -34,10 +47,12 @@ from .torch_backend import accumulation_dtype, check_compiled_arg, compile_mode,
 
 _FN = "fused_linear_rkl_loss"
 
-# Default chunk size: the [chunk, V] buffers alive at once -- the three logits, the float32
-# gradient and its copy in the weight's dtype -- are kept within a per-device byte budget,
-# counted as float32. Bigger chunks make the GEMMs more efficient (on CPU the weight-gradient
-# GEMM, whose inner dimension is the chunk, needs a few hundred rows) and cost memory.
+# Default chunk size: the [chunk, V] buffers alive at once are kept within a per-device byte
+# budget, counted as float32 rows: the three float32 logits and the float32 gradient during
+# the vocabulary pass, plus one for its temporaries or, in the gradient GEMMs, for the
+# gradient's two low-precision halves (CUDA, float16/bfloat16). Bigger chunks make the GEMMs
+# more efficient (on CPU the weight-gradient GEMM, whose inner dimension is the chunk, needs a
+# few hundred rows) and cost memory.
 _BUFFERS_PER_ROW = 5
 _CHUNK_BUDGET_BYTES = {"cuda": 1 << 30}
 _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
@@ -231,9 +246,7 @@ class _Head:
     def logits(self, start: int, stop: int) -> torch.Tensor:
         x, weight, bias = self._rows(start, stop), self.weight, self.bias
         if self.mode == "fp32_out":
-            if bias is not None:
-                return torch.addmm(bias, x, weight.t(), out_dtype=torch.float32)
-            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+            return _mm_fp32(x, weight.t(), bias)
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
 
     def gradient_gemms(self, dlogits: torch.Tensor, start: int, stop: int,
@@ -258,7 +271,7 @@ class _Head:
         hi = dlogits.to(low)
         if dw is not None:
             if dw.dtype == torch.float32:
-                torch.addmm(dw, hi.t(), x, out_dtype=torch.float32, out=dw)
+                _addmm_fp32_(dw, hi.t(), x)
             elif dw.dtype == low:
                 dw.addmm_(hi.t(), x)
             else:
@@ -266,8 +279,30 @@ class _Head:
         if dx is not None:
             lo = dlogits.sub_(hi).to(low)          # the remainder is exact in float32
             out = dx[start:stop]
-            torch.mm(hi, self.weight, out_dtype=torch.float32, out=out)
-            torch.addmm(out, lo, self.weight, out_dtype=torch.float32, out=out)
+            out.copy_(_mm_fp32(hi, self.weight))
+            _addmm_fp32_(out, lo, self.weight)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b (+ bias)`` of float16/bfloat16 operands, accumulated and returned in float32.
+    Off CUDA (tests of the CUDA scheme) it is emulated by upcasting, which computes the same
+    (products of float16/bfloat16 numbers are exact in float32)."""
+    if a.device.type == "cuda":
+        if bias is not None:
+            return torch.addmm(bias, a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if bias is not None:
+        return torch.addmm(bias.float(), a.float(), b.float())
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into a float32 ``acc`` from float16/bfloat16 operands, accumulated in
+    float32 (emulated by upcasting off CUDA, as in :func:`_mm_fp32`)."""
+    if acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bool,
@@ -386,8 +421,18 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     three models, without ever building a ``[tokens, V]`` tensor.
 
     The kept tokens are processed ``chunk_size`` at a time (see the module docstring for the
-    algorithm); peak extra memory is a few ``[chunk, V]`` buffers plus the ``[V, H]`` weight
-    gradient and the ``[tokens, H]`` hidden gradient, whatever the number of tokens.
+    algorithm); peak extra memory is a few float32 ``[chunk, V]`` buffers plus the ``[V, H]``
+    weight gradient and the ``[tokens, H]`` hidden gradient (both float32 until the backward
+    rounds them to the parameters' dtypes), whatever the number of tokens. Off CUDA, each
+    float16/bfloat16 lm_head weight is also converted to float32 once per call (``V x H x 4``
+    bytes; see :func:`gemm_mode`).
+
+    Precision contract: for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
+    relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller),
+    and each gradient is within 2x the error of rounding the exact gradient to its dtype; for
+    float64 inputs, float64 throughout. Logits are never rounded to a low-precision dtype (see
+    the module docstring). On CUDA, float32 inputs assume TF32 matmuls are off (PyTorch's
+    default): TF32 rounds float32 GEMM operands to 10 mantissa bits.
 
     Args:
         student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
@@ -406,10 +451,12 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             tokens is one host sync (``nonzero``) per call.
         chunk_size: tokens per chunk; None picks :func:`default_chunk_size` from a per-device
             memory budget.
-        accum_dtype: dtype of the weight/bias gradient accumulators, e.g. ``torch.float32`` for a
-            bfloat16 lm_head: the gradient is then summed over chunks in float32 and rounded once
-            at the end (the weight-gradient GEMM then runs on float32 operands). None: the
-            weight's dtype.
+        accum_dtype: dtype of the weight/bias gradient accumulators. None (default): float32
+            for a float16/bfloat16 lm_head (the gradient is summed over chunks in float32 and
+            rounded once at the end, as the precision contract needs), the weight's dtype
+            otherwise. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
+            but rounds after every chunk, so the weight gradient drifts beyond the contract
+            when there is more than one chunk.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by
             matmul, vocabulary part by the Triton kernels), ``"torch"`` (vocabulary part by
             chunked PyTorch) or ``"reference"`` (materialises all logits and calls
