@@ -24,8 +24,8 @@ torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs 
 dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
 that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
 has scaled them, then each is rounded once to its parameter's dtype. The result meets the
-precision contract of the README: a loss within 1e-3 relative of float64 on the same rounded
-inputs, gradients within 2x the error of rounding the exact gradient to their dtype.
+precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
+``tests/test_precision.py``.
 
 When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
 one scalar, so the whole gradient is computed during the forward pass and the backward only
@@ -427,12 +427,14 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     float16/bfloat16 lm_head weight is also converted to float32 once per call (``V x H x 4``
     bytes; see :func:`gemm_mode`).
 
-    Precision contract: for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
-    relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller),
-    and each gradient is within 2x the error of rounding the exact gradient to its dtype; for
-    float64 inputs, float64 throughout. Logits are never rounded to a low-precision dtype (see
-    the module docstring). On CUDA, float32 inputs assume TF32 matmuls are off (PyTorch's
-    default): TF32 rounds float32 GEMM operands to 10 mantissa bits.
+    Precision contract (torch and triton backends; ``reference`` computes naively in the
+    inputs' dtype): for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
+    relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller)
+    and never negative; each float16/bfloat16 gradient is within 2x the error of rounding the
+    exact gradient to its dtype (float32 gradients: within a few times the naive float32
+    formula's error); float64 inputs are float64 throughout. Logits are never rounded to a
+    low-precision dtype (see the module docstring). On CUDA, float32 inputs assume TF32 matmuls
+    are off (PyTorch's default): TF32 rounds float32 GEMM operands to 10 mantissa bits.
 
     Args:
         student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
