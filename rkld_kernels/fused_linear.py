@@ -159,7 +159,7 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     rows, vocab = xs.shape[0], ws.shape[0]
     device = xs.device
     student_head, original_head = _Head(xs, ws, bs), _Head(xo, wo, bo)
-    strengthened_head = _Head(xg, wg, bg) if xg is not None else None
+    strengthened_head = _Head(xg, wg, bg, original_head) if xg is not None else None
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
     dx = (torch.empty(xs.shape, dtype=accumulation_dtype(xs.dtype), device=device)
           if need_dx else None)
@@ -232,12 +232,19 @@ class _Head:
     rows ``[start, stop)`` and, for the student, the gradient GEMMs, in the :func:`gemm_mode`
     of its dtype and device."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 sharing: _Head | None = None):
         self.mode = gemm_mode(weight.dtype, weight.device)
         self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.source = (weight, bias)
         if self.mode == "upcast":
-            self.weight = weight.float()
-            self.bias = bias.float() if bias is not None else None
+            if sharing is not None and sharing.source[0] is weight:
+                self.weight = sharing.weight      # one float32 copy of a shared lm_head
+            else:
+                self.weight = weight.float()
+            if bias is not None:
+                self.bias = (sharing.bias if sharing is not None and sharing.source[1] is bias
+                             else bias.float())
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         x = self.hidden[start:stop]
@@ -288,9 +295,10 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
     Off CUDA (tests of the CUDA scheme) it is emulated by upcasting, which computes the same
     (products of float16/bfloat16 numbers are exact in float32)."""
     if a.device.type == "cuda":
-        if bias is not None:
-            return torch.addmm(bias, a, b, out_dtype=torch.float32)
-        return torch.mm(a, b, out_dtype=torch.float32)
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        # The bias separately: some torch builds size addmm(out_dtype=...)'s result by the
+        # bias's shape, so a (V,) bias would not broadcast.
+        return out.add_(bias) if bias is not None else out
     if bias is not None:
         return torch.addmm(bias.float(), a.float(), b.float())
     return torch.mm(a.float(), b.float())
