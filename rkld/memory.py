@@ -38,7 +38,8 @@ Assumptions (each one a place where a real run can differ):
 - Backward of one layer needs, on top of what is saved, its MLP's input gradients (2 N I a),
   its hidden-size gradients (2 N H a) and the layer's weight gradients.
 - The fused loss holds the student's supervised rows and their gradient ``[N, H]``, the lm_head
-  weight gradient ``[V, H]`` (full fine-tuning) and one chunk's ``[chunk, V]`` working set,
+  weight gradient ``[V, H]`` (full fine-tuning; both gradients in float32 until its backward)
+  and one chunk's ``[chunk, V]`` working set,
   bounded by ``rkld_kernels``' per-device budget. The naive loss holds, at its peak, seven
   ``[N, V]`` tensors: the student logits, the teacher, both log-softmaxes, ``exp(log p)``,
   ``log p - log q`` and their product (or their gradients in backward).
@@ -286,7 +287,9 @@ def estimate(model: ModelShape, run: RunShape) -> dict:
     lm_head_grad = 0 if run.lora else model.head_params * b["grad"]
 
     chunk = min(n, default_chunk_size(v, run.device))
-    fused_persistent = 2 * act * n * h + lm_head_grad      # student rows and dL/drows, dW
+    # Student rows, and dL/drows and dW, which the fused loss keeps in float32 until its backward
+    # rounds them to the parameters' dtype (its precision contract).
+    fused_persistent = act * n * h + 4 * n * h + (0 if run.lora else 4 * model.head_params)
     fused_chunk = _BUFFERS_PER_ROW * 4 * chunk * v
     naive_loss = max(7 * act * n * v, act * n * v + lm_head_grad + act * n * h)
 

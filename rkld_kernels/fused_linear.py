@@ -5,15 +5,28 @@ at once: the kept tokens (``labels != ignore_index``; masked ones are dropped be
 or, with ``drop_masked=False``, computed and zeroed without a host sync) are processed
 ``chunk_size`` at a time, and for each chunk
 
-1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``;
+1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``, in float32
+   whatever the input dtype (float64 for float64 inputs; see "Precision");
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
    :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
    :mod:`rkld_kernels.triton_backend` (triton backend);
-3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a
-   ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (``addmm_`` into one ``[V, H]``
-   accumulator), plus ``db += dlogits.sum(0)``.
+3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a float32
+   ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (accumulated in place into one
+   ``[V, H]`` accumulator, float32 by default), plus ``db += dlogits.sum(0)``.
 
 Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
+
+Precision. At the start of unlearning the student equals the original model, so p ~ q on most
+of the vocabulary and the loss and its gradient are small differences of large numbers: logits
+rounded to bfloat16 (about 0.04 on logits of size 10) are as large as what the loss is made of.
+So no logit is ever rounded to a low-precision dtype. For float16/bfloat16 heads the GEMMs
+accumulate in float32 and write float32 (:func:`gemm_mode`: ``torch.mm(..., out_dtype=
+torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs in float32; the
+dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
+that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
+has scaled them, then each is rounded once to its parameter's dtype. The result meets the
+precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
+``tests/test_precision.py``.
 
 When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
 one scalar, so the whole gradient is computed during the forward pass and the backward only
@@ -52,10 +65,12 @@ from .torch_backend import (
 
 _FN = "fused_linear_rkl_loss"
 
-# Default chunk size: the [chunk, V] buffers alive at once -- the three logits, the float32
-# gradient and its copy in the weight's dtype -- are kept within a per-device byte budget,
-# counted as float32. Bigger chunks make the GEMMs more efficient (on CPU the weight-gradient
-# GEMM, whose inner dimension is the chunk, needs a few hundred rows) and cost memory.
+# Default chunk size: the [chunk, V] buffers alive at once are kept within a per-device byte
+# budget, counted as float32 rows: the three float32 logits and the float32 gradient during
+# the vocabulary pass, plus one for its temporaries or, in the gradient GEMMs, for the
+# gradient's two low-precision halves (CUDA, float16/bfloat16). Bigger chunks make the GEMMs
+# more efficient (on CPU the weight-gradient GEMM, whose inner dimension is the chunk, needs a
+# few hundred rows) and cost memory.
 _BUFFERS_PER_ROW = 5
 _CHUNK_BUDGET_BYTES = {"cuda": 1 << 30}
 _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
@@ -174,10 +189,13 @@ def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, tempe
 
 
 def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db):
-    dx = xs.new_empty(xs.shape) if need_dx else xs.new_empty(0)
-    dw = ws.new_empty(ws.shape, dtype=accum_dtype or ws.dtype) if need_dw else ws.new_empty(0)
-    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or bs.dtype) if need_db and bs is not None
+    # _run_chunks keeps dx in the accumulation dtype; backward rounds it once to the hidden's.
+    dx = (xs.new_empty(xs.shape, dtype=accumulation_dtype(xs.dtype)) if need_dx
+          else xs.new_empty(0))
+    dw = (ws.new_empty(ws.shape, dtype=accum_dtype or accumulation_dtype(ws.dtype)) if need_dw
           else ws.new_empty(0))
+    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or accumulation_dtype(bs.dtype))
+          if need_db and bs is not None else ws.new_empty(0))
     return dx, dw, db
 
 
@@ -250,7 +268,8 @@ def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
         else:
             for grad in (dx, dw, db):
                 grad.mul_(grad_loss)
-    return (dx if want_dx else None, _cast(dw, ws.dtype) if want_dw else None,
+    # Each gradient is rounded to its parameter's dtype once, after the scaling.
+    return (_cast(dx, xs.dtype) if want_dx else None, _cast(dw, ws.dtype) if want_dw else None,
             _cast(db, bs.dtype) if want_db else None, *none)
 
 
@@ -288,8 +307,9 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     """One pass over the kept rows, ``plan.chunk_size`` at a time.
 
     Returns the loss per row (float32, float64 for a float64 student) and, when ``grads``,
-    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in its dtype, and the weight and bias
-    gradients in the accumulation dtype (None for those the plan does not ask for). Each row's
+    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in float32 (float64 for a float64
+    student), and the weight and bias gradients in the accumulation dtype (None for those the
+    plan does not ask for); the caller rounds each once to its parameter's dtype. Each row's
     dL/dlogits is multiplied by ``row_scale[row]`` when given (``reduction="none"``'s backward).
     Rows where the bool mask ``keep`` is False get loss 0 and dL/dlogits 0 (NaN there included).
     """
@@ -299,17 +319,21 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     need_grad = need_dx or need_dw or need_db
     rows, vocab = xs.shape[0], ws.shape[0]
     device = xs.device
+    student_head, original_head = _Head(xs, ws, bs), _Head(xo, wo, bo)
+    strengthened_head = _Head(xg, wg, bg, original_head) if xg is not None else None
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
-    dx = torch.empty(xs.shape, dtype=xs.dtype, device=device) if need_dx else None
-    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or ws.dtype, device=device)
-          if need_dw else None)
-    db = torch.zeros(vocab, dtype=plan.accum_dtype or bs.dtype, device=device) if need_db else None
+    dx = (torch.empty(xs.shape, dtype=accumulation_dtype(xs.dtype), device=device)
+          if need_dx else None)
+    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or accumulation_dtype(ws.dtype),
+                      device=device) if need_dw else None)
+    db = (torch.zeros(vocab, dtype=plan.accum_dtype or accumulation_dtype(bs.dtype),
+                      device=device) if need_db else None)
     for start in range(0, rows, plan.chunk_size):
         stop = min(start + plan.chunk_size, rows)
-        x = xs[start:stop]
-        student = _chunk_logits(x, ws, bs)
-        original = _chunk_logits(xo[start:stop], wo, bo)
-        strengthened = _chunk_logits(xg[start:stop], wg, bg) if xg is not None else None
+        student = student_head.logits(start, stop)
+        original = original_head.logits(start, stop)
+        strengthened = (strengthened_head.logits(start, stop) if strengthened_head is not None
+                        else None)
         scale = row_scale[start:stop] if row_scale is not None else None
         loss_rows[start:stop], dlogits = _vocabulary_pass(plan, student, original, strengthened,
                                                           need_grad, scale)
@@ -318,15 +342,9 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
         del student, original, strengthened      # free the chunk's logits before the grad GEMMs
         if not need_grad:
             continue
-        dlogits_w = dlogits.to(ws.dtype)         # GEMM operands share the weight's dtype
-        if need_dx:
-            torch.mm(dlogits_w, ws, out=dx[start:stop])
-        if need_dw:
-            # dW += dlogits^T x in the accumulator's dtype, straight into it (no [V, H] temporary).
-            grad_rows = dlogits_w if dw.dtype == ws.dtype else dlogits.to(dw.dtype)
-            dw.addmm_(grad_rows.t(), x.to(dw.dtype))
         if need_db:
             db.add_(dlogits.sum(0))
+        student_head.gradient_gemms(dlogits, start, stop, dx, dw)
     return loss_rows, (dx, dw, db)
 
 
@@ -336,8 +354,132 @@ def _zero_masked_rows(keep: torch.Tensor, loss: torch.Tensor, dlogits: torch.Ten
         dlogits.masked_fill_(~keep.unsqueeze(1), 0.0)
 
 
-def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+def gemm_mode(dtype: torch.dtype, device: torch.device) -> str:
+    """How the GEMMs of an lm_head with ``dtype`` weights on ``device`` keep float32 precision
+    (logits are never rounded to a low-precision dtype before the softmax):
+
+    - ``"native"``: float32/float64; the GEMMs run in that dtype.
+    - ``"fp32_out"``: float16/bfloat16 on CUDA: GEMMs in the input dtype with float32
+      accumulation and float32 output (``torch.mm(..., out_dtype=torch.float32)``).
+    - ``"upcast"``: float16/bfloat16 elsewhere, or on CUDA with a torch that lacks
+      ``out_dtype``: the weight is converted to float32 once per call and the hidden rows chunk
+      by chunk. Products of float16/bfloat16 numbers are exact in float32, so this computes
+      what ``"fp32_out"`` computes (a CPU's bf16 GEMMs would round their output to bf16, and
+      on AVX2 they run about 10x slower than float32 ones).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "native"
+    return "fp32_out" if _fp32_out_gemms(torch.device(device)) else "upcast"
+
+
+def _fp32_out_gemms(device: torch.device) -> bool:
+    """Whether float16/bfloat16 GEMMs with float32 output, accumulating into a float32 ``out``,
+    run on ``device``: CUDA with a torch whose ``mm``/``addmm`` take ``out_dtype``."""
+    if device.type != "cuda" or "dtype_out" not in torch.ops.aten.addmm.overloads():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_fp32_out_gemms(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fp32_out_gemms(device_index: int) -> bool:
+    # Some torch builds take out_dtype but refuse a float32 accumulator in addmm (they require
+    # it in the operands' dtype): ask the device once rather than parse version strings.
+    device = torch.device("cuda", device_index)
+    a = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+    acc = torch.zeros((1, 1), dtype=torch.float32, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+class _Head:
+    """One model's lm_head in the chunk loop: float32 (float64 for float64 inputs) logits of
+    rows ``[start, stop)`` and, for the student, the gradient GEMMs, in the :func:`gemm_mode`
+    of its dtype and device."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 sharing: _Head | None = None):
+        self.mode = gemm_mode(weight.dtype, weight.device)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.source = (weight, bias)
+        if self.mode == "upcast":
+            if sharing is not None and sharing.source[0] is weight:
+                self.weight = sharing.weight      # one float32 copy of a shared lm_head
+            else:
+                self.weight = weight.float()
+            if bias is not None:
+                self.bias = (sharing.bias if sharing is not None and sharing.source[1] is bias
+                             else bias.float())
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        x = self.hidden[start:stop]
+        return x.float() if self.mode == "upcast" else x
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        x, weight, bias = self._rows(start, stop), self.weight, self.bias
+        if self.mode == "fp32_out":
+            return _mm_fp32(x, weight.t(), bias)
+        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+    def gradient_gemms(self, dlogits: torch.Tensor, start: int, stop: int,
+                       dx: torch.Tensor | None, dw: torch.Tensor | None) -> None:
+        """``dx[start:stop] = dlogits @ W`` and ``dw += dlogits^T x[start:stop]`` (each when not
+        None) from the chunk's float32 (float64) dL/dlogits, which this may overwrite. ``dx`` is
+        float32 (float64); ``dw`` float32/float64, or the weight's dtype if the caller chose so."""
+        x = self._rows(start, stop)
+        if self.mode != "fp32_out":
+            if dw is not None:
+                # In the accumulator's dtype, straight into it (no [V, H] temporary).
+                dw.addmm_(dlogits.to(dw.dtype).t(), x.to(dw.dtype))
+            if dx is not None:
+                torch.mm(dlogits.to(self.weight.dtype), self.weight, out=dx[start:stop])
+            return
+        # Low-precision GEMMs need dL/dlogits in the weight's dtype. Rounded once, it costs dW
+        # about one more rounding's worth of error (1.4x that of rounding the exact dW). dX =
+        # dlogits @ W sums V terms that largely cancel (a row of dlogits sums to 0 and lm_head
+        # rows share a mean direction), which magnifies the same rounding past 2x; so dX gets
+        # dlogits as two terms, hi + lo (16 significant bits), each a float32-accumulated GEMM.
+        low = self.weight.dtype
+        hi = dlogits.to(low)
+        if dw is not None:
+            if dw.dtype == torch.float32:
+                _addmm_fp32_(dw, hi.t(), x)
+            elif dw.dtype == low:
+                dw.addmm_(hi.t(), x)
+            else:
+                dw.addmm_(dlogits.to(dw.dtype).t(), x.to(dw.dtype))
+        if dx is not None:
+            lo = dlogits.sub_(hi).to(low)          # the remainder is exact in float32
+            out = dx[start:stop]
+            out.copy_(_mm_fp32(hi, self.weight))
+            _addmm_fp32_(out, lo, self.weight)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b (+ bias)`` of float16/bfloat16 operands, accumulated and returned in float32.
+    Off CUDA (tests of the CUDA scheme) it is emulated by upcasting, which computes the same
+    (products of float16/bfloat16 numbers are exact in float32)."""
+    if a.device.type == "cuda":
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        # The bias separately: some torch builds size addmm(out_dtype=...)'s result by the
+        # bias's shape, so a (V,) bias would not broadcast.
+        return out.add_(bias) if bias is not None else out
+    if bias is not None:
+        return torch.addmm(bias.float(), a.float(), b.float())
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into a float32 ``acc`` from float16/bfloat16 operands, accumulated in
+    float32 (emulated by upcasting off CUDA, as in :func:`_mm_fp32`)."""
+    if acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bool,
@@ -459,8 +601,20 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     three models, without ever building a ``[tokens, V]`` tensor.
 
     The kept tokens are processed ``chunk_size`` at a time (see the module docstring for the
-    algorithm); peak extra memory is a few ``[chunk, V]`` buffers plus the ``[V, H]`` weight
-    gradient and the ``[tokens, H]`` hidden gradient, whatever the number of tokens.
+    algorithm); peak extra memory is a few float32 ``[chunk, V]`` buffers plus the ``[V, H]``
+    weight gradient and the ``[tokens, H]`` hidden gradient (both float32 until the backward
+    rounds them to the parameters' dtypes), whatever the number of tokens. Off CUDA, each
+    float16/bfloat16 lm_head weight is also converted to float32 once per call (``V x H x 4``
+    bytes; see :func:`gemm_mode`).
+
+    Precision contract (torch and triton backends; ``reference`` computes naively in the
+    inputs' dtype): for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
+    relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller)
+    and never negative; each float16/bfloat16 gradient is within 2x the error of rounding the
+    exact gradient to its dtype (float32 gradients: within a few times the naive float32
+    formula's error); float64 inputs are float64 throughout. Logits are never rounded to a
+    low-precision dtype (see the module docstring). On CUDA, float32 inputs assume TF32 matmuls
+    are off (PyTorch's default): TF32 rounds float32 GEMM operands to 10 mantissa bits.
 
     Args:
         student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
@@ -478,10 +632,12 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             Masked tokens are dropped before any matmul (see ``drop_masked``).
         chunk_size: tokens per chunk; None picks :func:`default_chunk_size` from a per-device
             memory budget.
-        accum_dtype: dtype of the weight/bias gradient accumulators, e.g. ``torch.float32`` for a
-            bfloat16 lm_head: the gradient is then summed over chunks in float32 and rounded once
-            at the end (the weight-gradient GEMM then runs on float32 operands). None: the
-            weight's dtype.
+        accum_dtype: dtype of the weight/bias gradient accumulators. None (default): float32
+            for a float16/bfloat16 lm_head (the gradient is summed over chunks in float32 and
+            rounded once at the end, as the precision contract needs), the weight's dtype
+            otherwise. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
+            but rounds after every chunk, so the weight gradient drifts beyond the contract
+            when there is more than one chunk.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by
             matmul, vocabulary part by the Triton kernels), ``"torch"`` (vocabulary part by
             chunked PyTorch) or ``"reference"`` (materialises all logits and calls

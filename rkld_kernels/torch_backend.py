@@ -83,7 +83,9 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
              compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss per row and, if asked, dL_row/d student ([rows, V]).
 
-    The loss is in the compute dtype (float32, or float64 when the student is float64). The
+    The loss is in the compute dtype (float32, or float64 when the student is float64), and
+    never negative: KL >= 0, so a row whose rounded sum falls below 0 (a KL of 1e-10 at
+    temperature 0.05 can) is returned as 0, which is also nearer the exact value. The
     gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
     returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d tensor, so that a
     compiled version does not specialise on its value) when given. Inputs are 2-D
@@ -129,8 +131,10 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         # 0 * inf = NaN: zero them first. A NaN weight (NaN input) is not zero and propagates.
         log_ratio.masked_fill_(weight == 0, 0.0)
     loss = _row_dot(weight, log_ratio)
+    # clamp_min keeps NaN; the gradient below uses the unclamped sum, consistent with weight.
+    row_loss = loss.squeeze(-1).clamp_min(0.0)
     if not need_grad:
-        return loss.squeeze(-1), None
+        return row_loss, None
     if reverse:
         # p_v ((log p_v - log q_v) - L) / T; the last op writes the result (one rounding into
         # a low-precision grad_out).
@@ -150,7 +154,7 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
             grad = torch.div(p.sub_(q), temperature, out=grad_out)
         else:
             grad = torch.sub(p, q, out=grad_out)
-    return loss.squeeze(-1), grad
+    return row_loss, grad
 
 
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
@@ -159,8 +163,14 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                       chunk_rows: int | None = None, compiled: bool | None = False,
                       grad_scale: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row losses (accumulation dtype, [rows], 0 at masked rows) and the unscaled gradient in the
-    student's dtype ([rows, V], zero at masked rows), processing ``chunk_rows`` rows at a time.
+    """Row losses (accumulation dtype, [rows], 0 at masked rows) and the gradient ([rows, V],
+    zero at masked rows), processing ``chunk_rows`` rows at a time.
+
+    With ``grad_scale`` the gradient is pre-scaled and rounded once to the student's dtype.
+    Without it (``reduction="none"``, whose per-row upstream gradient is known only in
+    backward) it is kept in the accumulation dtype, so that the caller's scaling and the final
+    rounding to a float16/bfloat16 student's dtype (autograd casts a gradient to its input's
+    dtype) are one rounding, not two.
 
     Masked rows are skipped entirely on CPU: they cost nothing and cannot leak NaN. Elsewhere
     (no host syncs, see :func:`host_reads_allowed`) every row is computed and the masked ones
@@ -176,7 +186,9 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     if need_grad:
         skipped_rows = keep is not None and host_reads_allowed(student.device)
         alloc = torch.zeros if skipped_rows else torch.empty
-        grad = alloc((rows, vocab), dtype=student.dtype, device=student.device)
+        grad_dtype = (student.dtype if grad_scale is not None
+                      else accumulation_dtype(student.dtype))
+        grad = alloc((rows, vocab), dtype=grad_dtype, device=student.device)
     if keep is not None and not host_reads_allowed(student.device):
         return _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha,
                                      temperature, reverse, need_grad, chunk_rows, compiled,

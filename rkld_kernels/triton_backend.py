@@ -152,8 +152,8 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
 
     Inputs are ``[rows, V]`` with unit stride along V (any row stride, any float dtype each);
     ``keep`` is a bool ``[rows]`` mask or None. Returns ``loss_rows`` (float32, float64 for a
-    float64 student; exactly 0 at masked rows) and ``(row_stats,)``, a ``[5, rows]`` tensor of
-    student max and log-sum, teacher max and log-sum, and the loss.
+    float64 student; exactly 0 at masked rows; never negative) and ``(row_stats,)``, a
+    ``[5, rows]`` tensor of student max and log-sum, teacher max and log-sum, and the loss.
 
     ``splits`` forces the number of V-splits per row (default: ``default_stats_splits``) and
     ``block_v`` the block width; both exist so tests can reach every code path on CPU.
@@ -188,6 +188,9 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
             partial, keep_arg, stats, loss, rows, splits, partial.stride(0),
             HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
             SPLITS_BLOCK=triton.next_power_of_2(splits), num_warps=1)
+    # KL >= 0: a row whose rounded sum fell below 0 (a KL of 1e-10 at temperature 0.05 can) is
+    # reported as 0, which is also nearer the exact value; clamp_min keeps NaN.
+    loss.clamp_min_(0.0)
     return loss, (stats,)
 
 
