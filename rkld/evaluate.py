@@ -39,7 +39,6 @@ per-example value is computed on exactly the same batch as in a single-process r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -51,7 +50,7 @@ import torch
 
 from . import metrics
 from .data import collate, encode_prompt, encode_qa
-from .models import unwrap_model
+from .models import model_fingerprint, unwrap_model  # noqa: F401  (re-exported)
 
 EVAL_LOG = "TOFU_EVAL.json"
 SUMMARY_LOG = "TOFU_SUMMARY.json"
@@ -402,31 +401,6 @@ def summarize(logs: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-def _is_model_file(name: str) -> bool:
-    """Weights, configuration and tokenizer files; not the run records that stages and
-    evaluations write next to a model."""
-    return (name.endswith((".safetensors", ".bin", ".model", ".jinja", "merges.txt"))
-            or name in ("config.json", "generation_config.json", "special_tokens_map.json",
-                        "vocab.json", "added_tokens.json", "model.safetensors.index.json")
-            or (name.startswith("tokenizer") and name.endswith(".json")))
-
-
-def model_fingerprint(model_ref: str) -> str:
-    """sha256 over a local model folder's weight, config and tokenizer files (names and
-    contents), or over the name itself for a hub model id."""
-    path = Path(model_ref)
-    digest = hashlib.sha256()
-    if not path.is_dir():
-        digest.update(f"hub:{model_ref}".encode())
-        return digest.hexdigest()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and _is_model_file(p.name)):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
 
 def eval_fingerprint(model_id: str, benchmark, config: EvalConfig) -> dict:
     """What identifies a set of results: the model, the evaluation data and the configuration."""

@@ -131,7 +131,7 @@ class ModelShape:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: expected a Hugging Face model folder with a "
                                     f"config.json; found none")
-        return cls.from_config(AutoConfig.from_pretrained(folder), name=folder.name)
+        return cls.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False), name=folder.name)
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "ModelShape":

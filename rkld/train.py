@@ -8,11 +8,13 @@ Public API (each returns ``(output_dir, stats)``):
     unlearn(UnlearnConfig, on_epoch_end=None, on_step=None)
         RKLD (default; teachers from the on-disk cache unless ``live_teachers``), its forward-KL
         ablation, or gradient ascent, optionally with a retain term (+RT / +KL)
+    TrainingDiverged                   raised when a loss or gradient norm is not finite
 
 Callbacks: ``on_step(step, record)`` after every optimizer step (``record`` is the log line:
 step, epoch, loss, lr, tokens/s, ...); ``on_epoch_end(epoch, model, tokenizer, stats)`` after
 every epoch (epoch counts from 1), with the Hugging Face model in eval mode (it is put back into
-train mode afterwards). Both run on every process.
+train mode afterwards). Both run on every process. An epoch-end callback that a crash
+interrupted runs again for that epoch when the run is resumed.
 
 The loop, once per optimizer step:
 - the step's examples (``batch_size`` of them, from a permutation seeded by seed and epoch) are
@@ -23,11 +25,20 @@ The loop, once per optimizer step:
   depend on the number of processes or on the micro-batch size;
 - gradients are synchronised on the last micro-batch only; then clipping, the learning rate of
   the schedule (linear warm-up over ``warmup_epochs``, then linear decay) and an AdamW step.
+  A non-finite loss or gradient norm stops the run (``TrainingDiverged``; status "failed";
+  the last good checkpoint is kept).
+What differs between one process, DDP, FSDP2 and ZeRO-3 is behind :mod:`rkld.strategies`.
 
 Outputs in ``cfg.out``: the model (``save_pretrained``, LoRA adapters merged), ``run.json``
-(stage, config, versions, data fingerprints, stats, status), ``log.jsonl`` (one line per step),
-``checkpoints/`` (written atomically at every epoch end and every ``save_every`` steps; the
-newest is named in ``checkpoints/latest.json``) and, for unlearning, ``teacher_cache/``.
+(stage, config, versions, content fingerprints of the models and data, stats, status),
+``log.jsonl`` (one line per step), ``checkpoints/`` (written atomically at every epoch end and
+every ``save_every`` steps, with a ``manifest.json`` of checksums; the newest is named in
+``checkpoints/latest.json``) and, for unlearning, ``teacher_cache/``. The folder is locked
+(``.rkld.lock``) while a run uses it.
+
+Safety: the output folder must be apart from every input; ``overwrite`` moves an old run
+aside (``.replaced/``) and deletes it only once the new run has finished; ``resume`` refuses
+any change of a setting or input that shapes the result, and a missing checkpoint.
 """
 from __future__ import annotations
 
@@ -37,48 +48,55 @@ import os
 import platform
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .config import FinetuneConfig, RunConfig, StrengthenConfig, UnlearnConfig
+from .config import RESUMABLE_SETTINGS, FinetuneConfig, RunConfig, StrengthenConfig, UnlearnConfig
 from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain_split_for
 from .models import (
     build_tiny_model,
     check_config_logits,
-    check_logits_are_linear,
     check_same_vocabulary,
     final_hidden,
-    load_model,
+    model_fingerprint,
     supervised_positions,
-    unwrap_model,
 )
 from .parallel import (
     DistInfo,
     all_reduce_sum,
-    backward,
     barrier,
     broadcast_object,
     full_shape,
-    gradient_sync,
+    gather_objects,
     head_runner,
     init_distributed,
-    shard_frozen,
-    wrap_model,
-    zero3_engine,
-    zero3_loading,
-    zero3_setup,
 )
+from .storage import (
+    LOCK_FILE,
+    CorruptFileError,
+    RunLock,
+    atomic_torch_save,
+    atomic_write_json,
+    check_separate,
+    load_torch,
+    read_json,
+    sha256_file,
+)
+from .strategies import strategy_for
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 
 RUN_RECORD = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-SINGLE_PROCESS_STATE = "state.pt"
-ZERO3_TAG = "zero3"      # the folder DeepSpeed's save_checkpoint writes its partitions into
+MANIFEST = "manifest.json"
+REPLACED = ".replaced"   # an overwritten run, kept until the run replacing it has finished
 NLL_CHUNK = 4096   # rows of logits alive at once in the NLL (with recomputation in backward)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient norm was not finite: the run stopped before that update was saved."""
 
 
 # --------------------------------------------------------------------------- public stages
@@ -97,7 +115,12 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     """Unlearn ``cfg.forget`` from ``cfg.model``; returns ``(out_dir, stats)``."""
     cfg.validate()
     info = init_distributed(cfg.parallel)
-    _check_strategy(cfg, info, on_epoch_end)
+    strategy = strategy_for(info)
+    strategy.check(cfg, on_epoch_end)
+    inputs = {"the original model (--model)": cfg.model,
+              "the strengthened model (--strengthened)": cfg.strengthened,
+              "the data (--data)": cfg.data}
+    out = _check_output(cfg, "unlearn", inputs)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     forget_rows = _split_rows(bench, cfg.forget, "forget set")
     retain_split = None
@@ -106,7 +129,6 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         if retain_split is None or retain_split not in bench.splits:
             raise ValueError(f"--retain-term {cfg.retain_term} needs the retain split of "
                              f"{cfg.forget!r}, which benchmark {bench.name!r} does not have")
-    out = _check_output(cfg, "unlearn")
     # Cheap checks before any model is loaded: tokenizers and vocabularies must agree.
     tokenizer = _load_tokenizer(cfg.model, "the original model")
     if cfg.method == "rkld":
@@ -117,7 +139,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         _check_same_vocab_size(cfg.model, cfg.strengthened)
     else:
         _precheck_model(cfg.model, "the original model")
-    zero3_setup(info, _weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
+    strategy.configure(_weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
     examples = _encode(tokenizer, forget_rows, cfg, cfg.forget)
     retain_examples = None
     if retain_split is not None:
@@ -127,33 +149,37 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     fingerprints = {cfg.forget: bench.fingerprint(cfg.forget)}
     if retain_split is not None:
         fingerprints[retain_split] = bench.fingerprint(retain_split)
-    _start_run(out, cfg, "unlearn", info, fingerprints)
+    models = _model_fingerprints(cfg, info)
 
-    teachers = retain_teachers = None
-    teacher_names = ("original", "strengthened") if cfg.method == "rkld" else ()
-    if cfg.retain_term == "kl" or teacher_names:
-        loaders = {"original": lambda: _load_checked(cfg.model, cfg.dtype, info),
-                   "strengthened": lambda: _load_checked(cfg.strengthened, cfg.dtype, info)}
-        if cfg.live_teachers:
-            needed = set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())
-            live = {name: shard_frozen(loaders[name](), info) for name in sorted(needed)}
-            teachers = retain_teachers = LiveTeachers(live)
-        else:
-            key = {"original": str(cfg.model), "strengthened": str(cfg.strengthened),
-                   "max_length": cfg.max_length, "template": cfg.template,
-                   "dtype": cfg.dtype, "data": fingerprints}
-            if teacher_names:
-                teachers = _teacher_cache(out / "teacher_cache" / "forget", examples,
-                                          {n: loaders[n] for n in teacher_names}, key, cfg, info,
-                                          tokenizer.pad_token_id)
-            if cfg.retain_term == "kl":
-                retain_teachers = _teacher_cache(out / "teacher_cache" / "retain",
-                                                 retain_examples, {"original": loaders["original"]},
-                                                 key, cfg, info, tokenizer.pad_token_id)
-    model = _load_student(cfg, info, tokenizer)
-    objective = _UnlearnObjective(cfg, teachers, retain_teachers)
-    stats = _train(cfg, "unlearn", model, tokenizer, examples, retain_examples, objective, info,
-                   out, on_epoch_end, on_step)
+    with _RunFolder(out, cfg, "unlearn", info, fingerprints, models) as run:
+        teachers = retain_teachers = None
+        teacher_names = ("original", "strengthened") if cfg.method == "rkld" else ()
+        if cfg.retain_term == "kl" or teacher_names:
+            loaders = {"original": lambda: strategy.load_teacher(cfg.model, cfg.dtype),
+                       "strengthened": lambda: strategy.load_teacher(cfg.strengthened,
+                                                                     cfg.dtype)}
+            if cfg.live_teachers:
+                needed = set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())
+                live = {name: loaders[name]() for name in sorted(needed)}
+                teachers = retain_teachers = LiveTeachers(live)
+            else:
+                # Content fingerprints, not paths: a model replaced at the same path is new.
+                key = {"original": models["model"], "strengthened": models.get("strengthened"),
+                       "max_length": cfg.max_length, "template": cfg.template,
+                       "dtype": cfg.dtype, "data": fingerprints}
+                if teacher_names:
+                    teachers = _teacher_cache(out / "teacher_cache" / "forget", examples,
+                                              {n: loaders[n] for n in teacher_names}, key, cfg,
+                                              info, tokenizer.pad_token_id)
+                if cfg.retain_term == "kl":
+                    retain_teachers = _teacher_cache(
+                        out / "teacher_cache" / "retain", retain_examples,
+                        {"original": loaders["original"]}, key, cfg, info,
+                        tokenizer.pad_token_id)
+        model = _load_student(cfg, strategy, tokenizer)
+        objective = _UnlearnObjective(cfg, teachers, retain_teachers)
+        stats = _train(cfg, "unlearn", model, tokenizer, examples, retain_examples, objective,
+                       strategy, run, on_epoch_end, on_step)
     return out, stats
 
 
@@ -257,10 +283,12 @@ class _UnlearnObjective:
 def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     cfg.validate()
     info = init_distributed(cfg.parallel)
-    _check_strategy(cfg, info, on_epoch_end)
+    strategy = strategy_for(info)
+    strategy.check(cfg, on_epoch_end)
+    out = _check_output(cfg, stage, {"the model (--model)": cfg.model,
+                                     "the data (--data)": cfg.data})
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
-    out = _check_output(cfg, stage)
     if cfg.model == "tiny":
         texts = _benchmark_texts(bench)
         model, tokenizer = build_tiny_model(texts, seed=cfg.seed, **cfg.tiny)
@@ -270,25 +298,30 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
         tokenizer = _load_tokenizer(cfg.model)
         _precheck_model(cfg.model, "the model")
         model = None
-    zero3_setup(info, _weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
+    strategy.configure(_weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
     examples = _encode(tokenizer, rows, cfg, split)
-    _start_run(out, cfg, stage, info, {split: bench.fingerprint(split)})
-    model = _load_student(cfg, info, tokenizer, model)
-    stats = _train(cfg, stage, model, tokenizer, examples, None, _NLLObjective(), info, out,
-                   on_epoch_end, on_step)
+    models = _model_fingerprints(cfg, info)
+    with _RunFolder(out, cfg, stage, info, {split: bench.fingerprint(split)}, models) as run:
+        model = _load_student(cfg, strategy, tokenizer, model)
+        stats = _train(cfg, stage, model, tokenizer, examples, None, _NLLObjective(), strategy,
+                       run, on_epoch_end, on_step)
     return out, stats
 
 
 def _check_strategy(cfg: RunConfig, info: DistInfo, on_epoch_end) -> None:
     """Refuse combinations a strategy does not support, before any work starts."""
-    if info.strategy == "zero3":
-        if cfg.lora:
-            raise ValueError("--lora under DeepSpeed ZeRO-3 is not supported; LoRA's trainable "
-                             "state is small, so use DDP (or a single process) for LoRA runs")
-        if on_epoch_end is not None:
-            raise ValueError("per-epoch callbacks (--eval-every-epoch) are not supported under "
-                             "DeepSpeed ZeRO-3, where no process holds the whole model; use "
-                             "FSDP2, or evaluate the saved model with rkld eval")
+    strategy_for(info).check(cfg, on_epoch_end)
+
+
+def _model_fingerprints(cfg: RunConfig, info: DistInfo) -> dict:
+    """Content fingerprints of the run's models (computed on the main process: hashing a large
+    model takes a while)."""
+    fingerprints = None
+    if info.is_main:
+        fingerprints = {"model": "tiny" if cfg.model == "tiny" else model_fingerprint(cfg.model)}
+        if getattr(cfg, "strengthened", None):
+            fingerprints["strengthened"] = model_fingerprint(cfg.strengthened)
+    return broadcast_object(fingerprints, info)
 
 
 def _weights_dtype(cfg: RunConfig) -> str:
@@ -347,7 +380,13 @@ def _load_tokenizer(path: str, what: str = "model"):
     if not local.exists() and (os.sep in str(path) or str(path).startswith(".")):
         raise FileNotFoundError(f"{what} folder {path} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path,
+                                                  trust_remote_code=False)
+    except ValueError as err:
+        if "custom code" not in str(err):
+            raise
+        raise ValueError(f"{what} {path}: its tokenizer needs its own code (auto_map), and rkld "
+                         f"never runs code shipped with a model") from None
     except OSError as err:
         raise OSError(f"could not load the tokenizer of {what} {path!r}: {err}") from err
     if tokenizer.pad_token is None:
@@ -358,7 +397,14 @@ def _load_tokenizer(path: str, what: str = "model"):
 def _precheck_model(path: str, what: str):
     """The model's config, checked for logit transformations before any weight is loaded."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as err:
+        if "custom code" not in str(err):
+            raise
+        raise ValueError(f"{what} {path}: its config needs the model's own code (auto_map), "
+                         f"and rkld never runs code shipped with a model; use a model whose "
+                         f"architecture transformers implements") from None
     check_config_logits(config, f"{what} ({path})")
     return config
 
@@ -372,29 +418,13 @@ def _check_same_vocab_size(path_a: str, path_b: str) -> None:
                          f"rows")
 
 
-def _load_checked(path: str, dtype, info: DistInfo):
-    """A frozen teacher, checked to have linear logits; under ZeRO-3 loaded partitioned and
-    returned as a DeepSpeed inference engine."""
-    with zero3_loading(info):
-        model, _ = load_model(path, dtype=dtype)
-    if info.strategy == "zero3":
-        model = shard_frozen(model, info)
-        check_logits_are_linear(model)     # a forward through the engine: after wrapping
-        return model
-    check_logits_are_linear(model)
-    return model.to(info.device)
-
-
-def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
+def _load_student(cfg: RunConfig, strategy, tokenizer, model=None):
     if model is None:
-        with zero3_loading(info):
-            model, _ = load_model(cfg.model, dtype=cfg.dtype)
+        model = strategy.load_student(cfg.model, cfg.dtype)
         rows = full_shape(model.get_output_embeddings().weight)[0]
         if len(tokenizer) > rows:
             raise ValueError(f"{cfg.model}: the tokenizer has {len(tokenizer)} tokens but the "
                              f"lm_head only {rows} rows")
-    if info.strategy != "zero3":    # under ZeRO-3 once the engine exists (a forward is needed)
-        check_logits_are_linear(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         options = {"use_reentrant": False}
@@ -403,43 +433,183 @@ def _load_student(cfg: RunConfig, info: DistInfo, tokenizer, model=None):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if cfg.lora:
-        if info.strategy == "fsdp":
-            raise ValueError("--lora with FSDP is not supported; LoRA's trainable state is small, "
-                             "so use DDP (or a single process) for LoRA runs")
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise ImportError("--lora needs peft: pip install 'rkld[lora]'") from None
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=0.0, target_modules="all-linear"))
-    if info.strategy != "zero3":      # the engine places (and partitions) the model itself
-        model.to(info.device)
+    model = strategy.prepare_student(model)
     model.train()
-    return wrap_model(model, info)
+    return model
 
 
 # --------------------------------------------------------------------------- output folder
 
-def _check_output(cfg: RunConfig, stage: str) -> Path:
+def _run_entries(out: Path) -> list:
+    """What the folder holds besides the lock and an overwritten run kept aside."""
+    if not out.is_dir():
+        return []
+    return [p for p in out.iterdir() if p.name not in (LOCK_FILE, REPLACED)]
+
+
+def _check_output(cfg: RunConfig, stage: str, inputs: dict) -> Path:
     """Refuse output folders that would lose or mix results; change nothing on disk."""
     out = Path(cfg.out).expanduser()
+    check_separate(out, inputs)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a folder")
     record = out / RUN_RECORD
-    if out.exists() and any(out.iterdir()):
+    if _run_entries(out):
         if not record.exists():
             raise FileExistsError(f"--out {out} is not empty and holds no rkld run ({RUN_RECORD});"
                                   f" choose a new or empty folder")
-        previous = json.loads(record.read_text())
-        if previous.get("status") == "finished" and not cfg.overwrite:
+        if cfg.overwrite:
+            return out
+        previous = read_json(record, "the run record")
+        if previous.get("status") == "finished":
             raise FileExistsError(f"--out {out} already holds a finished {previous.get('stage')} "
                                   f"run; pass --overwrite to replace it")
-        if previous.get("status") != "finished" and not (cfg.resume or cfg.overwrite):
+        if not cfg.resume:
             raise FileExistsError(f"--out {out} holds an unfinished {previous.get('stage')} run; "
                                   f"pass --resume to continue it or --overwrite to restart")
-        if cfg.resume and previous.get("stage") != stage:
+        if previous.get("stage") != stage:
             raise ValueError(f"--resume: {out} holds a {previous.get('stage')} run, not {stage}")
+        _read_pointer(out)
+    elif cfg.resume:
+        raise FileNotFoundError(f"--resume: {out} holds no run to resume; drop --resume to "
+                                f"start one")
     return out
+
+
+def _resume_differences(previous: dict, cfg: RunConfig, data: dict, models: dict) -> list:
+    """``name old -> new`` for every setting or input that differs from the recorded run."""
+    old_config = previous.get("config") or {}
+    new_config = cfg.to_dict()
+    changes = [f"{name} {old_config.get(name)!r} -> {new_config.get(name)!r}"
+               for name in sorted(set(old_config) | set(new_config))
+               if name not in RESUMABLE_SETTINGS and old_config.get(name) != new_config.get(name)]
+    old_data = previous.get("data") or {}
+    changes += [f"data split {name} (its content changed)" for name in sorted(set(old_data)
+                | set(data)) if old_data.get(name) != data.get(name)]
+    old_models = previous.get("models") or {}
+    changes += [f"{name} model (its files changed)" if old_models.get(name) else
+                f"{name} model (not recorded by the earlier run)"
+                for name in sorted(set(old_models) | set(models))
+                if old_models.get(name) != models.get(name)]
+    return changes
+
+
+def _on_main(info: DistInfo, work):
+    """``work()`` on the main process; an exception there is raised on every process."""
+    result, failure = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except Exception as err:       # re-raised below, after the other processes know
+            failure = err
+    message = broadcast_object(None if failure is None else str(failure), info)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"the main process stopped: {message}")
+    return result
+
+
+class _RunFolder:
+    """The output folder for the duration of a run: locked, prepared, and closed with a status.
+
+    On entry (main process): take the lock; with ``overwrite``, move the old run into
+    ``.replaced/``; with ``resume``, refuse any change of what shapes the result and a missing
+    or unreadable checkpoint pointer; write ``run.json``. On exit: status ``finished`` (and the
+    replaced run deleted) after :meth:`finish`, ``failed`` after ``TrainingDiverged``,
+    unchanged (``running``, resumable) after any other interruption; the lock is released.
+    """
+
+    def __init__(self, out: Path, cfg: RunConfig, stage: str, info: DistInfo, data: dict,
+                 models: dict):
+        self.out, self.cfg, self.stage, self.info = out, cfg, stage, info
+        self.data, self.models = data, models
+        self.lock = RunLock(out)
+        self.pointer = None       # the checkpoint to resume from (checkpoints/latest.json)
+
+    def __enter__(self) -> "_RunFolder":
+        self.pointer = _on_main(self.info, self._open)
+        self.pointer = broadcast_object(self.pointer, self.info)
+        return self
+
+    def _open(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            return self._prepare()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self):
+        out, cfg = self.out, self.cfg
+        # Checked again under the lock: another run may have changed the folder meanwhile.
+        _check_output(cfg, self.stage, {})
+        record = out / RUN_RECORD
+        pointer = None
+        if cfg.overwrite and _run_entries(out):
+            self._move_aside()
+        if cfg.resume:
+            previous = read_json(record, "the run record")
+            changes = _resume_differences(previous, cfg, self.data, self.models)
+            if changes:
+                raise ValueError(f"--resume: the run in {out} was started with other settings "
+                                 f"or inputs: {'; '.join(changes)}. Resume with the original "
+                                 f"ones, or start over with --overwrite")
+            pointer = _read_pointer(out)
+            previous.update(status="running", resumed=previous.get("resumed", []) + [_now()])
+            atomic_write_json(record, previous)
+        else:
+            atomic_write_json(record, {
+                "stage": self.stage, "status": "running", "config": cfg.to_dict(),
+                "versions": _versions(), "data": self.data, "models": self.models,
+                "world_size": self.info.world_size, "strategy": self.info.strategy,
+                "started": _now()})
+        return pointer
+
+    def _move_aside(self) -> None:
+        """Keep the run being overwritten in ``.replaced/`` until the new one has finished.
+        If an earlier overwrite left one there, that one is the last finished run and stays,
+        unless the folder's own run has finished since."""
+        replaced = self.out / REPLACED
+        if replaced.exists():
+            current = read_json(self.out / RUN_RECORD, "the run record") \
+                if (self.out / RUN_RECORD).exists() else {}
+            if current.get("status") == "finished":
+                shutil.rmtree(replaced)
+            else:
+                for entry in _run_entries(self.out):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                return
+        replaced.mkdir()
+        for entry in _run_entries(self.out):
+            if entry.name != REPLACED:
+                os.replace(entry, replaced / entry.name)
+
+    def finish(self, stats: dict) -> None:
+        if self.info.is_main:
+            record = read_json(self.out / RUN_RECORD, "the run record")
+            record.update(status="finished", stats=stats, finished=_now())
+            atomic_write_json(self.out / RUN_RECORD, record)
+            shutil.rmtree(self.out / REPLACED, ignore_errors=True)
+        barrier(self.info)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self.info.is_main:
+            return
+        try:
+            if isinstance(error, TrainingDiverged):
+                record = read_json(self.out / RUN_RECORD, "the run record")
+                record.update(status="failed", error=str(error), failed=_now())
+                atomic_write_json(self.out / RUN_RECORD, record)
+        finally:
+            self.lock.release()
 
 
 def _versions() -> dict:
@@ -460,27 +630,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _start_run(out: Path, cfg: RunConfig, stage: str, info: DistInfo, fingerprints: dict):
-    """Clear the folder if asked (only now that every check has passed), write run.json."""
-    if info.is_main:
-        if cfg.overwrite and (out / RUN_RECORD).exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        record = out / RUN_RECORD
-        previous = json.loads(record.read_text()) if record.exists() else {}
-        _write_json(record, {"stage": stage, "status": "running", "config": cfg.to_dict(),
-                             "versions": _versions(), "data": fingerprints,
-                             "world_size": info.world_size, "strategy": info.strategy,
-                             "started": previous.get("started", _now())})
-    barrier(info)
-
-
 def _teacher_cache(folder: Path, examples, loaders: dict, key: dict, cfg, info, pad_token_id):
     cache = TeacherCache.open(folder, key, info.device) if cfg.resume else None
     if cache is None:
@@ -491,141 +640,123 @@ def _teacher_cache(folder: Path, examples, loaders: dict, key: dict, cfg, info, 
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(out: Path, model, optimizer, step: int, info: DistInfo) -> None:
-    """Write checkpoints/step-N atomically: into a temporary folder, renamed when complete;
-    ``latest.json`` is replaced last, so a crash at any point leaves the previous one usable."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _read_pointer(out: Path) -> dict:
+    """``checkpoints/latest.json`` of a run to resume: missing or unreadable is an error."""
+    latest = out / CHECKPOINTS / "latest.json"
+    if not latest.exists():
+        raise FileNotFoundError(f"--resume: {latest} is missing, so there is no checkpoint to "
+                                f"continue from (the run stopped before its first one, or the "
+                                f"file was deleted); start over with --overwrite")
+    pointer = read_json(latest, "the checkpoint pointer")
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("step"), int) \
+            or not isinstance(pointer.get("dir"), str):
+        raise CorruptFileError(f"{latest}: the checkpoint pointer lacks its step or folder; "
+                               f"start over with --overwrite")
+    if not (out / CHECKPOINTS / pointer["dir"]).is_dir():
+        raise FileNotFoundError(f"{out / CHECKPOINTS / pointer['dir']}: the checkpoint that "
+                                f"{latest} names is missing; start over with --overwrite")
+    return pointer
+
+
+def _checksums(folder: Path, info: DistInfo, files: list | None = None) -> dict:
+    """sha256 of every file under ``folder`` (relative names), shared out over the processes."""
+    if files is None:
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                       and p.name != MANIFEST)
+    mine = {name: sha256_file(folder / name) for name in files[info.rank::info.world_size]}
+    merged = {}
+    for part in gather_objects(mine, info):
+        merged.update(part)
+    return merged
+
+
+def _verify_checkpoint(folder: Path, info: DistInfo) -> None:
+    """Compare the checkpoint's files with its manifest (on every process, which agree)."""
+    manifest = read_json(folder / MANIFEST, "the checkpoint's manifest of checksums")
+    actual = _checksums(folder, info, sorted(manifest))
+    for name, digest in sorted(manifest.items()):
+        if actual.get(name) != digest:
+            raise CorruptFileError(f"{folder / name}: the checkpoint file does not match the "
+                                   f"checksum in {MANIFEST} (corrupt, truncated or altered); "
+                                   f"start over with --overwrite")
+
+
+def _save_checkpoint(out: Path, strategy, model, optimizer, step: int,
+                     epoch_end: int | None = None, callbacks_pending: bool = False) -> None:
+    """Write checkpoints/step-N atomically: into a temporary folder, with a manifest of
+    checksums, fsynced and renamed when complete; ``latest.json`` is replaced last, so a crash
+    at any point leaves the previous one usable."""
+    info = strategy.info
     root = out / CHECKPOINTS
     tmp = root / f".tmp-step-{step}"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    if info.strategy == "zero3":     # each process writes its partitions of weights and states
-        model.save_checkpoint(str(tmp), tag=ZERO3_TAG, save_latest=False)
-    else:
-        model_state, optim_state = get_state_dict(
-            model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-        if info.distributed:
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-        else:   # one file: much faster than the distributed format's coordination
-            torch.save({"model": model_state, "optim": optim_state}, tmp / SINGLE_PROCESS_STATE)
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
-               tmp / f"rng.rank{info.rank}.pt")
+    strategy.save_state(model, optimizer, tmp)
+    atomic_torch_save({"cpu": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
+                      tmp / f"rng.rank{info.rank}.pt")
     barrier(info)
+    checksums = _checksums(tmp, info)
     if info.is_main:
+        _fsync_tree(tmp)
+        atomic_write_json(tmp / MANIFEST, checksums)
         final = root / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_json(root / "latest.json", {"step": step, "dir": final.name,
-                                           "strategy": info.strategy,
-                                           "world_size": info.world_size})
+        pointer = {"step": step, "dir": final.name, "strategy": info.strategy,
+                   "world_size": info.world_size}
+        if epoch_end is not None:
+            # Cleared once the epoch-end callbacks have run: a resume redoes them otherwise.
+            pointer.update(epoch_end=epoch_end, callbacks_pending=callbacks_pending)
+        atomic_write_json(root / "latest.json", pointer)
         for old in root.glob("step-*"):
             if old.name != final.name:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(info)
 
 
-def _load_checkpoint(out: Path, model, optimizer, info: DistInfo) -> int:
-    """Restore the newest checkpoint; return its step (0 when there is none)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_state_dict,
-        set_state_dict,
-    )
-    latest = out / CHECKPOINTS / "latest.json"
-    if not latest.exists():
-        return 0
-    pointer = json.loads(latest.read_text())
-    folder = out / CHECKPOINTS / pointer["dir"]
-    zero3 = (folder / ZERO3_TAG).is_dir()
-    if zero3 != (info.strategy == "zero3"):
-        raise ValueError(f"{folder} was written " + ("under" if zero3 else "without")
-                         + " DeepSpeed ZeRO-3; resume it " + ("under ZeRO-3" if zero3 else
-                                                             "with DDP, FSDP2 or one process"))
-    if zero3:
-        if pointer.get("world_size") != info.world_size:
-            raise ValueError(f"{folder} holds ZeRO-3 partitions of {pointer.get('world_size')} "
-                             f"processes; resume it with that many (this run has "
-                             f"{info.world_size})")
-        loaded, _ = model.load_checkpoint(str(folder), tag=ZERO3_TAG)
-        if loaded is None:
-            raise FileNotFoundError(f"{folder / ZERO3_TAG}: DeepSpeed found no checkpoint there")
-        _load_rng(folder, info)
-        return int(pointer["step"])
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_state, "optim": optim_state}
-    single = folder / SINGLE_PROCESS_STATE
-    if single.exists():
-        if info.distributed:
-            raise ValueError(f"{folder} was written by a single process; resume it with one "
-                             f"process (checkpoints of multi-process runs reshard freely)")
-        state = torch.load(single, weights_only=True)
-    elif not info.distributed:
-        with warnings.catch_warnings():
-            # A single process reads a multi-process checkpoint without a process group.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(folder))
-    else:
-        dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"], options=options)
-    _load_rng(folder, info)
-    return int(pointer["step"])
+def _fsync_tree(folder: Path) -> None:
+    """fsync the files a strategy wrote (DeepSpeed and torch.distributed.checkpoint do not)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
-def _load_rng(folder: Path, info: DistInfo) -> None:
-    rng_file = folder / f"rng.rank{info.rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and info.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _save_final(out: Path, model, tokenizer, info: DistInfo) -> None:
-    """Save the trained model (LoRA adapters merged) with its tokenizer, for the next stage."""
-    if info.strategy == "zero3":
-        state = _zero3_full_state(unwrap_model(model), info)
-        if info.is_main:
-            unwrap_model(model).save_pretrained(out, state_dict=state)
-    elif info.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-        if info.is_main:
-            unwrap_model(model).save_pretrained(out, state_dict=state)
-    elif info.is_main:
-        hf_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-            else model
-        if hasattr(hf_model, "merge_and_unload"):
-            hf_model = hf_model.merge_and_unload()
-        hf_model.save_pretrained(out)
+def _callbacks_done(out: Path, info: DistInfo) -> None:
     if info.is_main:
-        tokenizer.save_pretrained(out)
+        latest = out / CHECKPOINTS / "latest.json"
+        pointer = read_json(latest, "the checkpoint pointer")
+        pointer["callbacks_pending"] = False
+        atomic_write_json(latest, pointer)
     barrier(info)
 
 
-def _zero3_full_state(hf_model, info: DistInfo) -> dict | None:
-    """The whole state dict on the main process (None elsewhere), gathered one ZeRO-3
-    parameter at a time so that no process holds more than one extra parameter on the
-    accelerator."""
-    import deepspeed
-    state = {}
-    for name, param in hf_model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if info.is_main:
-                state[name] = param.detach().cpu().clone()
-    if not info.is_main:
-        return None
-    for name, value in hf_model.state_dict(keep_vars=True).items():     # persistent buffers
-        if not isinstance(value, torch.nn.Parameter):
-            state[name] = value.detach().cpu().clone()
-    return state
+def _load_checkpoint(out: Path, pointer: dict, strategy, model, optimizer) -> int:
+    """Restore the checkpoint ``pointer`` names, after verifying its checksums; return its
+    step."""
+    info = strategy.info
+    folder = out / CHECKPOINTS / pointer["dir"]
+    strategy.check_checkpoint(folder, pointer)
+    _verify_checkpoint(folder, info)
+    strategy.load_state(model, optimizer, folder, pointer)
+    rng_file = folder / f"rng.rank{info.rank}.pt"
+    if rng_file.exists():
+        rng = load_torch(rng_file, "the checkpoint's random-number state",
+                         advice="start over with --overwrite")
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and info.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    return int(pointer["step"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -680,6 +811,7 @@ def step_gradients(model, objective, data: TrainData, step_indices: list,
     by that count, so the gradient is the same for any micro-batch size and process count.
     Returns ``(loss, supervised_tokens, input_tokens)`` of the whole step.
     """
+    strategy = strategy_for(info)
     micro_batches = _micro_batches(step_indices, micro_batch_size, info)
     mine = [i for mb in micro_batches for i in mb]
     n_forget, n_retain, n_input = all_reduce_sum(
@@ -695,43 +827,57 @@ def step_gradients(model, objective, data: TrainData, step_indices: list,
         batch = data.batch(indices, info.device)
         retain_batch = data.batch(indices, info.device, retain=True) \
             if data.retain_examples is not None else None
-        with gradient_sync(model, info, enabled=j == len(micro_batches) - 1):
+        with strategy.gradient_sync(model, enabled=j == len(micro_batches) - 1):
             forget_sum, retain_sum = objective(model, indices, batch, indices, retain_batch)
             loss = forget_sum / max(n_forget, 1)
             if retain_sum is not None:
                 loss = loss + retain_sum / max(n_retain, 1)
             # DDP, FSDP and ZeRO-3 average gradients over processes; the factor makes that a sum.
-            backward(model, loss * (weight * info.world_size), info)
+            strategy.backward(model, loss * (weight * info.world_size))
         local_loss += weight * loss.item()
     return all_reduce_sum([local_loss], info)[0], n_forget, n_input
 
 
+def _kept_log(log_path: Path, step: int) -> list:
+    """The log lines of steps up to ``step`` (a resume redoes the later ones). A line cut off
+    by a crash can only be the last one; it is dropped."""
+    if not step or not log_path.exists():
+        return []
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                break
+            raise CorruptFileError(f"{log_path}: line {number + 1} is not valid JSON; the log "
+                                   f"is corrupt") from None
+        if record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
 def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_examples, objective,
-           info: DistInfo, out: Path, on_epoch_end, on_step) -> dict:
+           strategy, run: _RunFolder, on_epoch_end, on_step) -> dict:
+    info, out = strategy.info, run.out
     pad = tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if len(full_shape(p)) >= 2]
     no_decay = [p for p in trainable if len(full_shape(p)) < 2]
-    # The fused AdamW is several times faster than the per-tensor loop (also on CPU); FSDP2's
-    # sharded DTensor parameters and ZeRO-3's flat partitions take the default implementation.
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                                  fused=info.strategy not in ("fsdp", "zero3") or None)
-    if info.strategy == "zero3":
-        model, optimizer = zero3_engine(model, optimizer, info)
-        check_logits_are_linear(model)
+    optimizer = strategy.make_optimizer([{"params": decay, "weight_decay": cfg.weight_decay},
+                                         {"params": no_decay, "weight_decay": 0.0}], cfg.lr)
+    model, optimizer = strategy.attach(model, optimizer)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     data = TrainData(examples, retain_examples, pad)
 
-    step = _load_checkpoint(out, model, optimizer, info) if cfg.resume else 0
+    step = _load_checkpoint(out, run.pointer, strategy, model, optimizer) if cfg.resume else 0
     log_path = out / LOG_FILE
+    kept = []
     if info.is_main:
-        kept = []
-        if step and log_path.exists():
-            kept = [line for line in log_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= step]
+        kept = _kept_log(log_path, step)
         log_path.write_text("".join(line + "\n" for line in kept))
     progress = None
     if cfg.progress and info.is_main:
@@ -742,6 +888,26 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
              "examples": len(examples), "resumed_from_step": step, "world_size": info.world_size}
     train_seconds, train_tokens, last_loss = 0.0, 0, float("nan")
     epoch_losses = []
+
+    def epoch_end(epoch: int, epoch_loss: float) -> None:
+        if on_epoch_end is None:
+            return
+        hf_model = strategy.unwrap(model)
+        hf_model.eval()
+        try:
+            on_epoch_end(epoch, hf_model, tokenizer, dict(stats, epoch_loss=epoch_loss))
+        finally:
+            hf_model.train()
+        _callbacks_done(out, info)
+
+    pending = run.pointer if cfg.resume else None
+    if pending and pending.get("callbacks_pending") and on_epoch_end is not None:
+        # Killed during the epoch-end callbacks (an evaluation): redo them for that epoch.
+        losses = [json.loads(line)["loss"] for line in kept
+                  if json.loads(line)["epoch"] == pending["epoch_end"]]
+        losses = broadcast_object(losses, info)
+        epoch_end(pending["epoch_end"], sum(losses) / max(len(losses), 1))
+
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = _epoch_order(len(examples), cfg.seed, epoch)
         epoch_loss_sum, epoch_steps = 0.0, 0
@@ -752,16 +918,18 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             step_indices = order[first:first + cfg.batch_size]
             step_loss, n_forget, n_input = step_gradients(model, objective, data, step_indices,
                                                           cfg.micro_batch_size, info)
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(
+                    f"step {step + 1}: the loss is {step_loss} (non-finite weights, inputs or "
+                    f"learning rate); the run stopped and its last good checkpoint is kept")
             lr = cfg.lr * _lr_factor(step, warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if info.strategy == "zero3":    # clips (gradient_clipping), steps and zeroes
-                model.step()
-            else:
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = strategy.step(model, optimizer, trainable, cfg.max_grad_norm)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise TrainingDiverged(
+                    f"step {step + 1}: the gradient norm is {grad_norm}; the run stopped before "
+                    f"this update was saved and its last good checkpoint is kept")
             step += 1
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
@@ -770,6 +938,7 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             epoch_loss_sum += step_loss
             epoch_steps += 1
             record = {"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
+                      "grad_norm": grad_norm,
                       "supervised_tokens": int(n_forget), "input_tokens": int(n_input),
                       "seconds": elapsed, "tokens_per_s": n_input / elapsed}
             if info.is_main:
@@ -781,26 +950,17 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             if on_step is not None:
                 on_step(step, record)
             if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
-                _save_checkpoint(out, model, optimizer, step, info)
-        _save_checkpoint(out, model, optimizer, step, info)
+                _save_checkpoint(out, strategy, model, optimizer, step)
+        _save_checkpoint(out, strategy, model, optimizer, step, epoch_end=epoch + 1,
+                         callbacks_pending=on_epoch_end is not None)
         epoch_losses.append(epoch_loss_sum / max(epoch_steps, 1))
-        if on_epoch_end is not None:
-            hf_model = unwrap_model(model)
-            hf_model.eval()
-            try:
-                on_epoch_end(epoch + 1, hf_model, tokenizer,
-                             dict(stats, epoch_loss=epoch_losses[-1]))
-            finally:
-                hf_model.train()
+        epoch_end(epoch + 1, epoch_losses[-1])
     if progress is not None:
         progress.close()
     stats.update(final_loss=last_loss, epoch_losses=epoch_losses, train_seconds=train_seconds,
                  tokens_per_s=train_tokens / train_seconds if train_seconds else float("nan"))
-    _save_final(out, model, tokenizer, info)
-    if info.is_main:
-        record = json.loads((out / RUN_RECORD).read_text())
-        record.update(status="finished", stats=stats,
-                      finished=_now())
-        _write_json(out / RUN_RECORD, record)
+    strategy.save_final(model, tokenizer, out)
+    barrier(info)
+    run.finish(stats)
     stats = broadcast_object(stats, info)
     return stats
