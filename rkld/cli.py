@@ -23,7 +23,8 @@ from .config import (
     UnlearnConfig,
 )
 
-# Errors a user can act on: printed as one line, without a traceback.
+# Errors a user can act on: printed as one line, without a traceback (exit code 2). A run
+# stopped by a non-finite loss or gradient (rkld.train.TrainingDiverged) exits with 1.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
@@ -315,6 +316,12 @@ def main(argv=None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rkld {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .train import TrainingDiverged
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"rkld {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     finally:
         _leave_process_group()
 

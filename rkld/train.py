@@ -117,6 +117,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     info = init_distributed(cfg.parallel)
     strategy = strategy_for(info)
     strategy.check(cfg, on_epoch_end)
+    strategy.check_student_options(cfg)
     inputs = {"the original model (--model)": cfg.model,
               "the strengthened model (--strengthened)": cfg.strengthened,
               "the data (--data)": cfg.data}
@@ -285,6 +286,7 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     info = init_distributed(cfg.parallel)
     strategy = strategy_for(info)
     strategy.check(cfg, on_epoch_end)
+    strategy.check_student_options(cfg)
     out = _check_output(cfg, stage, {"the model (--model)": cfg.model,
                                      "the data (--data)": cfg.data})
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)

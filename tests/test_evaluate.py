@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,20 +190,25 @@ def test_eval_command_writes_and_reuses_or_refuses(tiny, cli_eval, capsys):
     meta = json.loads((cli_eval / "EVAL_META.json").read_text())
     assert meta["fingerprint"]["forget_split"] == "forget10"
     capsys.readouterr()
-    # Same model, data and settings: reused, and forget quality now filled from --reference.
-    reference = cli_eval / "TOFU_EVAL.json"
+    # Same model, data and settings: reused, and forget quality now filled from --reference
+    # (a copy with its metadata: a reference inside --out is refused).
+    reference_dir = cli_eval.parent / "reference"
+    reference_dir.mkdir(exist_ok=True)
+    for name in ("TOFU_EVAL.json", "EVAL_META.json"):
+        shutil.copy(cli_eval / name, reference_dir / name)
+    reference = reference_dir / "TOFU_EVAL.json"
     assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval),
                  "--reference", str(reference), *EVAL_ARGS]) == 0
     captured = capsys.readouterr()
     assert "reusing" in captured.out
     assert json.loads((cli_eval / "TOFU_SUMMARY.json").read_text())["forget_quality"] == 1.0
     # Another forget split (or generation length) in the same folder: refused, files untouched.
-    before = reference.read_bytes()
+    before = (cli_eval / "TOFU_EVAL.json").read_bytes()
     args = [a if a != "forget10" else "forget05" for a in EVAL_ARGS]
     assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval), *args]) == 2
     err = capsys.readouterr().err
     assert "another model, split or configuration" in err and "forget_split" in err
-    assert reference.read_bytes() == before
+    assert (cli_eval / "TOFU_EVAL.json").read_bytes() == before
 
 
 def test_eval_command_errors(tiny, tmp_path, capsys):

@@ -3,6 +3,7 @@
 A strategy holds the run's :class:`rkld.parallel.DistInfo`. The training loop calls, in order:
 
     check(cfg, on_epoch_end)           refuse options the strategy does not support (no work yet)
+    check_student_options(cfg)         the same for how the student is built (LoRA under FSDP2)
     configure(dtype, micro_batch_size, max_grad_norm)   settings the strategy needs before loading
     load_student(path, dtype) / load_teacher(path, dtype)
     prepare_student(model)             checks and wrapping (DDP, fully_shard, head call)
@@ -53,6 +54,10 @@ class Strategy:
 
     lora_refusal = ""
     epoch_callback_refusal = ""
+
+    def check_student_options(self, cfg) -> None:
+        """Raise ValueError for ways of building the student that this strategy cannot wrap
+        (checked with :meth:`check`, before any work)."""
 
     def configure(self, dtype, micro_batch_size: int, max_grad_norm: float) -> None:
         """Settings the strategy needs before models are loaded (the DeepSpeed config)."""

@@ -15,9 +15,11 @@ from .base import Strategy
 class FSDP2(Strategy):
     name = "fsdp"
     fused_adamw = False     # sharded DTensor parameters take the default implementation
-    supports_lora = False
-    lora_refusal = ("--lora with FSDP is not supported; LoRA's trainable state is small, so use "
-                    "DDP (or a single process) for LoRA runs")
+
+    def check_student_options(self, cfg) -> None:
+        if cfg.lora:
+            raise ValueError("--lora with FSDP is not supported; LoRA's trainable state is "
+                             "small, so use DDP (or a single process) for LoRA runs")
 
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard
@@ -33,6 +35,9 @@ class FSDP2(Strategy):
         return model
 
     def frozen(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):      # already sharded
+            return model
         model.requires_grad_(False)
         return self.wrap(model.to(self.info.device))
 
