@@ -1,9 +1,11 @@
-"""Process groups and model wrapping for DDP, FSDP2 and DeepSpeed ZeRO-3.
+"""Process groups, collectives and the DeepSpeed ZeRO-3 helpers of the parallel strategies.
 
 Launch with ``torchrun`` or ``accelerate launch`` (both set RANK / WORLD_SIZE / MASTER_ADDR).
 The strategy comes from ``--parallel`` or, with ``auto``, from accelerate's environment
 (``ACCELERATE_USE_FSDP=true`` from an FSDP config selects FSDP2, ``ACCELERATE_USE_DEEPSPEED=true``
-with ZeRO stage 3 selects ``zero3``, anything else DDP).
+with ZeRO stage 3 selects ``zero3``, anything else DDP). What the training loop does
+differently under each strategy lives in :mod:`rkld.strategies` (one class per strategy);
+``wrap_model``, ``shard_frozen``, ``gradient_sync`` and ``backward`` here delegate to it.
 
 Under FSDP2 the root module (embeddings, final norm, lm_head) stays unsharded from its forward
 until its backward, so the student's lm_head weight read *after* the forward pass is the full
@@ -280,10 +282,6 @@ def head_runner(model):
         return call
     head = hf_model.get_output_embeddings()
     return lambda fn, *tensors: fn(head.weight, getattr(head, "bias", None), *tensors)
-
-
-def _is_engine(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def zero3_engine(model: torch.nn.Module, optimizer, info: DistInfo):

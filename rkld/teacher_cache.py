@@ -47,6 +47,7 @@ from .storage import (
     read_json,
     sha256_file,
 )
+from .strategies import strategy_for
 
 META = "meta.json"
 _REBUILD = "delete the teacher_cache folder, or resume, which rebuilds it"
@@ -142,7 +143,7 @@ class TeacherCache:
                 from tqdm.auto import tqdm
                 batches = tqdm(batches, desc=f"caching {name}", unit="batch")
             # ZeRO-3 gathers parameters into buffers it reuses: no inference-mode tensors there.
-            with torch.inference_mode(info.strategy != "zero3"), torch.no_grad():
+            with torch.inference_mode(strategy_for(info).inference_mode), torch.no_grad():
                 for b in batches:
                     start = b * micro_batch_size
                     chunk = mine[start:start + micro_batch_size]

@@ -39,6 +39,7 @@ class Strategy:
     fused_adamw = True          # the fused AdamW is several times faster, also on CPU
     supports_lora = True
     supports_epoch_callbacks = True
+    inference_mode = True       # teachers may run under torch.inference_mode
 
     def __init__(self, info):
         self.info = info

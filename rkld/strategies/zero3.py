@@ -29,6 +29,7 @@ class ZeRO3(Strategy):
     fused_adamw = False     # DeepSpeed steps the optimizer on its flat fp32 partitions
     supports_lora = False
     supports_epoch_callbacks = False
+    inference_mode = False      # ZeRO-3 gathers parameters into buffers it reuses
     lora_refusal = ("--lora under DeepSpeed ZeRO-3 is not supported; LoRA's trainable state is "
                     "small, so use DDP (or a single process) for LoRA runs")
     epoch_callback_refusal = ("per-epoch callbacks (--eval-every-epoch) are not supported under "
