@@ -80,9 +80,11 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     r.add_argument("--save-every", type=int, default=d("save_every"),
                    help="checkpoint every N optimizer steps (always at epoch ends)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
+                   help="continue the run in --out from its last checkpoint (refused if a "
+                        "setting or input that shapes the result changed)")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in --out")
+                   help="replace a run already in --out (the old run is kept in "
+                        "OUT/.replaced until the new one has finished)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--parallel", default=d("parallel"), choices=PARALLEL,
                    help="several processes: ddp, fsdp (FSDP2) or zero3 (DeepSpeed ZeRO-3); auto "

@@ -513,8 +513,8 @@ def _on_main(info: DistInfo, work):
     message = broadcast_object(None if failure is None else str(failure), info)
     if failure is not None:
         raise failure
-    if message is not None:
-        raise RuntimeError(f"the main process stopped: {message}")
+    if message is not None:     # the main process reports the error; the others stop with it
+        raise ValueError(f"the main process stopped: {message}")
     return result
 
 
