@@ -11,6 +11,7 @@ Public API:
     atomic_write_json(path, payload)       the same for JSON (NaN refused)
     atomic_torch_save(obj, path) -> str    torch.save atomically; returns the file's sha256
     sha256_file(path) -> str
+    write_error(path, err) -> OSError      a failed write, in one line naming the file (disk full)
     read_json(path, what) -> object        clear errors for missing, empty or corrupt files
     load_torch(path, what, sha256=None, mmap=False)
         torch.load(weights_only=True), checksum verified first when given; a corrupt,
@@ -51,7 +52,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_error(path: Path, err: BaseException) -> OSError:
+def write_error(path, err: BaseException) -> OSError:
     """An OSError naming the file and the cause, in one line (disk full said as such)."""
     text = str(err)
     no_space = (getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
@@ -81,7 +82,7 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
         except OSError:
             pass
-        raise _write_error(path, err) from err
+        raise write_error(path, err) from err
     _fsync_folder(path.parent)
 
 

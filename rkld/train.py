@@ -83,6 +83,7 @@ from .storage import (
     load_torch,
     read_json,
     sha256_file,
+    write_error,
 )
 from .strategies import strategy_for
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
@@ -944,8 +945,11 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
                       "supervised_tokens": int(n_forget), "input_tokens": int(n_input),
                       "seconds": elapsed, "tokens_per_s": n_input / elapsed}
             if info.is_main:
-                with log_path.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
+                try:
+                    with log_path.open("a") as log:
+                        log.write(json.dumps(record) + "\n")
+                except OSError as err:
+                    raise write_error(log_path, err) from err
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{n_input / elapsed:.0f}")
@@ -961,7 +965,10 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
         progress.close()
     stats.update(final_loss=last_loss, epoch_losses=epoch_losses, train_seconds=train_seconds,
                  tokens_per_s=train_tokens / train_seconds if train_seconds else float("nan"))
-    strategy.save_final(model, tokenizer, out)
+    try:
+        strategy.save_final(model, tokenizer, out)
+    except OSError as err:
+        raise write_error(out, err) from err
     barrier(info)
     run.finish(stats)
     stats = broadcast_object(stats, info)
