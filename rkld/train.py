@@ -598,7 +598,7 @@ class _RunFolder:
     def finish(self, stats: dict) -> None:
         if self.info.is_main:
             record = read_json(self.out / RUN_RECORD, "the run record")
-            record.update(status="finished", stats=stats, finished=_now())
+            record.update(status="finished", stats=_json_numbers(stats), finished=_now())
             atomic_write_json(self.out / RUN_RECORD, record)
             shutil.rmtree(self.out / REPLACED, ignore_errors=True)
         barrier(self.info)
@@ -613,6 +613,18 @@ class _RunFolder:
                 atomic_write_json(self.out / RUN_RECORD, record)
         finally:
             self.lock.release()
+
+
+def _json_numbers(value):
+    """``value`` with non-finite floats (a resumed run with no step left has no loss or
+    speed) as None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(item) for item in value]
+    return value
 
 
 def _versions() -> dict:

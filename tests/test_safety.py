@@ -121,7 +121,8 @@ def test_resume_without_a_readable_checkpoint_pointer_is_an_error(pair, tmp_path
     assert (out / "log.jsonl").read_text() == log_before        # never a silent restart
 
 
-def test_killed_during_an_epoch_evaluation_redoes_it_on_resume(pair, tmp_path):
+@pytest.mark.parametrize("killed_epoch", [2, 3])
+def test_killed_during_an_epoch_evaluation_redoes_it_on_resume(pair, tmp_path, killed_epoch):
     bench = load_benchmark("synthetic")
     config = EvalConfig(forget_split="forget10", generation=False, max_length=48,
                         progress=False)
@@ -131,21 +132,22 @@ def test_killed_during_an_epoch_evaluation_redoes_it_on_resume(pair, tmp_path):
                micro_batch_size=20, save_every=0)
     evaluator = EpochEvaluator(out, bench, config, reference, keep_peak=False)
 
-    def killed_in_epoch_2(epoch, model, tokenizer, stats):
-        if epoch == 2:
-            raise Killed        # as a SIGKILL in the middle of evaluating epoch 2
+    def killed_in_evaluation(epoch, model, tokenizer, stats):
+        if epoch == killed_epoch:
+            raise Killed        # as a SIGKILL in the middle of evaluating that epoch
         evaluator(epoch, model, tokenizer, stats)
 
     with pytest.raises(Killed):
-        unlearn(cfg, on_epoch_end=killed_in_epoch_2)
+        unlearn(cfg, on_epoch_end=killed_in_evaluation)
     resumed = EpochEvaluator(out, bench, config, reference, keep_peak=False, resume=True)
     _, stats = unlearn(_cfg(pair, out, method="ga", strengthened=None, epochs=3, batch_size=20,
                             micro_batch_size=20, save_every=0, resume=True),
                        on_epoch_end=resumed)
-    assert stats["resumed_from_step"] == 2
+    assert stats["resumed_from_step"] == killed_epoch       # one step per epoch
     curve = json.loads((out / "epoch_curve.json").read_text())["curve"]
     assert [p["epoch"] for p in curve] == [1, 2, 3]
-    assert (out / "epoch_eval" / "epoch-2" / "TOFU_EVAL.json").exists()
+    assert (out / "epoch_eval" / f"epoch-{killed_epoch}" / "TOFU_EVAL.json").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 # --------------------------------------------------------------------------- code execution
