@@ -122,7 +122,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     inputs = {"the original model (--model)": cfg.model,
               "the strengthened model (--strengthened)": cfg.strengthened,
               "the data (--data)": cfg.data}
-    out = _check_output(cfg, "unlearn", inputs)
+    out = _check_output(cfg, "unlearn", inputs, info)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     forget_rows = _split_rows(bench, cfg.forget, "forget set")
     retain_split = None
@@ -289,7 +289,7 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     strategy.check(cfg, on_epoch_end)
     strategy.check_student_options(cfg)
     out = _check_output(cfg, stage, {"the model (--model)": cfg.model,
-                                     "the data (--data)": cfg.data})
+                                     "the data (--data)": cfg.data}, info)
     bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
     rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
     if cfg.model == "tiny":
@@ -456,10 +456,23 @@ def _run_entries(out: Path) -> list:
     return [p for p in out.iterdir() if p.name not in (LOCK_FILE, REPLACED)]
 
 
-def _check_output(cfg: RunConfig, stage: str, inputs: dict) -> Path:
-    """Refuse output folders that would lose or mix results; change nothing on disk."""
+def _check_output(cfg: RunConfig, stage: str, inputs: dict,
+                  info: DistInfo | None = None) -> Path:
+    """Refuse output folders that would lose or mix results; change nothing on disk.
+
+    Only the main process looks at the folder, and every process raises what it found: the
+    processes of one launch reach this point at different times, and one that looked after the
+    main process had written this launch's ``run.json`` would take it for an unfinished run."""
     out = Path(cfg.out).expanduser()
     check_separate(out, inputs)
+    if info is None:
+        _refuse_output(out, cfg, stage)
+    else:
+        _on_main(info, lambda: _refuse_output(out, cfg, stage))
+    return out
+
+
+def _refuse_output(out: Path, cfg: RunConfig, stage: str) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a folder")
     record = out / RUN_RECORD
@@ -482,7 +495,6 @@ def _check_output(cfg: RunConfig, stage: str, inputs: dict) -> Path:
     elif cfg.resume:
         raise FileNotFoundError(f"--resume: {out} holds no run to resume; drop --resume to "
                                 f"start one")
-    return out
 
 
 def _resume_differences(previous: dict, cfg: RunConfig, data: dict, models: dict) -> list:
@@ -511,11 +523,18 @@ def _on_main(info: DistInfo, work):
             result = work()
         except Exception as err:       # re-raised below, after the other processes know
             failure = err
-    message = broadcast_object(None if failure is None else str(failure), info)
+    if not info.distributed:
+        if failure is not None:
+            raise failure
+        return result
+    try:
+        shared = broadcast_object(failure, info)
+    except Exception:                  # an exception that does not pickle: its message
+        shared = broadcast_object(None if failure is None else ValueError(str(failure)), info)
     if failure is not None:
         raise failure
-    if message is not None:     # the main process reports the error; the others stop with it
-        raise ValueError(f"the main process stopped: {message}")
+    if shared is not None:     # every process stops with the main process's error
+        raise shared
     return result
 
 
