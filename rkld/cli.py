@@ -23,7 +23,8 @@ from .config import (
     UnlearnConfig,
 )
 
-# Errors a user can act on: printed as one line, without a traceback.
+# Errors a user can act on: printed as one line, without a traceback (exit code 2). A run
+# stopped by a non-finite loss or gradient (rkld.train.TrainingDiverged) exits with 1.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
@@ -79,9 +80,11 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     r.add_argument("--save-every", type=int, default=d("save_every"),
                    help="checkpoint every N optimizer steps (always at epoch ends)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
+                   help="continue the run in --out from its last checkpoint (refused if a "
+                        "setting or input that shapes the result changed)")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in --out")
+                   help="replace a run already in --out (the old run is kept in "
+                        "OUT/.replaced until the new one has finished)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--parallel", default=d("parallel"), choices=PARALLEL,
                    help="several processes: ddp, fsdp (FSDP2) or zero3 (DeepSpeed ZeRO-3); auto "
@@ -315,6 +318,12 @@ def main(argv=None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rkld {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .train import TrainingDiverged
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"rkld {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     finally:
         _leave_process_group()
 

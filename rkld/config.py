@@ -7,12 +7,25 @@ learning rate (around 1e-3).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 METHODS = ("rkld", "ga")
 DIRECTIONS = ("reverse", "forward")
 RETAIN_TERMS = ("none", "nll", "kl")
 PARALLEL = ("auto", "none", "ddp", "fsdp", "zero3")
+
+# Settings that change how a run is carried out but not what it computes (up to the order of
+# floating-point sums): a resumed run may change them; any other change is refused.
+RESUMABLE_SETTINGS = ("progress", "resume", "overwrite", "save_every", "parallel",
+                      "micro_batch_size", "gradient_checkpointing")
+
+
+def _check_finite(names_values: dict) -> None:
+    for name, value in names_values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
 @dataclass
@@ -59,6 +72,9 @@ class RunConfig:
         for name, value in positive.items():
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        _check_finite({"lr": self.lr, "weight_decay": self.weight_decay,
+                       "warmup_epochs": self.warmup_epochs, "max_grad_norm": self.max_grad_norm,
+                       "lora_alpha": self.lora_alpha})
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2; got {self.max_length}")
         if not self.lr > 0:
@@ -128,6 +144,12 @@ class UnlearnConfig(RunConfig):
         if self.model == "tiny":
             raise ValueError("unlearning starts from a trained model (the output of "
                              "'rkld finetune'); 'tiny' builds an untrained one")
+        _check_finite({"alpha": self.alpha, "temperature": self.temperature})
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool)
+                                            or not isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None (from a memory "
+                             f"budget); got {self.chunk_size!r}")
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha!r}")
         if not self.temperature > 0:

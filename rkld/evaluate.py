@@ -8,8 +8,8 @@ Public API:
         several processes are launched (``accelerate launch``), identical to one process.
     summarize(logs) -> dict          ``{metric: agg_value}`` (``TOFU_SUMMARY.json``)
     with_reference(logs, reference)  recompute forget quality against a retain-model log
-    write_outputs(out_dir, logs, ...) TOFU_EVAL.json, TOFU_SUMMARY.json, EVAL_META.json,
-                                     report.md and PNG plots
+    write_outputs(out_dir, logs, ...) TOFU_EVAL.json, TOFU_SUMMARY.json, report.md, PNG plots
+                                     and, last, EVAL_META.json
     run_eval(model, data, out_dir, ...) the ``rkld eval`` command: load, reuse or refuse,
                                      evaluate, write
     check_reference, EpochEvaluator  evaluation after every unlearning epoch
@@ -39,9 +39,6 @@ per-example value is computed on exactly the same batch as in a single-process r
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +48,8 @@ import torch
 
 from . import metrics
 from .data import collate, encode_prompt, encode_qa
-from .models import unwrap_model
+from .models import model_fingerprint, unwrap_model  # noqa: F401  (re-exported)
+from .storage import atomic_write_json, check_separate, read_json
 
 EVAL_LOG = "TOFU_EVAL.json"
 SUMMARY_LOG = "TOFU_SUMMARY.json"
@@ -403,34 +401,9 @@ def summarize(logs: dict) -> dict:
 
 # --------------------------------------------------------------------------- fingerprints
 
-def _is_model_file(name: str) -> bool:
-    """Weights, configuration and tokenizer files; not the run records that stages and
-    evaluations write next to a model."""
-    return (name.endswith((".safetensors", ".bin", ".model", ".jinja", "merges.txt"))
-            or name in ("config.json", "generation_config.json", "special_tokens_map.json",
-                        "vocab.json", "added_tokens.json", "model.safetensors.index.json")
-            or (name.startswith("tokenizer") and name.endswith(".json")))
-
-
-def model_fingerprint(model_ref: str) -> str:
-    """sha256 over a local model folder's weight, config and tokenizer files (names and
-    contents), or over the name itself for a hub model id."""
-    path = Path(model_ref)
-    digest = hashlib.sha256()
-    if not path.is_dir():
-        digest.update(f"hub:{model_ref}".encode())
-        return digest.hexdigest()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and _is_model_file(p.name)):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def eval_fingerprint(model_id: str, benchmark, config: EvalConfig) -> dict:
     """What identifies a set of results: the model, the evaluation data and the configuration."""
-    splits = sorted(split.format(forget=config.forget_split) for _, split, *_ in _SETS)
+    splits = _eval_split_names(config.forget_split)
     return {"format_version": EVAL_FORMAT_VERSION,
             "model": model_id,
             "data": {split: benchmark.fingerprint(split) for split in splits},
@@ -456,8 +429,6 @@ def write_outputs(out_dir, logs: dict, *, meta: dict | None = None, reference_lo
     summary = summarize(logs)
     _atomic_json(out / EVAL_LOG, logs)
     _atomic_json(out / SUMMARY_LOG, summary)
-    if meta is not None:
-        _atomic_json(out / META_FILE, meta)
     from . import plots
     ratios = {"model": metrics.forget_truth_ratios(logs, "model").tolist()}
     if reference_logs is not None:
@@ -468,13 +439,13 @@ def write_outputs(out_dir, logs: dict, *, meta: dict | None = None, reference_lo
                               summary.get(k) is not None}, out / "utility_components.png",
                              title=title)
     (out / "report.md").write_text(_report(summary, meta, title))
+    if meta is not None:        # last: the metadata vouches for everything written before it
+        _atomic_json(out / META_FILE, meta)
     return summary
 
 
 def _atomic_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2)
 
 
 def _fmt(value) -> str:
@@ -514,11 +485,14 @@ EPOCH_CURVE = "epoch_curve.json"
 PEAK_CHECKPOINT = "peak"
 
 
-def check_reference(reference, benchmark, forget_split: str) -> str:
+def check_reference(reference, benchmark, forget_split: str, log=print) -> str:
     """Validate a retain-model log for ``forget_split`` before any work starts; return its path.
 
     It must exist, hold ``forget_truth_ratio.value_by_index`` and have one truth ratio per
-    example of the forget split (a log of another split would make forget quality meaningless).
+    example of the forget split. When ``rkld eval`` wrote it, its ``EVAL_META.json`` must name
+    the same forget split and the same evaluation data (benchmark, seed, authors) as this
+    evaluation; a log without that metadata (e.g. a published one) is checked by its example
+    count only, which is said in one line.
     """
     if reference is None:
         raise ValueError(f"evaluating forget quality needs the retain model's log: pass "
@@ -535,7 +509,28 @@ def check_reference(reference, benchmark, forget_split: str) -> str:
         raise ValueError(f"--reference {reference} holds {len(ratios)} forget-set truth ratios but "
                          f"{forget_split} has {expected} examples; was it computed for another "
                          f"forget split?")
+    meta_path = path.parent / META_FILE
+    if not meta_path.exists():
+        log(f"[eval] --reference {reference} has no {META_FILE} beside it, so only its example "
+            f"count could be checked against {forget_split}")
+        return str(path)
+    fingerprint = read_json(meta_path, "the reference's evaluation metadata").get(
+        "fingerprint", {})
+    if fingerprint.get("forget_split") != forget_split:
+        raise ValueError(f"--reference {reference} was computed for forget split "
+                         f"{fingerprint.get('forget_split')!r}, not {forget_split!r}")
+    data = {split: benchmark.fingerprint(split) for split in _eval_split_names(forget_split)}
+    if fingerprint.get("data") != data:
+        changed = sorted(split for split in set(data) | set(fingerprint.get("data") or {})
+                         if (fingerprint.get("data") or {}).get(split) != data.get(split))
+        raise ValueError(f"--reference {reference} was computed on other evaluation data "
+                         f"(differs in: {', '.join(changed)}): another benchmark, seed or "
+                         f"author count; evaluate the retain model on this data")
     return str(path)
+
+
+def _eval_split_names(forget_split: str) -> list:
+    return sorted(split.format(forget=forget_split) for _, split, *_ in _SETS)
 
 
 class EpochEvaluator:
@@ -554,8 +549,11 @@ class EpochEvaluator:
         self.out = Path(out_dir)
         self.benchmark = benchmark
         self.config = config
+        is_path = not isinstance(reference, (list, tuple, np.ndarray))
+        if is_path and reference is not None:
+            check_separate(self.out, {"the reference log (--reference)": reference})
         self.reference = check_reference(reference, benchmark, config.forget_split) \
-            if not isinstance(reference, (list, tuple, np.ndarray)) else list(reference)
+            if is_path else list(reference)
         _eval_splits(benchmark, config.forget_split)   # fail now, not after the first epoch
         self.keep_peak = keep_peak
         self.curve: list = []
@@ -563,7 +561,7 @@ class EpochEvaluator:
         self.seconds = 0.0   # time spent evaluating, so callers can tell it from training time
         curve_file = self.out / EPOCH_CURVE
         if resume and curve_file.exists():   # a resumed run keeps the epochs evaluated so far
-            saved = json.loads(curve_file.read_text())
+            saved = read_json(curve_file, "the epoch curve")
             self.curve, self.peak_epoch = saved["curve"], saved["peak_epoch"]
 
     def __call__(self, epoch: int, model, tokenizer, stats: dict) -> None:
@@ -574,14 +572,16 @@ class EpochEvaluator:
                  **{key: summary.get(key) for key in (
                      "forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob",
                      "forget_Q_A_ROUGE", "retain_Q_A_Prob", "retain_Truth_Ratio")}}
-        # A resumed run continues after its last epoch checkpoint, which was written before
-        # that epoch's evaluation: the saved curve never holds this epoch already.
-        self.curve.append(point)
+        # A resumed run redoes the evaluation of an epoch that a crash interrupted; whatever
+        # that interrupted evaluation (or a later epoch) left in the curve is replaced.
+        self.curve = [p for p in self.curve if p["epoch"] < epoch] + [point]
         fq = point["forget_quality"]
         best = max((p["forget_quality"] for p in self.curve[:-1]), default=None)
         improved = best is None or fq > best
         if improved:
             self.peak_epoch = epoch
+        elif self.peak_epoch is not None and self.peak_epoch >= epoch:
+            self.peak_epoch = max(self.curve[:-1], key=lambda p: p["forget_quality"])["epoch"]
         shards = _Shards(model)
         if self.keep_peak and improved:
             _save_model(model, tokenizer, self.out / PEAK_CHECKPOINT, shards)
@@ -636,6 +636,8 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     from .parallel import init_distributed
     config = config or EvalConfig()
     out = Path(out_dir)
+    check_separate(out, {"the model (--model)": model_path, "the data (--data)": data,
+                         "the reference log (--reference)": reference})
     benchmark = load_benchmark(data, seed=seed, max_authors=max_authors)
     if reference is not None:
         reference = check_reference(reference, benchmark, config.forget_split)
@@ -646,7 +648,8 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     existing = out / EVAL_LOG
     if existing.exists() and not overwrite:
         meta_path = out / META_FILE
-        old = json.loads(meta_path.read_text()).get("fingerprint", {}) if meta_path.exists() else {}
+        old = read_json(meta_path, "the evaluation metadata").get("fingerprint", {}) \
+            if meta_path.exists() else {}
         differences = _fingerprint_differences(old, fingerprint)
         if differences:
             what = ", ".join(differences) if old else "unknown (no EVAL_META.json)"
@@ -654,15 +657,18 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
                 f"{out} already holds evaluation results for another model, split or "
                 f"configuration (differs in: {what}); pass --overwrite to replace them or choose "
                 f"another --out")
-        logs = with_reference(json.loads(existing.read_text()), reference)
+        logs = with_reference(read_json(existing, "the evaluation log"), reference)
         if shards.is_main:
-            meta = json.loads(meta_path.read_text())
+            meta = read_json(meta_path, "the evaluation metadata")
             meta["reference"] = reference
             print(f"[eval] reusing results in {out} (same model, data and configuration)")
             return write_outputs(out, logs, meta=meta, reference_logs=reference,
                                  title=Path(model_path).name)
         return summarize(logs)
 
+    if shards.is_main:
+        # Invalidated first: if this evaluation fails, the logs it leaves are never reused.
+        (out / META_FILE).unlink(missing_ok=True)
     start = time.time()
     model, tokenizer = load_model(model_path)
     model.to(info.device)

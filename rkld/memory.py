@@ -132,7 +132,8 @@ class ModelShape:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: expected a Hugging Face model folder with a "
                                     f"config.json; found none")
-        return cls.from_config(AutoConfig.from_pretrained(folder), name=folder.name)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        return cls.from_config(config, name=folder.name)
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "ModelShape":

@@ -20,10 +20,13 @@ Public API:
     check_config_logits(config, name)   the config part alone, before any weight is loaded
     check_same_vocabulary(tokenizer_a, tokenizer_b, what_a, what_b)
     unwrap_model(model) -> the Hugging Face model inside DDP / peft wrappers
+    model_fingerprint(path_or_name) -> sha256 of a local model's weight, config and tokenizer
+        files (the hub name itself for a hub id)
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 
 import torch
@@ -108,8 +111,16 @@ def load_model(path_or_name, dtype=None):
                                     f"config.json (from save_pretrained); it has none")
         source = str(local)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
+        # Never run code shipped with a model (config.auto_map), nor ask on a terminal whether to.
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto",
+                                                     trust_remote_code=False)
+    except ValueError as err:
+        if "custom code" not in str(err):
+            raise
+        raise ValueError(f"{source}: the model needs its own code (config auto_map) to load, and "
+                         f"rkld never runs code shipped with a model; use a model whose "
+                         f"architecture transformers implements") from None
     except OSError as err:
         where = "the local folder" if local.exists() else \
             "the hub (no such local folder; the hub needs network access)"
@@ -256,3 +267,28 @@ def check_same_vocabulary(tokenizer_a, tokenizer_b, what_a: str, what_b: str) ->
     if tokenizer_a.get_vocab() != tokenizer_b.get_vocab():
         raise ValueError(f"{what_a} and {what_b} must share one tokenizer; their vocabularies "
                          f"have the same size but map tokens to different ids")
+
+
+def _is_model_file(name: str) -> bool:
+    """Weights, configuration and tokenizer files; not the run records that stages and
+    evaluations write next to a model."""
+    return (name.endswith((".safetensors", ".bin", ".model", ".jinja", "merges.txt"))
+            or name in ("config.json", "generation_config.json", "special_tokens_map.json",
+                        "vocab.json", "added_tokens.json", "model.safetensors.index.json")
+            or (name.startswith("tokenizer") and name.endswith(".json")))
+
+
+def model_fingerprint(model_ref) -> str:
+    """sha256 over a local model folder's weight, config and tokenizer files (names and
+    contents), or over the name itself for a hub model id."""
+    path = Path(str(model_ref)).expanduser()
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(f"hub:{model_ref}".encode())
+        return digest.hexdigest()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and _is_model_file(p.name)):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()

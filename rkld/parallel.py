@@ -1,9 +1,11 @@
-"""Process groups and model wrapping for DDP, FSDP2 and DeepSpeed ZeRO-3.
+"""Process groups, collectives and the DeepSpeed ZeRO-3 helpers of the parallel strategies.
 
 Launch with ``torchrun`` or ``accelerate launch`` (both set RANK / WORLD_SIZE / MASTER_ADDR).
 The strategy comes from ``--parallel`` or, with ``auto``, from accelerate's environment
 (``ACCELERATE_USE_FSDP=true`` from an FSDP config selects FSDP2, ``ACCELERATE_USE_DEEPSPEED=true``
-with ZeRO stage 3 selects ``zero3``, anything else DDP).
+with ZeRO stage 3 selects ``zero3``, anything else DDP). What the training loop does
+differently under each strategy lives in :mod:`rkld.strategies` (one class per strategy);
+``wrap_model``, ``shard_frozen``, ``gradient_sync`` and ``backward`` here delegate to it.
 
 Under FSDP2 the root module (embeddings, final norm, lm_head) stays unsharded from its forward
 until its backward, so the student's lm_head weight read *after* the forward pass is the full
@@ -78,44 +80,17 @@ def init_distributed(strategy: str = "auto") -> DistInfo:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """Wrap the trainable model for the strategy (DDP, or FSDP2 per decoder layer + root).
-    Under ZeRO-3 the model is returned as it is: :func:`zero3_engine` wraps it together with
-    its optimizer."""
-    if info.strategy == "zero3":
-        attach_head_call(model)
-        return model
-    if info.strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if info.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        layer_classes = set(getattr(_hf_model(model), "_no_split_modules", None) or ())
-        if not layer_classes:
-            raise ValueError(f"{type(model).__name__} does not declare its decoder layer class "
-                             f"(_no_split_modules), so FSDP2 cannot shard it layer by layer")
-        for module in model.modules():
-            if type(module).__name__ in layer_classes:
-                fully_shard(module)
-        fully_shard(model)
-    return model
+    """Wrap the trainable model for the strategy (see :mod:`rkld.strategies`)."""
+    from .strategies import strategy_for
+    return strategy_for(info).wrap(model)
 
 
 def shard_frozen(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """A frozen model (a teacher) for the strategy: sharded like the student under FSDP2, so
-    that a teacher too large for one device still runs; as it is otherwise (DDP replicates).
-    Every process must then run the same number of forward passes."""
-    if _is_engine(model):
-        return model
-    model.requires_grad_(False)
-    if info.strategy == "fsdp":
-        return wrap_model(model, info)
-    if info.strategy == "zero3":
-        deepspeed = _import_deepspeed()
-        inference = {key: value for key, value in info.ds_config.items()
-                     if key not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-        engine, *_ = deepspeed.initialize(model=model, config=inference)
-        return engine
-    return model
+    """A frozen model (a teacher) for the strategy: sharded like the student under FSDP2, a
+    ZeRO-3 inference engine under ZeRO-3, as it is otherwise (DDP replicates). Every process
+    must then run the same number of forward passes."""
+    from .strategies import strategy_for
+    return strategy_for(info).frozen(model)
 
 
 def full_tensor(tensor):
@@ -139,33 +114,17 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-@contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, info: DistInfo, enabled: bool):
-    """Skip the gradient all-reduce / reduce-scatter of micro-batches that are not the last
-    of an optimizer step (the gradients accumulate locally until then)."""
-    if info.strategy == "zero3":
-        model.set_gradient_accumulation_boundary(enabled)
-        yield
-    elif enabled or info.strategy == "none":
-        yield
-    elif info.strategy == "ddp":
-        with model.no_sync():
-            yield
-    else:
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
+    """Context: skip the gradient all-reduce / reduce-scatter of micro-batches that are not the
+    last of an optimizer step (the gradients accumulate locally until then)."""
+    from .strategies import strategy_for
+    return strategy_for(info).gradient_sync(model, enabled)
 
 
 def backward(model, loss: torch.Tensor, info: DistInfo) -> None:
-    """``loss.backward()``, through the DeepSpeed engine under ZeRO-3 (which partitions the
-    gradients as they arrive)."""
-    if info.strategy == "zero3":
-        model.backward(loss)
-    else:
-        loss.backward()
+    """``loss.backward()``, through the DeepSpeed engine under ZeRO-3."""
+    from .strategies import strategy_for
+    strategy_for(info).backward(model, loss)
 
 
 def all_reduce_sum(values: list, info: DistInfo) -> list:
@@ -180,6 +139,15 @@ def all_reduce_sum(values: list, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def gather_objects(value, info: DistInfo) -> list:
+    """Every process's value, in rank order, on every process."""
+    if not info.distributed:
+        return [value]
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def broadcast_object(value, info: DistInfo):
@@ -314,10 +282,6 @@ def head_runner(model):
         return call
     head = hf_model.get_output_embeddings()
     return lambda fn, *tensors: fn(head.weight, getattr(head, "bias", None), *tensors)
-
-
-def _is_engine(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def zero3_engine(model: torch.nn.Module, optimizer, info: DistInfo):

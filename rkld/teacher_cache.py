@@ -7,26 +7,29 @@ rebuilds teacher logits chunk by chunk. This is exact (no dropout in eval mode),
 approximation: the states are the ones a live teacher would produce for the same tokens.
 
 Layout of a cache folder:
-    meta.json                 key (what the states were computed from), teachers, world size,
-                              complete flag (written last, so a half-built cache is never used)
+    meta.json                 key (what the states were computed from: the models' content
+                              fingerprints, the data, the encoding), teachers, world size, the
+                              sha256 of every file, complete flag (written last, so a
+                              half-built cache is never used)
     {teacher}.rank{r}.pt      {"indices": example ids, "offsets": row offsets, "hidden": [n, H]}
                               for the examples process r computed (example i on rank i % world)
     {teacher}.head.pt         {"weight": [V, H], "bias": [V] or None}
 
 Rows are stored in the order ``rkld.models.supervised_positions`` yields them: position t of
 an example holds the state that predicts token t + 1 (already shifted to the labels).
-Files are memory-mapped on load, so a cache larger than RAM still works.
+Files are memory-mapped on load, so a cache larger than RAM still works. Their checksums are
+verified when a cache is opened; a cache whose files do not match is rebuilt, never used.
 
 Public API:
     TeacherCache.build(folder, examples, teachers, key, ...) -> TeacherCache
-    TeacherCache.open(folder, key, device) -> TeacherCache | None   (None: absent or stale)
+    TeacherCache.open(folder, key, device) -> TeacherCache | None
+        None: absent, stale (another key), incomplete, corrupt or altered (said in one line)
     cache.rows(teacher, indices) -> [n, H] states for those examples, in order
     cache.head(teacher) -> (weight, bias)
     LiveTeachers: the same interface, running the teacher models on each batch.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -35,15 +38,19 @@ import torch
 
 from .data import collate
 from .models import final_hidden, output_head, supervised_positions
-from .parallel import DistInfo, barrier, full_shape, full_tensor, shard_frozen
+from .parallel import DistInfo, barrier, full_shape, full_tensor, gather_objects, shard_frozen
+from .storage import (
+    CorruptFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    load_torch,
+    read_json,
+    sha256_file,
+)
+from .strategies import strategy_for
 
 META = "meta.json"
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_REBUILD = "delete the teacher_cache folder, or resume, which rebuilds it"
 
 
 def supervised_count(example: dict) -> int:
@@ -52,35 +59,55 @@ def supervised_count(example: dict) -> int:
 
 
 class TeacherCache:
-    def __init__(self, folder: Path, device: torch.device):
+    def __init__(self, folder: Path, device: torch.device, verify: bool = True):
+        """Open a complete cache; with ``verify`` every file's checksum is checked first
+        (CorruptFileError naming the file when one does not match)."""
         self.folder = Path(folder)
         self.device = device
-        self.meta = json.loads((self.folder / META).read_text())
+        self.meta = read_json(self.folder / META, "the teacher cache's metadata")
+        checksums = self.meta.get("files")
+        if not isinstance(checksums, dict):
+            raise CorruptFileError(f"{self.folder / META}: the teacher cache records no "
+                                   f"checksums (written by an older rkld or incomplete); "
+                                   f"{_REBUILD}")
+        if verify:
+            for name, digest in sorted(checksums.items()):
+                path = self.folder / name
+                if not path.is_file() or sha256_file(path) != digest:
+                    raise CorruptFileError(f"{path}: the teacher-cache file is missing or does "
+                                           f"not match the checksum in {META}; {_REBUILD}")
         self._where = {}      # teacher -> {example index: (hidden tensor, start, end)}
         self._heads = {}
         for teacher in self.meta["teachers"]:
             table = {}
             for rank in range(self.meta["world_size"]):
-                part = torch.load(self.folder / f"{teacher}.rank{rank}.pt", mmap=True,
-                                  weights_only=True)
+                part = load_torch(self.folder / f"{teacher}.rank{rank}.pt",
+                                  "a teacher-cache file", mmap=True, advice=_REBUILD)
                 offsets = part["offsets"].tolist()
                 for j, index in enumerate(part["indices"].tolist()):
                     table[index] = (part["hidden"], offsets[j], offsets[j + 1])
             self._where[teacher] = table
-            head = torch.load(self.folder / f"{teacher}.head.pt", weights_only=True)
+            head = load_torch(self.folder / f"{teacher}.head.pt", "a teacher-cache head file",
+                              advice=_REBUILD)
             self._heads[teacher] = (head["weight"].to(device),
                                     None if head["bias"] is None else head["bias"].to(device))
 
     @classmethod
     def open(cls, folder, key: dict, device: torch.device):
-        """The cache in ``folder`` if it is complete and was built from ``key``; else None."""
+        """The cache in ``folder`` if it is complete, was built from ``key`` and its files
+        match their checksums; else None (a damaged cache is reported in one line)."""
         meta_path = Path(folder) / META
         if not meta_path.exists():
             return None
-        meta = json.loads(meta_path.read_text())
-        if not meta.get("complete") or meta.get("key") != key:
+        try:
+            meta = read_json(meta_path, "the teacher cache's metadata")
+            if not meta.get("complete") or meta.get("key") != key:
+                return None
+            return cls(folder, device)
+        except (CorruptFileError, FileNotFoundError) as err:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"[rkld] rebuilding the teacher cache: {err}", flush=True)
             return None
-        return cls(folder, device)
 
     @classmethod
     def build(cls, folder, examples: list, teachers: dict, key: dict, micro_batch_size: int,
@@ -105,6 +132,7 @@ class TeacherCache:
         # The same number of batches on every process (sharded teachers need all of them in
         # every forward); a process out of examples runs a throw-away batch.
         n_batches = math.ceil(math.ceil(len(examples) / info.world_size) / micro_batch_size)
+        written = {}        # file name -> sha256, of the files this process wrote
         for name, load in teachers.items():
             model = shard_frozen(load(), info)
             model.eval()
@@ -115,7 +143,7 @@ class TeacherCache:
                 from tqdm.auto import tqdm
                 batches = tqdm(batches, desc=f"caching {name}", unit="batch")
             # ZeRO-3 gathers parameters into buffers it reuses: no inference-mode tensors there.
-            with torch.inference_mode(info.strategy != "zero3"), torch.no_grad():
+            with torch.inference_mode(strategy_for(info).inference_mode), torch.no_grad():
                 for b in batches:
                     start = b * micro_batch_size
                     chunk = mine[start:start + micro_batch_size]
@@ -125,26 +153,30 @@ class TeacherCache:
                     if chunk:
                         rows, _ = supervised_positions(hidden, batch["labels"])
                         store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
-            _atomic_torch_save({"indices": torch.tensor(mine, dtype=torch.long),
-                                "offsets": torch.tensor(offsets, dtype=torch.long),
-                                "hidden": store}, folder / f"{name}.rank{info.rank}.pt")
+            part_name = f"{name}.rank{info.rank}.pt"
+            written[part_name] = atomic_torch_save(
+                {"indices": torch.tensor(mine, dtype=torch.long),
+                 "offsets": torch.tensor(offsets, dtype=torch.long), "hidden": store},
+                folder / part_name)
             weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
             if info.is_main:
-                _atomic_torch_save({"weight": weight.detach().cpu().clone(),
-                                    "bias": None if bias is None else bias.detach().cpu().clone()},
-                                   folder / f"{name}.head.pt")
+                written[f"{name}.head.pt"] = atomic_torch_save(
+                    {"weight": weight.detach().cpu().clone(),
+                     "bias": None if bias is None else bias.detach().cpu().clone()},
+                    folder / f"{name}.head.pt")
             del model, weight, bias, store      # frees the teacher (modules hold no cycles)
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
-        barrier(info)
+        checksums = {}
+        for part in gather_objects(written, info):
+            checksums.update(part)
         if info.is_main:
-            meta = {"key": key, "teachers": list(teachers), "world_size": info.world_size,
-                    "examples": len(examples), "complete": True}
-            tmp = folder / (META + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, folder / META)
+            atomic_write_json(folder / META, {
+                "key": key, "teachers": list(teachers), "world_size": info.world_size,
+                "examples": len(examples), "files": dict(sorted(checksums.items())),
+                "complete": True})
         barrier(info)
-        return cls(folder, info.device)
+        return cls(folder, info.device, verify=False)
 
     def rows(self, teacher: str, indices: list, batch=None) -> torch.Tensor:
         """The cached states of ``indices`` (example ids), concatenated in that order."""

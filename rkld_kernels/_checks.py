@@ -49,7 +49,12 @@ def check_same_device(fn: str, named: dict) -> None:
         raise ValueError(f"{fn}: all tensors must be on one device; got {listing}")
 
 
-def check_labels(fn: str, labels, expected_shape: tuple, ref_name: str) -> None:
+_UNSIGNED = tuple(getattr(torch, name) for name in ("uint8", "uint16", "uint32", "uint64")
+                  if hasattr(torch, name))
+
+
+def check_labels(fn: str, labels, expected_shape: tuple, ref_name: str,
+                 ignore_index: int | None = None) -> None:
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
@@ -57,6 +62,18 @@ def check_labels(fn: str, labels, expected_shape: tuple, ref_name: str) -> None:
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{fn}: labels must be an integer tensor (token ids, ignore_index where "
                         f"masked); got {labels.dtype}")
+    if labels.dtype in _UNSIGNED:
+        # An unsigned dtype cannot hold a negative ignore_index: -100 would wrap (to 156 in
+        # uint8) and the comparison would mask real tokens or none at all, silently.
+        raise TypeError(f"{fn}: labels must have a signed integer dtype (int64, int32, int16 or "
+                        f"int8), which can hold a negative ignore_index; got {labels.dtype}")
+    if ignore_index is not None:
+        info = torch.iinfo(labels.dtype)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+                or not info.min <= ignore_index <= info.max:
+            raise ValueError(f"{fn}: ignore_index must be an integer that labels' dtype "
+                             f"{labels.dtype} can hold ({info.min}..{info.max}); got "
+                             f"{ignore_index!r}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"{fn}: labels must have the leading shape of {ref_name}, "
                          f"{tuple(expected_shape)}; got {tuple(labels.shape)}")

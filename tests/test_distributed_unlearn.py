@@ -103,6 +103,7 @@ def test_two_processes_match_one(pair, tmp_path):
 LATE_WORKER = textwrap.dedent('''
     import json, os, sys, time, torch
     torch.set_num_threads(1)
+    import rkld.runs as runs
     import rkld.train as train
     from rkld.config import UnlearnConfig
 
@@ -112,11 +113,11 @@ LATE_WORKER = textwrap.dedent('''
     # has either written run.json of this launch (it did not wait) or started waiting for the
     # other processes' agreement (rank 0's broadcasts are marked by a file).
     if os.environ["RANK"] == "0":
-        broadcast_object = train.broadcast_object
+        broadcast_object = runs.broadcast_object
         def marked_broadcast_object(*args, **kwargs):
             open(waiting, "w").close()
             return broadcast_object(*args, **kwargs)
-        train.broadcast_object = marked_broadcast_object
+        runs.broadcast_object = marked_broadcast_object
     else:
         load_benchmark = train.load_benchmark
         def late_load_benchmark(*args, **kwargs):

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,20 +190,25 @@ def test_eval_command_writes_and_reuses_or_refuses(tiny, cli_eval, capsys):
     meta = json.loads((cli_eval / "EVAL_META.json").read_text())
     assert meta["fingerprint"]["forget_split"] == "forget10"
     capsys.readouterr()
-    # Same model, data and settings: reused, and forget quality now filled from --reference.
-    reference = cli_eval / "TOFU_EVAL.json"
+    # Same model, data and settings: reused, and forget quality now filled from --reference
+    # (a copy with its metadata: a reference inside --out is refused).
+    reference_dir = cli_eval.parent / "reference"
+    reference_dir.mkdir(exist_ok=True)
+    for name in ("TOFU_EVAL.json", "EVAL_META.json"):
+        shutil.copy(cli_eval / name, reference_dir / name)
+    reference = reference_dir / "TOFU_EVAL.json"
     assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval),
                  "--reference", str(reference), *EVAL_ARGS]) == 0
     captured = capsys.readouterr()
     assert "reusing" in captured.out
     assert json.loads((cli_eval / "TOFU_SUMMARY.json").read_text())["forget_quality"] == 1.0
     # Another forget split (or generation length) in the same folder: refused, files untouched.
-    before = reference.read_bytes()
+    before = (cli_eval / "TOFU_EVAL.json").read_bytes()
     args = [a if a != "forget10" else "forget05" for a in EVAL_ARGS]
     assert main(["eval", "--model", str(tiny["path"]), "--out", str(cli_eval), *args]) == 2
     err = capsys.readouterr().err
     assert "another model, split or configuration" in err and "forget_split" in err
-    assert reference.read_bytes() == before
+    assert (cli_eval / "TOFU_EVAL.json").read_bytes() == before
 
 
 def test_eval_command_errors(tiny, tmp_path, capsys):
@@ -266,3 +272,56 @@ def test_model_fingerprint_follows_weights_not_run_records(tmp_path):
     assert evaluate.model_fingerprint(str(tmp_path)) == first
     (tmp_path / "model.safetensors").write_bytes(b"other weights")
     assert evaluate.model_fingerprint(str(tmp_path)) != first
+
+
+def test_reference_is_checked_against_its_own_metadata(cli_eval, bench_data, tmp_path, capsys):
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    for name in ("TOFU_EVAL.json", "EVAL_META.json"):
+        shutil.copy(cli_eval / name, ref / name)
+    log = ref / "TOFU_EVAL.json"
+    assert evaluate.check_reference(log, bench_data, "forget10") == str(log)
+    # Another benchmark seed: as many examples, other questions.
+    other_seed = load_benchmark("synthetic", seed=1, max_authors=10)
+    assert len(other_seed.split("forget10_perturbed")) == len(bench_data.split(
+        "forget10_perturbed"))
+    with pytest.raises(ValueError, match="other evaluation data .*forget10_perturbed"):
+        evaluate.check_reference(log, other_seed, "forget10")
+    # A log of another forget split.
+    meta = json.loads((ref / "EVAL_META.json").read_text())
+    meta["fingerprint"]["forget_split"] = "forget05"
+    (ref / "EVAL_META.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="computed for forget split 'forget05', not 'forget10'"):
+        evaluate.check_reference(log, bench_data, "forget10")
+    # A log without metadata (e.g. a published one): its example count only, said in one line.
+    (ref / "EVAL_META.json").unlink()
+    capsys.readouterr()
+    evaluate.check_reference(log, bench_data, "forget10")
+    assert "only its example count could be checked" in capsys.readouterr().out
+
+
+def test_a_failed_evaluation_is_never_reused(tiny, cli_eval, bench_data, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full to simulate a full disk")
+    out = tmp_path / "eval"
+    shutil.copytree(cli_eval, out)            # the results of the tiny model
+    texts = [r["question"] + " " + r["answer"] for r in bench_data.split("full")]
+    build_tiny_model(texts, out_dir=tmp_path / "other", seed=5, hidden_size=32,
+                     num_hidden_layers=1, intermediate_size=64, vocab_size=400)
+    # Evaluating another model there fails after its log is written (the disk fills up).
+    (out / "TOFU_SUMMARY.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError, match="TOFU_SUMMARY.json: the disk is full"):
+        evaluate.run_eval(str(tmp_path / "other"), "synthetic", out, config=CONFIG,
+                          max_authors=10, overwrite=True)
+    assert not (out / "EVAL_META.json").exists()
+    # The tiny model's results are gone: its evaluation must not "reuse" the other's log.
+    with pytest.raises(FileExistsError, match="no EVAL_META.json"):
+        evaluate.run_eval(str(tiny["path"]), "synthetic", out, config=CONFIG, max_authors=10)
+
+
+def test_eval_out_apart_from_its_inputs(tiny, cli_eval):
+    with pytest.raises(ValueError, match="is the model"):
+        evaluate.run_eval(str(tiny["path"]), "synthetic", tiny["path"], config=CONFIG)
+    with pytest.raises(ValueError, match="contains the reference log"):
+        evaluate.run_eval(str(tiny["path"]), "synthetic", cli_eval, config=CONFIG,
+                          reference=cli_eval / "TOFU_EVAL.json")
