@@ -111,13 +111,14 @@ LATE_WORKER = textwrap.dedent('''
     waiting = out + ".rank0-waits"
     # Rank 1 reaches the output check late, as a loaded machine can make it do: only once rank 0
     # has either written run.json of this launch (it did not wait) or started waiting for the
-    # other processes' agreement (rank 0's broadcasts are marked by a file).
+    # other processes (rank 0's first broadcast, from the run machinery or the loop, is marked
+    # by a file).
     if os.environ["RANK"] == "0":
-        broadcast_object = runs.broadcast_object
-        def marked_broadcast_object(*args, **kwargs):
-            open(waiting, "w").close()
-            return broadcast_object(*args, **kwargs)
-        runs.broadcast_object = marked_broadcast_object
+        for module in (runs, train):
+            def marked_broadcast_object(*args, _broadcast=module.broadcast_object, **kwargs):
+                open(waiting, "w").close()
+                return _broadcast(*args, **kwargs)
+            module.broadcast_object = marked_broadcast_object
     else:
         load_benchmark = train.load_benchmark
         def late_load_benchmark(*args, **kwargs):
