@@ -517,7 +517,8 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
 
 def _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype, compiled, fn: str = _FN) -> None:
+              labels, chunk_size, accum_dtype, compiled, fn: str = _FN,
+              ignore_index: int | None = None) -> None:
     """Raise a clear error for every input the loss cannot use. The strengthened weight and
     bias are the resolved ones (the original head's when the strengthened head is shared)."""
     heads = [("student", student_hidden, student_weight, student_bias),
@@ -564,7 +565,8 @@ def _validate(student_hidden, student_weight, student_bias, original_hidden, ori
         for part, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None:
                 _checks.check_frozen(fn, f"{model}_{part}", t)
-    _checks.check_labels(fn, labels, student_hidden.shape[:-1], "student_hidden (without H)")
+    _checks.check_labels(fn, labels, student_hidden.shape[:-1], "student_hidden (without H)",
+                         ignore_index)
     named = {f"{model}_{part}": t for model, *tensors in heads
              for part, t in zip(("hidden", "weight", "bias"), tensors)}
     named["labels"] = labels
@@ -707,7 +709,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                                for t in heads)
     _validate(student_hidden, student_weight, student_bias, original_hidden, original_weight,
               original_bias, strengthened_hidden, strengthened_weight, strengthened_bias,
-              labels, chunk_size, accum_dtype, compiled)
+              labels, chunk_size, accum_dtype, compiled, ignore_index=ignore_index)
     device = student_hidden.device
     backend = resolve_backend(backend, device)
 

@@ -182,7 +182,7 @@ _RKLLossFunction = function_route(rkl_loss_op, _rkl_setup_context, _rkl_backward
 
 
 def validate_logits(student_logits, original_logits, strengthened_logits, labels,
-                    fn: str = _FN) -> None:
+                    fn: str = _FN, ignore_index: int | None = None) -> None:
     _checks.check_float_tensor(fn, "student_logits", student_logits)
     _checks.check_float_tensor(fn, "original_logits", original_logits)
     if strengthened_logits is not None:
@@ -203,7 +203,7 @@ def validate_logits(student_logits, original_logits, strengthened_logits, labels
     _checks.check_frozen(fn, "original_logits", original_logits)
     if strengthened_logits is not None:
         _checks.check_frozen(fn, "strengthened_logits", strengthened_logits)
-    _checks.check_labels(fn, labels, student_logits.shape[:-1], "student_logits")
+    _checks.check_labels(fn, labels, student_logits.shape[:-1], "student_logits", ignore_index)
     _checks.check_same_device(fn, {"student_logits": student_logits,
                                    "original_logits": original_logits,
                                    "strengthened_logits": strengthened_logits,
@@ -305,7 +305,8 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
         student_logits, original_logits, strengthened_logits = first_columns(
             _FN, vocab_size, student_logits=student_logits, original_logits=original_logits,
             strengthened_logits=strengthened_logits)
-    validate_logits(student_logits, original_logits, strengthened_logits, labels)
+    validate_logits(student_logits, original_logits, strengthened_logits, labels,
+                    ignore_index=ignore_index)
     check_compiled_arg(_FN, compiled)
     backend = resolve_backend(backend, student_logits.device)
 

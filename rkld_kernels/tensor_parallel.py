@@ -282,7 +282,7 @@ def vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits
             _checks.check_float_tensor(fn, name, local[name])
             _checks.check_frozen(fn, name, named[name])
     _checks.check_float_tensor(fn, "student_logits", student)
-    _checks.check_labels(fn, labels, student.shape[:-1], "student_logits")
+    _checks.check_labels(fn, labels, student.shape[:-1], "student_logits", ignore_index)
     _check_same_on_every_rank(fn, {"labels": labels}, mesh.get_group())
     leading_shape = student.shape[:-1]
     vocab = student.shape[-1]
@@ -464,7 +464,8 @@ def vocab_parallel_linear_rkl_loss(student_hidden, student_weight, original_hidd
                             ("bias", weights[model][1])):
                 if t is not None:
                     _checks.check_frozen(fn, f"{model}_{part}", t)
-    _checks.check_labels(fn, labels, local_x["student"].shape[:-1], "student_hidden (without H)")
+    _checks.check_labels(fn, labels, local_x["student"].shape[:-1], "student_hidden (without H)",
+                         ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"{fn}: chunk_size must be None or an int >= 1; got {chunk_size!r}")

@@ -21,7 +21,7 @@ from rkld.models import load_model, model_fingerprint
 from rkld.storage import CorruptFileError, RunLock, atomic_torch_save, atomic_write_json
 from rkld.teacher_cache import TeacherCache
 from rkld.train import TrainingDiverged, finetune, unlearn
-from rkld_kernels import fused_rkl_loss
+from rkld_kernels import fused_linear_rkl_loss, fused_rkl_loss
 from rkld_kernels._checks import check_labels
 
 
@@ -315,6 +315,17 @@ def test_unsigned_labels_and_unrepresentable_ignore_index_are_refused():
                                          r"torch.int8 can hold \(-128..127\); got -1000"):
         check_labels("f", labels.to(torch.int8), (4,), "x", ignore_index=-1000)
     check_labels("f", labels.to(torch.int8), (4,), "x", ignore_index=-100)
+    # Through the public losses: int8 labels cannot hold -1000, so nothing would be masked.
+    int8_labels = labels.to(torch.int8)
+    with pytest.raises(ValueError, match=r"fused_rkl_loss: ignore_index .* got -1000"):
+        fused_rkl_loss(logits, logits.clone(), labels=int8_labels, ignore_index=-1000,
+                       backend="torch")
+    hidden, weight = torch.randn(4, 5), torch.randn(7, 5)
+    with pytest.raises(ValueError, match=r"fused_linear_rkl_loss: ignore_index .* got -1000"):
+        fused_linear_rkl_loss(hidden, weight, hidden.clone(), weight.clone(),
+                              labels=int8_labels, ignore_index=-1000)
+    with pytest.raises(TypeError, match="signed integer dtype .* got torch.uint8"):
+        fused_linear_rkl_loss(hidden, weight, hidden.clone(), weight.clone(), labels=labels)
 
 
 # --------------------------------------------------------------------------- clear errors
