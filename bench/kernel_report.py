@@ -19,11 +19,12 @@ from four limits, whichever is slowest:
 - issue: lane-instructions / (SMs x 4 schedulers x 32 lanes x clock), 1 warp instruction per
   scheduler and cycle, with the whole row's code (partial tiles and per-program set-up too);
 - MUFU: exponentials / (SMs x 16 x clock);
-- latency: loads in flight per SM (resident programs x one tile's loads) / DRAM latency
-  (``DRAM_LATENCY_NS``) must sustain the bandwidth (Little's law),
 
-times the wave quantisation of the grid (a last partial wave of programs leaves SMs idle),
-plus ``LAUNCH_US`` per launch. The predicted fraction is memory time / predicted time.
+where the memory time follows Little's law: a program keeps one tile's loads in flight, so
+``n`` programs sustain at most ``n x tile bytes / DRAM latency`` (``DRAM_LATENCY_NS``); the
+grid runs in waves of the resident programs (occupancy from the SASS), and a last, partial
+wave may hold too few programs to saturate HBM. ``LAUNCH_US`` is added per launch. The
+predicted fraction is (bytes / HBM peak) / predicted time.
 It ignores cache effects, DRAM efficiency (a device copy reaches ~90 % of the peak) and
 instruction latencies, so a measured time above it says which of those matters; ``--measure``
 (CUDA only) prints the measured time of each pass next to the prediction for this GPU.
@@ -80,23 +81,34 @@ def predict(row: dict, case, gpu: dict) -> dict:
     elements = case.rows * case.vocab
     clock = gpu["clock_ghz"] * 1e9
     moved = elements * element_bytes(case, row["phase"])
-    t_mem = moved / (gpu["hbm_tbs"] * 1e12)
+    hbm = gpu["hbm_tbs"] * 1e12
     t_issue = (machine_code.row_per_element(row, case.vocab) * elements
                / (gpu["sms"] * ISSUE_PER_SM_CYCLE * clock))
     t_mufu = (machine_code.per_element(row, "stream_mufu") * elements
               / (gpu["sms"] * MUFU_PER_SM_CYCLE * clock))
-    resident = max(1, code["programs_per_sm"])
-    threads = 32 * launch["num_warps"]
-    input_bytes = element_bytes(case, "forward")
-    in_flight = resident * threads * launch["columns_per_thread"] * input_bytes
-    t_latency = moved / (gpu["sms"] * in_flight / (DRAM_LATENCY_NS * 1e-9))
-    waves = launch["programs"] / (resident * gpu["sms"])
-    quantisation = math.ceil(waves) / waves
-    limits = dict(memory=t_mem, issue=t_issue, mufu=t_mufu, latency=t_latency)
+    # Memory with Little's law: a program keeps one tile's loads in flight, so n programs
+    # sustain at most n * tile bytes / latency. The grid runs in waves of the resident
+    # programs; the last, partial wave may hold too few programs to saturate HBM.
+    resident = max(1, code["programs_per_sm"]) * gpu["sms"]
+    per_program = (32 * launch["num_warps"] * launch["columns_per_thread"]
+                   * element_bytes(case, "forward"))
+    latency = DRAM_LATENCY_NS * 1e-9
+    programs = launch["programs"]
+    tail = programs % resident or min(programs, resident)
+    bytes_per_program = moved / programs
+
+    def rate(active):
+        return min(hbm, active * per_program / latency)
+
+    t_memory = ((programs - tail) * bytes_per_program / rate(resident)
+                + tail * bytes_per_program / rate(tail))
+    t_hbm = moved / hbm
+    limits = dict(memory=t_memory, issue=t_issue, mufu=t_mufu)
     bound = max(limits, key=limits.get)
-    seconds = limits[bound] * quantisation + LAUNCH_US * 1e-6
-    return dict(seconds=seconds, fraction_of_hbm=t_mem / seconds, bound=bound,
-                waves=waves, bytes=moved, **{f"{k}_seconds": v for k, v in limits.items()})
+    seconds = limits[bound] + LAUNCH_US * 1e-6
+    return dict(seconds=seconds, fraction_of_hbm=t_hbm / seconds, bound=bound,
+                waves=programs / resident, bytes=moved, hbm_seconds=t_hbm,
+                **{f"{k}_seconds": v for k, v in limits.items()})
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,8 +337,10 @@ def measure_table(measured) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
     parser.add_argument("--targets", default=",".join(map(str, machine_code.TARGETS)),
-                        help="compute capabilities to compile for (default: 80,90,100)")
+                        help="compute capabilities to compile for (default: 80,90,100; "
+                             "'device': the CUDA device's)")
     parser.add_argument("--cache", default=str(ROOT / ".pytest_cache" / "d" / "rkld-kernel-code"
                                                / "reports"),
                         help="folder of cached results (shared with the compile tests)")
@@ -335,17 +349,25 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", action="store_true",
                         help="CUDA: time each pass and print it beside the prediction")
     args = parser.parse_args(argv)
-    targets = tuple(int(t) for t in args.targets.split(","))
+    if args.targets == "device":
+        import torch
+        major, minor = torch.cuda.get_device_capability(0)
+        targets = (10 * major + minor,)
+    else:
+        targets = tuple(int(t) for t in args.targets.split(","))
     cases = list(bench_cases()) + ([] if args.bench_only else list(machine_code.CASES))
     reports = machine_code.all_reports(cases, targets, cache_dir=args.cache)
     liger, liger_missing = liger_rows(targets, args.cache)
     predictions = prediction_rows(reports, cases)
     measured = measure(reports, bench_cases()) if args.measure else []
+    document = json.dumps(dict(kernels=reports, liger=liger, liger_missing=liger_missing,
+                               predictions=predictions, measured=measured,
+                               model=dict(gpus=GPUS, dram_latency_ns=DRAM_LATENCY_NS,
+                                          launch_us=LAUNCH_US)))
+    if args.json_out:
+        Path(args.json_out).write_text(document)
     if args.json:
-        print(json.dumps(dict(kernels=reports, liger=liger, liger_missing=liger_missing,
-                              predictions=predictions, measured=measured,
-                              model=dict(gpus=GPUS, dram_latency_ns=DRAM_LATENCY_NS,
-                                         launch_us=LAUNCH_US))))
+        print(document)
         return 0
     print("Compiled kernels (SASS; per element = per thread and full tile / columns per thread)")
     print("\n".join(code_table(reports)))

@@ -1,17 +1,24 @@
 """Triton backend of ``fused_rkl_loss``: launch configuration and the entry points that
 ``rkld_kernels.fused_rkl`` calls. The kernels are in ``rkld_kernels.triton_kernels``.
 
-Forward: ``rkl_stats_kernel`` streams each row once (running maxima, sums and cross term,
-rebased when a maximum grows) and keeps only per-row floats. When there are too few rows to
-fill the GPU, each row is cut into V-splits on a 2-D grid and ``rkl_stats_combine_kernel``
-merges the partial sums. Backward: ``rkl_grad_kernel`` on a 2-D (row x V-block) grid recomputes
+Forward: ``rkl_stats_kernel`` streams each row once in tiles, each thread keeping its own
+running maxima, sums and cross term (rebased when a maximum grows) and reducing across threads
+once per row, and keeps only per-row floats. When there are too few rows to fill the GPU, each
+row is cut into V-splits on a 2-D grid (with smaller tiles) and ``rkl_stats_combine_kernel``
+merges the partial sums. Backward: ``rkl_grad_kernel`` on a 2-D (row x tile) grid recomputes
 p (and q) from the logits plus those statistics and writes the gradient, the only ``[rows, V]``
-tensor either pass allocates.
+tensor either pass allocates. Rows whose start is not 16-byte aligned (V = 50257 in bf16) are
+read from the aligned address before them, so full tiles still load 16 bytes at a time.
+
+``plan_forward`` / ``plan_backward`` decide the launches (grid, tile shape, warps) without
+running them; the entry points run what they return, and the compile checks compile exactly
+that for GPU targets (``triton_kernels.machine_code``, ``bench/kernel_report.py``).
 
 CUDA graphs: nothing here reads a device value on the host (no ``.item()``, ``nonzero`` or
 ``torch.equal``); grid sizes depend only on shapes and on the device's SM count (read once per
-device), and buffers come from ``torch.empty``, so both passes can be captured in a CUDA graph.
-Run one eager step first so that Triton compiles the kernels outside the capture.
+device), the alignment choice only on shapes, strides and data pointers, and buffers come from
+``torch.empty``, so both passes can be captured in a CUDA graph. Run one eager step first so
+that Triton compiles the kernels outside the capture.
 
 On CPU tensors the kernels run under Triton's interpreter (for tests), which has to be switched
 on with ``TRITON_INTERPRET=1`` before triton is first imported.
@@ -19,7 +26,8 @@ on with ``TRITON_INTERPRET=1`` before triton is first imported.
 Precision: accumulation is float32 whatever the input dtypes, float64 when the student is
 float64. ``alpha`` and ``temperature`` reach the kernels as float32 scalars (Triton's type for
 Python floats), so the float64 path is exact only for values float32 represents, such as the
-defaults and 2.5.
+defaults and 2.5; the float32 path multiplies by ``log2(e) / T`` computed in double precision
+on the host and rounded once.
 """
 from __future__ import annotations
 

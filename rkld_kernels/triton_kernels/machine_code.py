@@ -147,6 +147,7 @@ class CodeReport:
     stream_stores: dict = field(default_factory=dict)
     outside_instructions: int = 0        # instructions of the kernel not in the loop body
     partial_instructions: int = 0        # the masked-tile loop body / masked-tile path
+    partial_loop: bool = False           # whether partial_* is a loop body (one repeat)
     partial_loads: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -259,39 +260,49 @@ def _load_width(ins: Instruction) -> int:
 
 
 def _streaming_region(instructions, labels):
-    """Where a kernel streams its tiles: ``("loop", full, partial)`` when backward-branch
-    loops hold global loads (``full``: the body of the one with the widest unpredicated loads,
-    the full-tile loop; ``partial``: the body of another such loop, the masked-tile one, or
-    []), else ``("path", full, partial)``: the cheapest entry-to-exit path through the widest
-    unpredicated loads (a full tile) and through predicated loads (a masked tile)."""
-    index_of = {ins.address: i for i, ins in enumerate(instructions)}
-    loops = []
-    for i, ins in enumerate(instructions):
-        if ins.label is None or ins.label not in labels:
-            continue
-        start = index_of[labels[ins.label]]
-        body = instructions[start:i + 1]
-        if start <= i and any(_is_global_load(x) for x in body):
-            widest = max((_load_width(x) for x in body
-                          if _is_global_load(x) and not x.predicate), default=0)
-            loops.append((-widest, i - start, list(range(start, i + 1))))
-    if loops:
-        loops.sort(key=lambda loop: loop[:2])
-        return "loop", loops[0][2], (loops[1][2] if len(loops) > 1 else [])
+    """Where a kernel streams its tiles, as ``(kind, full, partial)`` instruction indices.
 
-    widest = max((_load_width(ins) for ins in instructions if _is_global_load(ins)),
-                 default=32)
+    ``full`` is one full tile: the body of the (smallest) backward-branch loop that holds the
+    kernel's widest global loads (``kind = "loop"``), or, when no loop does, the cheapest
+    entry-to-exit path through its widest unpredicated loads (``"path"``). ``partial`` is one
+    iteration of the masked (partial-tile) code: the body of another loop of global loads,
+    else the cheapest path through predicated loads, else []."""
+    index_of = {ins.address: i for i, ins in enumerate(instructions)}
+    loads = [ins for ins in instructions if _is_global_load(ins)]
+    widest = max((_load_width(ins) for ins in loads), default=32)
+    widest_free = max((_load_width(ins) for ins in loads if not ins.predicate), default=32)
+
+    def wide_load(ins):
+        return _is_global_load(ins) and _load_width(ins) == widest
 
     def full_tile_load(ins):
-        return _is_global_load(ins) and not ins.predicate and _load_width(ins) == widest
+        return _is_global_load(ins) and not ins.predicate and _load_width(ins) == widest_free
 
     def masked_load(ins):
         return _is_global_load(ins) and bool(ins.predicate)
 
+    wide_loops, other_loops = [], []
+    for i, ins in enumerate(instructions):
+        if ins.label is None or ins.label not in labels:
+            continue
+        start = index_of[labels[ins.label]]
+        if start > i:
+            continue
+        body = instructions[start:i + 1]
+        if any(wide_load(x) for x in body):
+            wide_loops.append(list(range(start, i + 1)))
+        elif any(_is_global_load(x) for x in body):
+            other_loops.append(list(range(start, i + 1)))
+    if wide_loops:
+        full = min(wide_loops, key=len)
+        rest = [loop for loop in wide_loops + other_loops if loop is not full]
+        return "loop", full, (min(rest, key=len) if rest else [])
+    partial = (min(other_loops, key=len) if other_loops
+               else _shortest_path_through(instructions, labels, masked_load))
     full = _shortest_path_through(instructions, labels, full_tile_load)
     if not full:
         full = _shortest_path_through(instructions, labels, _is_global_load)
-    return "path", full, _shortest_path_through(instructions, labels, masked_load)
+    return "path", full, partial
 
 
 def _disassemble(cubin: bytes, arch: int) -> tuple[str, str]:
@@ -350,6 +361,9 @@ def analyse(compiled, arch: int) -> CodeReport:
         stream_loads=_histogram(body, "LDG"), stream_stores=_histogram(body, "STG"),
         outside_instructions=len(instructions) - len(body),
         partial_instructions=len(partial),
+        partial_loop=bool(partial) and instructions[partial[-1]].label is not None
+        and instructions[partial[-1]].opcode.startswith("BRA")
+        and labels.get(instructions[partial[-1]].label, 1 << 62) <= instructions[partial[-1]].address,
         partial_loads=_histogram([instructions[i] for i in partial], "LDG"))
 
 
@@ -454,7 +468,7 @@ def launch_summary(launch) -> dict:
     c = launch.constexprs
     block = c.get("TILE_R", 1) * c.get("THREADS", 1) * c.get("TILE_K", 1)
     threads = 32 * launch.num_warps
-    return dict(kernel=launch.kernel.__name__, grid=list(launch.grid),
+    return dict(kernel=launch.kernel.__name__, grid=list(launch.grid), tile_r=c.get("TILE_R"),
                 programs=int(__import__("math").prod(launch.grid)), num_warps=launch.num_warps,
                 block=block if "TILE_R" in c else None,
                 columns_per_thread=block // threads if "TILE_R" in c else None,
@@ -483,11 +497,14 @@ def row_per_element(row: dict, vocab: int) -> float:
         n_partial = (1 if lead else 0) + (1 if end % block else 0)
         if lead and end <= block:
             n_full, n_partial = 0, 1
-        cost = n_full * code["stream_instructions"] + n_partial * code["partial_instructions"]
+        partial = code["partial_instructions"] * (launch["tile_r"] if code["partial_loop"] else 1)
+        cost = n_full * code["stream_instructions"] + n_partial * partial
         if code["streaming"] == "loop":
             fixed = (code["total_instructions"] - code["stream_instructions"]
                      - code["partial_instructions"])
-            cost += splits * fixed
+        else:
+            fixed = 0
+        cost += splits * fixed
         total += cost * threads / vocab
     return total / len({(r * vocab) % vec for r in range(vec)})
 

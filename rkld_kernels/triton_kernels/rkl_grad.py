@@ -100,9 +100,16 @@ def rkl_grad_kernel(
                           tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift,
                           factor, HAS_STRENGTHENED, REVERSE, False, ACC)
             else:
-                grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
-                          tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift,
-                          factor, HAS_STRENGTHENED, REVERSE, True, ACC)
+                # A partial tile loads masked (scalar) columns: one repeat at a time keeps its
+                # registers to a repeat's worth.
+                sub_offsets = tile_offsets(1, THREADS, TILE_K)
+                for sub in range(0, TILE_R):
+                    sub_step = sub * (THREADS * TILE_K)
+                    grad_tile(grad_row + sub_step, student_row + sub_step,
+                              original_row + sub_step, strengthened_row + sub_step,
+                              sub_offsets, tile_lead - sub_step, vocab, alpha, scale, m_s,
+                              log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE,
+                              True, ACC)
         else:
             zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
             tl.store(grad_row + offsets, zeros,

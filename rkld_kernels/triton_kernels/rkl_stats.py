@@ -211,15 +211,18 @@ def rkl_stats_kernel(
             REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
     # The partial tiles, masked: the first (the row starts inside it) and the last (the row
     # ends inside it), each when this split holds it, and the last only if it is not the first.
+    # Masked loads are scalar, so these go one repeat (THREADS * TILE_K columns) at a time,
+    # which keeps their registers (and code) to a repeat's worth.
     has_head = (tile_begin == 0) & (full_lo > 0) & (tile_begin < tile_end)
     has_tail = (full_hi >= tile_begin) & (full_hi < tile_end) & ((full_hi > 0) | (full_lo == 0))
-    for i in range(0, has_head.to(tl.int32) + has_tail.to(tl.int32)):
-        tile = tl.where((i == 0) & has_head, 0, full_hi)
-        step = tile * BLOCK
+    sub_offsets = tile_offsets(1, THREADS, TILE_K)
+    for i in range(0, (has_head.to(tl.int32) + has_tail.to(tl.int32)) * TILE_R):
+        tile = tl.where((i < TILE_R) & has_head, 0, full_hi)
+        step = tile * BLOCK + (i % TILE_R) * (THREADS * TILE_K)
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
-            strengthened_row + step, offsets, lead - step, vocab, alpha, scale,
-            HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC)
+            strengthened_row + step, sub_offsets, lead - step, vocab, alpha, scale,
+            HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC)
 
     # A NaN among the strengthened logits makes the row NaN, as it does in the reference.
     if HAS_STRENGTHENED:
