@@ -281,28 +281,40 @@ def _streaming_region(instructions, labels):
     def masked_load(ins):
         return _is_global_load(ins) and bool(ins.predicate)
 
-    wide_loops, other_loops = [], []
+    loops = []
     for i, ins in enumerate(instructions):
         if ins.label is None or ins.label not in labels:
             continue
         start = index_of[labels[ins.label]]
-        if start > i:
-            continue
-        body = instructions[start:i + 1]
-        if any(wide_load(x) for x in body):
-            wide_loops.append(list(range(start, i + 1)))
-        elif any(_is_global_load(x) for x in body):
-            other_loops.append(list(range(start, i + 1)))
+        if start <= i and any(_is_global_load(x) for x in instructions[start:i + 1]):
+            loops.append(list(range(start, i + 1)))
+
+    def holding(test):
+        return [loop for loop in loops if any(test(instructions[j]) for j in loop)]
+
+    def smallest_other(full):
+        rest = [loop for loop in loops if loop is not full]
+        return min(rest, key=len) if rest else []
+
+    # 1. A loop of unpredicated widest loads: the full-tile loop (the stats kernel).
+    free_loops = holding(lambda x: full_tile_load(x) and _load_width(x) == widest)
+    if free_loops:
+        full = min(free_loops, key=len)
+        return "loop", full, smallest_other(full)
+    # 2. Unpredicated widest loads outside loops: one tile per program (the gradient kernel).
+    if any(full_tile_load(x) and _load_width(x) == widest for x in loads):
+        partial = (min(loops, key=len) if loops
+                   else _shortest_path_through(instructions, labels, masked_load))
+        return "path", _shortest_path_through(instructions, labels, full_tile_load), partial
+    # 3. Masked loads everywhere (Liger's kernels): the smallest loop of the widest loads.
+    wide_loops = holding(wide_load)
     if wide_loops:
         full = min(wide_loops, key=len)
-        rest = [loop for loop in wide_loops + other_loops if loop is not full]
-        return "loop", full, (min(rest, key=len) if rest else [])
-    partial = (min(other_loops, key=len) if other_loops
-               else _shortest_path_through(instructions, labels, masked_load))
+        return "loop", full, smallest_other(full)
     full = _shortest_path_through(instructions, labels, full_tile_load)
     if not full:
         full = _shortest_path_through(instructions, labels, _is_global_load)
-    return "path", full, partial
+    return "path", full, _shortest_path_through(instructions, labels, masked_load)
 
 
 def _disassemble(cubin: bytes, arch: int) -> tuple[str, str]:
