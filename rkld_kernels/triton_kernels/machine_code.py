@@ -545,7 +545,12 @@ def all_reports(cases=CASES, targets=TARGETS, cache_dir=None, workers: int | Non
         first.setdefault(key, job)
     workers = workers or min(len(first), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        import multiprocessing
+
+        import torch
+        # Forked workers must not inherit an initialised CUDA context.
+        method = "spawn" if torch.cuda.is_initialized() else None
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
             done = dict(pool.map(_report_job, first.values()))
     else:
         done = dict(map(_report_job, first.values()))
