@@ -1,6 +1,7 @@
 """Machine-code report of the triton backend's kernels, with a roofline model of their speed.
 
-    python bench/kernel_report.py [--json] [--targets 80,90,100] [--cache DIR] [--measure]
+    python bench/kernel_report.py [--json] [--json-out FILE] [--targets 80,90,100|device]
+                                  [--cache DIR] [--bench-only] [--measure]
 
 No GPU is needed: every kernel launch of ``machine_code.CASES`` is compiled for each target by
 Triton's compiler and ``ptxas`` (``rkld_kernels.triton_kernels.machine_code``) and its SASS is
@@ -12,8 +13,8 @@ moves. When liger-kernel is installed, its JSD (beta = 1, the reverse KL of log-
 KL-div and cross-entropy kernels are compiled the same way, with the launch parameters
 Liger's own host code uses, for comparison.
 
-The model (``predict``), for the benchmark shapes on H100, H200 and B200, is an upper bound
-from four limits, whichever is slowest:
+The model (``predict``), for every case and the benchmark shapes on H100, H200 and B200, is an upper bound
+from three limits, whichever is slowest:
 
 - memory: bytes moved / HBM bandwidth (the peak, not a measured copy);
 - issue: lane-instructions / (SMs x 4 schedulers x 32 lanes x clock), 1 warp instruction per
