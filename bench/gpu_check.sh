@@ -11,6 +11,9 @@
 #   3. tests.log      the Triton-backend tests and the fused_rkl tests, on CUDA
 #   4. bandwidth.txt  device-to-device copy bandwidth, the roofline of the logits kernels
 #   5. bench.log      the benchmarks, with machine-readable results in bench.json
+#   6. kernel_report.txt  the kernels' machine code for this GPU and the roofline model's
+#                     predicted time of each pass beside its measured time at the benchmark
+#                     shapes (bench/kernel_report.py --measure), JSON in kernel_report.json
 # summary.txt lists every step with its exit status and duration. A failing step does not stop
 # the next one; the script exits non-zero if any step failed.
 set -uo pipefail
@@ -54,14 +57,14 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)
 print(\"triton\", triton.__version__)
 print(\"device\", torch.cuda.get_device_name(0))'"
 
-run_step install 45 "$OUTDIR/install.log" \
+run_step install 35 "$OUTDIR/install.log" \
     "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 # Every test file of the logits loss that exists; the others' absence is not an error.
 shopt -s nullglob
 test_files=(tests/test_triton_backend.py tests/test_fused_rkl*.py)
 shopt -u nullglob
-run_step tests 100 "$OUTDIR/tests.log" "$PY" -m pytest -q -ra "${test_files[@]}"
+run_step tests 90 "$OUTDIR/tests.log" "$PY" -m pytest -q -ra "${test_files[@]}"
 
 run_step bandwidth 30 "$OUTDIR/bandwidth.txt" "$PY" - <<'EOF'
 """Device copy bandwidth: best of 20 copies of 2 GiB, counting bytes read plus bytes written."""
@@ -86,20 +89,25 @@ print(f"copy of {nbytes / 2**30:.0f} GiB: best {best_ms:.3f} ms, "
 EOF
 
 # (the fused-linear benchmarks run in their own step below)
-run_step bench 110 "$OUTDIR/bench.log" \
+run_step bench 100 "$OUTDIR/bench.log" \
     "$PY" -m pytest bench/ -q -ra --ignore=bench/test_bench_fused_linear.py \
     --benchmark-json "$OUTDIR/bench.json"
 
+# The model is tested by its first GPU run: prediction beside measurement, per pass and shape.
+run_step report 45 "$OUTDIR/kernel_report.txt" \
+    "$PY" bench/kernel_report.py --bench-only --measure --targets device \
+    --cache "$OUTDIR/kernel_code" --json-out "$OUTDIR/kernel_report.json"
+
 # ---------------------------------------------------------------------------------------------
-# fused_linear_rkl_loss (the lm_head-fused loss), at most 170 s:
+# fused_linear_rkl_loss (the lm_head-fused loss), at most 155 s:
 #   fused_linear_tests.log  its tests, the triton-backend ones on CUDA
 #   fused_linear_bench.log  its benchmarks (H 4096, V 128256, bf16: 8192 tokens against naive,
 #                           Liger's chunked JSD and Liger's Triton JSD; 32768 tokens for peak
 #                           memory), machine-readable in fused_linear_bench.json
 # ---------------------------------------------------------------------------------------------
-run_step fl-tests 50 "$OUTDIR/fused_linear_tests.log" \
+run_step fl-tests 45 "$OUTDIR/fused_linear_tests.log" \
     "$PY" -m pytest -q -ra tests/test_fused_linear.py
-run_step fl-bench 120 "$OUTDIR/fused_linear_bench.log" \
+run_step fl-bench 110 "$OUTDIR/fused_linear_bench.log" \
     "$PY" -m pytest bench/test_bench_fused_linear.py -q -ra \
     --benchmark-json "$OUTDIR/fused_linear_bench.json"
 

@@ -1,17 +1,24 @@
 """Triton backend of ``fused_rkl_loss``: launch configuration and the entry points that
 ``rkld_kernels.fused_rkl`` calls. The kernels are in ``rkld_kernels.triton_kernels``.
 
-Forward: ``rkl_stats_kernel`` streams each row once (running maxima, sums and cross term,
-rebased when a maximum grows) and keeps only per-row floats. When there are too few rows to
-fill the GPU, each row is cut into V-splits on a 2-D grid and ``rkl_stats_combine_kernel``
-merges the partial sums. Backward: ``rkl_grad_kernel`` on a 2-D (row x V-block) grid recomputes
+Forward: ``rkl_stats_kernel`` streams each row once in tiles, each thread keeping its own
+running maxima, sums and cross term (rebased when a maximum grows) and reducing across threads
+once per row, and keeps only per-row floats. When there are too few rows to fill the GPU, each
+row is cut into V-splits on a 2-D grid (with smaller tiles) and ``rkl_stats_combine_kernel``
+merges the partial sums. Backward: ``rkl_grad_kernel`` on a 2-D (row x tile) grid recomputes
 p (and q) from the logits plus those statistics and writes the gradient, the only ``[rows, V]``
-tensor either pass allocates.
+tensor either pass allocates. Rows whose start is not 16-byte aligned (V = 50257 in bf16) are
+read from the aligned address before them, so full tiles still load 16 bytes at a time.
+
+``plan_forward`` / ``plan_backward`` decide the launches (grid, tile shape, warps) without
+running them; the entry points run what they return, and the compile checks compile exactly
+that for GPU targets (``triton_kernels.machine_code``, ``bench/kernel_report.py``).
 
 CUDA graphs: nothing here reads a device value on the host (no ``.item()``, ``nonzero`` or
 ``torch.equal``); grid sizes depend only on shapes and on the device's SM count (read once per
-device), and buffers come from ``torch.empty``, so both passes can be captured in a CUDA graph.
-Run one eager step first so that Triton compiles the kernels outside the capture.
+device), the alignment choice only on shapes, strides and data pointers, and buffers come from
+``torch.empty``, so both passes can be captured in a CUDA graph. Run one eager step first so
+that Triton compiles the kernels outside the capture.
 
 On CPU tensors the kernels run under Triton's interpreter (for tests), which has to be switched
 on with ``TRITON_INTERPRET=1`` before triton is first imported.
@@ -19,11 +26,13 @@ on with ``TRITON_INTERPRET=1`` before triton is first imported.
 Precision: accumulation is float32 whatever the input dtypes, float64 when the student is
 float64. ``alpha`` and ``temperature`` reach the kernels as float32 scalars (Triton's type for
 Python floats), so the float64 path is exact only for values float32 represents, such as the
-defaults and 2.5.
+defaults and 2.5; the float32 path multiplies by ``log2(e) / T`` computed in double precision
+on the host and rounded once.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -45,11 +54,21 @@ else:
         rkl_stats_kernel,
     )
 
-# Columns one program handles per loop step (stats) or in total (gradient). 4096 columns over
-# 8 warps is 16 per thread: wide, vectorised loads of all three inputs with registers to spare.
+# Launch rule (bench/kernel_report.py shows the compiled code behind it). A tile gives each
+# thread 16 bytes of every input per repeat (one vector load: 8 bf16 or 4 float32 columns) and
+# _TILE_REPEATS repeats; programs of _NUM_WARPS warps stream rows through such tiles. 2 warps
+# x 8 repeats (4096 bf16 columns a tile) keep 64 columns per thread and tensor in flight, which
+# spreads the per-tile rebasing and loop overhead thinly (under 20 SASS instructions per column
+# on sm_90) at about 170 registers, 6 programs per SM, and ~150 KB of loads in flight per SM.
 MAX_BLOCK_V = 4096
-# The stats grid aims for this many programs per SM before it splits rows over V.
+_NUM_WARPS = 2
+_TILE_REPEATS = 8
+_TILE_BYTES_PER_THREAD = 16
+# The stats grid aims for this many programs per SM before it splits rows over V; split rows
+# use smaller tiles (down to _MIN_SPLIT_BLOCK columns) so that short rows still fill the GPU.
 _PROGRAMS_PER_SM = 4
+_MIN_SPLIT_BLOCK = 256
+_LOG2E = 1.4426950408889634
 
 
 def check_triton_usable(device: torch.device) -> None:
@@ -85,17 +104,38 @@ def interpreter_enabled() -> bool:
     return isinstance(rkl_stats_kernel, InterpretedFunction)
 
 
-def launch_config(vocab: int, block_v: int | None = None) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` columns.
+@dataclass(frozen=True)
+class TileShape:
+    """One program's tile: ``tile_r`` repeats of ``threads`` threads holding ``tile_k``
+    contiguous columns each (``block`` columns in all), launched with ``num_warps`` warps."""
+    block: int
+    tile_r: int
+    threads: int
+    tile_k: int
+    num_warps: int
 
-    BLOCK_V is the next power of two of V capped at ``MAX_BLOCK_V`` unless given (tests force
-    small blocks to exercise the loops and tails); num_warps gives each thread 8 to 16 columns.
+    def constexprs(self) -> dict:
+        return dict(TILE_R=self.tile_r, THREADS=self.threads, TILE_K=self.tile_k)
+
+
+def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2) -> TileShape:
+    """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
+
+    The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
+    vector loads per thread, unless ``block_v`` is given (tests force small blocks to exercise
+    the loops and tails). Each thread holds 16 bytes of each input per repeat (8 bf16 or 4
+    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats fill the block.
     """
     if block_v is None:
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+        per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab),
+                      _TILE_REPEATS * 32 * _NUM_WARPS * per_thread)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
-    return block_v, max(1, min(8, block_v // 256))
+    tile_k = max(1, min(_TILE_BYTES_PER_THREAD // element_size, block_v // 32))
+    threads = max(1, min(32 * _NUM_WARPS, block_v // tile_k))
+    return TileShape(block=block_v, tile_r=block_v // (threads * tile_k), threads=threads,
+                     tile_k=tile_k, num_warps=max(1, threads // 32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,44 +143,181 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_stats_splits(rows: int, vocab: int, block_v: int, device: torch.device) -> int:
-    """How many V-splits per row the stats kernel uses: 1 when rows alone fill the GPU (and
-    always off CUDA), else enough to reach ``_PROGRAMS_PER_SM`` programs per SM, at most one
-    per BLOCK_V columns."""
+def device_sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (read once per device), None off CUDA."""
     if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_block(rows: int, vocab: int, block: int, sm_count: int | None) -> int:
+    """The block of both kernels: ``block`` when rows alone reach ``_PROGRAMS_PER_SM`` programs
+    per SM (and always off CUDA), else the largest power of two, at least ``_MIN_SPLIT_BLOCK``,
+    that cuts every row into enough blocks to get there."""
+    if sm_count is None:
+        return block
+    target = _PROGRAMS_PER_SM * sm_count
+    if rows >= target:
+        return block
+    per_row = triton.cdiv(target, rows)
+    while block > _MIN_SPLIT_BLOCK and triton.cdiv(vocab, block) < per_row:
+        block //= 2
+    return block
+
+
+def default_stats_splits(rows: int, vocab: int, block_v: int, sm_count: int | None) -> int:
+    """How many V-splits per row the stats kernel uses: 1 when rows alone fill the GPU (and
+    always off CUDA), else enough for ``_PROGRAMS_PER_SM`` programs per SM: whole blocks of
+    ``block_v`` columns per split, as many splits as that allows up to the target."""
+    if sm_count is None:
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    target_programs = _PROGRAMS_PER_SM * _sm_count(index)
+    target_programs = _PROGRAMS_PER_SM * sm_count
     if rows >= target_programs:
         return 1
-    return max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target_programs, rows)))
+    blocks = triton.cdiv(vocab, block_v)
+    per_split = max(1, blocks // triton.cdiv(target_programs, rows))
+    return triton.cdiv(blocks, per_split)
 
 
 def _check_inputs(student, original, strengthened, keep) -> None:
     for name, t in (("student", student), ("original", original), ("strengthened", strengthened)):
         if t is None:
             continue
-        if t.dim() != 2 or t.shape != student.shape:
+        if t.dim() != 2 or tuple(t.shape) != tuple(student.shape):
             raise ValueError(f"triton backend: {name} must be 2-D [rows, V] like the student "
                              f"{tuple(student.shape)}; got {tuple(t.shape)}")
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"triton backend: {name} must have unit stride along V; got "
                              f"strides {t.stride()}")
-    if keep is not None and (keep.dtype != torch.bool or keep.shape != student.shape[:1]):
+    if keep is not None and (keep.dtype != torch.bool
+                             or tuple(keep.shape) != tuple(student.shape[:1])):
         raise ValueError(f"triton backend: keep must be a bool mask of shape "
                          f"({student.shape[0]},); got {keep.dtype} {tuple(keep.shape)}")
 
 
-def _kernel_args(student, original, strengthened, keep, alpha, temperature, reverse, block_v):
-    """Tensor and flag arguments shared by both kernels. Absent optional tensors are replaced
-    by the student as a placeholder pointer that the kernel never reads (the flags say so)."""
-    acc = tl.float64 if accumulation_dtype(student.dtype) == torch.float64 else tl.float32
+def row_alignment(tensors, row_strides) -> int:
+    """``VEC``, the number of columns in 16 bytes, when every tensor has that element size, a
+    16-byte-aligned start, and a row stride equal to the others modulo VEC (then every row has
+    the same offset from a 16-byte boundary in all of them, and the kernels shift their tiles
+    onto it); else 1 (no shift; loads vectorise only as far as the JIT can prove alignment)."""
+    sizes = {t.element_size() for t in tensors}
+    if len(sizes) != 1:
+        return 1
+    vec = max(1, 16 // sizes.pop())
+    if any(t.data_ptr() % 16 for t in tensors) or len({s % vec for s in row_strides}) != 1:
+        return 1
+    return vec
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch: ``kernel[grid](*args, num_warps=num_warps, **constexprs)``. The
+    compile checks (``tests/test_kernels_compile.py``, ``bench/kernel_report.py``) compile
+    exactly these arguments for GPU targets without launching anything."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, num_warps=self.num_warps, **self.constexprs)
+
+
+def _common_args(student, original, strengthened, keep, reverse):
+    """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
+    the student as a placeholder pointer that the kernel never reads (the flags say so)."""
+    acc_dtype = accumulation_dtype(student.dtype)
+    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     flags = dict(HAS_STRENGTHENED=strengthened is not None, HAS_KEEP=keep is not None,
-                 REVERSE=bool(reverse), SCALE_BY_TEMPERATURE=float(temperature) != 1.0,
-                 BLOCK_V=block_v, ACC=acc)
+                 REVERSE=bool(reverse), ACC=acc)
+    inputs = [t for t in (student, original, strengthened) if t is not None]
     strengthened = strengthened if strengthened is not None else student
-    keep = keep.contiguous() if keep is not None else student
-    return strengthened, keep, flags
+    keep = keep if keep is not None else student
+    return strengthened, keep, flags, inputs, acc_dtype
+
+
+def plan_forward(student, original, strengthened, keep, alpha: float, temperature: float,
+                 reverse: bool, *, splits: int | None = None, block_v: int | None = None,
+                 sm_count: int | None = None, empty=None):
+    """Outputs and launches of the forward pass, without running anything.
+
+    ``empty(shape, dtype)`` allocates the outputs (default: ``torch.empty`` on the student's
+    device); ``sm_count`` (None off CUDA) decides the V-split. Returns
+    ``(loss, row_stats, launches)``.
+    """
+    if empty is None:
+        def empty(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=student.device)
+    rows, vocab = student.shape
+    strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
+        student, original, strengthened, keep, reverse)
+    loss = empty((rows,), acc_dtype)
+    stats = empty((STAT_COUNT, rows), acc_dtype)
+    if rows == 0:
+        return loss, stats, []
+    element_size = max(t.element_size() for t in inputs)
+    if block_v is None:
+        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
+                              sm_count)
+    tile = launch_config(vocab, block_v, element_size)
+    vec = row_alignment(inputs, [t.stride(0) for t in inputs])
+    # Tiles of the longest row (a row shifted by its alignment may need one more).
+    n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
+    if splits is None:
+        splits = default_stats_splits(rows, vocab, tile.block, sm_count)
+    elif splits < 1:
+        raise ValueError(f"splits must be >= 1; got {splits}")
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)   # no empty splits
+    partial = empty((PARTIAL_COUNT, rows, splits), acc_dtype) if splits > 1 else stats
+    launches = [KernelLaunch(
+        rkl_stats_kernel, (rows, splits),
+        (student, original, strengthened_arg, keep_arg, stats, loss, partial,
+         rows, vocab, tiles_per_split, partial.stride(0),
+         student.stride(0), original.stride(0), strengthened_arg.stride(0),
+         float(alpha), float(temperature), _LOG2E / float(temperature)),
+        dict(FINALIZE=splits == 1, VEC=vec, FLOOR=-torch.finfo(acc_dtype).max,
+             **tile.constexprs(), **flags), tile.num_warps)]
+    if splits > 1:
+        launches.append(KernelLaunch(
+            rkl_stats_combine_kernel, (rows,),
+            (partial, keep_arg, stats, loss, rows, splits, partial.stride(0)),
+            dict(HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
+                 SPLITS_BLOCK=triton.next_power_of_2(splits), ACC=flags["ACC"]), 1))
+    return loss, stats, launches
+
+
+def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, alpha: float,
+                  temperature: float, reverse: bool, *, block_v: int | None = None,
+                  sm_count: int | None = None, empty=None):
+    """The gradient tensor and the launch that fills it, without running anything (see
+    ``plan_forward``; with few rows the tiles shrink as the stats kernel's splits do).
+    Returns ``(grad, launches)``."""
+    if empty is None:
+        def empty(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=student.device)
+    rows, vocab = student.shape
+    grad = empty((rows, vocab), student.dtype)
+    if rows == 0:
+        return grad, []
+    strengthened_arg, keep_arg, flags, inputs, _ = _common_args(student, original, strengthened,
+                                                                keep, reverse)
+    element_size = max(t.element_size() for t in inputs)
+    if block_v is None:
+        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
+                              sm_count)
+    tile = launch_config(vocab, block_v, element_size)
+    # The gradient is contiguous: its row stride is V.
+    vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
+    launch = KernelLaunch(
+        rkl_grad_kernel, (rows, triton.cdiv(vocab + vec - 1, tile.block)),
+        (grad, student, original, strengthened_arg, keep_arg, row_stats, grad_rows,
+         rows, vocab,
+         student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
+         float(alpha), float(temperature), _LOG2E / float(temperature)),
+        dict(VEC=vec, **tile.constexprs(), **flags), tile.num_warps)
+    return grad, [launch]
 
 
 def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
@@ -153,41 +330,19 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
     Inputs are ``[rows, V]`` with unit stride along V (any row stride, any float dtype each);
     ``keep`` is a bool ``[rows]`` mask or None. Returns ``loss_rows`` (float32, float64 for a
     float64 student; exactly 0 at masked rows; never negative) and ``(row_stats,)``, a
-    ``[5, rows]`` tensor of student max and log-sum, teacher max and log-sum, and the loss.
+    ``[5, rows]`` tensor of student reference and log2-sum, teacher reference and log2-sum, and
+    the cross term ``a / l_w`` (in log2 units, see ``triton_kernels.rkl_stats``).
 
     ``splits`` forces the number of V-splits per row (default: ``default_stats_splits``) and
     ``block_v`` the block width; both exist so tests can reach every code path on CPU.
     """
     _check_inputs(student, original, strengthened, keep)
-    rows, vocab = student.shape
-    acc_dtype = accumulation_dtype(student.dtype)
-    loss = torch.empty(rows, dtype=acc_dtype, device=student.device)
-    stats = torch.empty((STAT_COUNT, rows), dtype=acc_dtype, device=student.device)
-    if rows == 0:
-        return loss, (stats,)
-    block_v, num_warps = launch_config(vocab, block_v)
-    if splits is None:
-        splits = default_stats_splits(rows, vocab, block_v, student.device)
-    elif splits < 1:
-        raise ValueError(f"splits must be >= 1; got {splits}")
-    # Whole blocks per split, so every split starts on a block boundary; no empty splits.
-    cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
-    splits = triton.cdiv(vocab, cols_per_split)
-    strengthened_arg, keep_arg, flags = _kernel_args(student, original, strengthened, keep,
-                                                     alpha, temperature, reverse, block_v)
-    partial = (torch.empty((PARTIAL_COUNT, rows, splits), dtype=acc_dtype, device=student.device)
-               if splits > 1 else stats)   # placeholder when unused
-    rkl_stats_kernel[(rows, splits)](
-        student, original, strengthened_arg, keep_arg, stats, loss, partial,
-        rows, vocab, cols_per_split, partial.stride(0),
-        student.stride(0), original.stride(0), strengthened_arg.stride(0),
-        float(alpha), float(temperature),
-        FINALIZE=splits == 1, num_warps=num_warps, **flags)
-    if splits > 1:
-        rkl_stats_combine_kernel[(rows,)](
-            partial, keep_arg, stats, loss, rows, splits, partial.stride(0),
-            HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
-            SPLITS_BLOCK=triton.next_power_of_2(splits), num_warps=1)
+    keep = keep.contiguous() if keep is not None else None
+    loss, stats, launches = plan_forward(student, original, strengthened, keep, alpha,
+                                         temperature, reverse, splits=splits, block_v=block_v,
+                                         sm_count=device_sm_count(student.device))
+    for launch in launches:
+        launch()
     # KL >= 0: a row whose rounded sum fell below 0 (a KL of 1e-10 at temperature 0.05 can) is
     # reported as 0, which is also nearer the exact value; clamp_min keeps NaN.
     loss.clamp_min_(0.0)
@@ -202,18 +357,11 @@ def triton_rkl_backward(student: torch.Tensor, original: torch.Tensor,
     dtype and shape, zero at masked rows. ``stats`` is what ``triton_rkl_forward`` returned;
     ``grad_rows`` may have any stride (autograd hands over expanded scalars)."""
     _check_inputs(student, original, strengthened, keep)
+    keep = keep.contiguous() if keep is not None else None
     (row_stats,) = stats
-    rows, vocab = student.shape
-    grad = torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
-    if rows == 0:
-        return grad
-    block_v, num_warps = launch_config(vocab, block_v)
-    strengthened_arg, keep_arg, flags = _kernel_args(student, original, strengthened, keep,
-                                                     alpha, temperature, reverse, block_v)
-    rkl_grad_kernel[(rows, triton.cdiv(vocab, block_v))](
-        grad, student, original, strengthened_arg, keep_arg, row_stats, grad_rows,
-        rows, vocab,
-        student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
-        float(alpha), float(temperature),
-        num_warps=num_warps, **flags)
+    grad, launches = plan_backward(student, original, strengthened, keep, row_stats, grad_rows,
+                                   alpha, temperature, reverse, block_v=block_v,
+                                   sm_count=device_sm_count(student.device))
+    for launch in launches:
+        launch()
     return grad

@@ -1,26 +1,56 @@
-"""Backward phase: dL/ds for one block of one row, recomputed from the logits and row statistics.
+"""Backward phase: dL/ds for one tile of one row, recomputed from the logits and row statistics.
 
-With log p = (s~ - m_s) - log l_s and log q = (z~ - m_z) - log l_z (statistics from
-``rkl_stats_kernel``):
+In log2 units (``x' = x * log2(e) / T``, statistics from ``rkl_stats_kernel``), with
+``x_s = s' - m_s`` and ``x_z = z' - m_z`` (one fused multiply-add each, so large logits keep
+their digits), ``log2 p = x_s - log2 l_s`` and ``log2 q = x_z - log2 l_z``:
 
-    reverse:  dL/ds_v = p_v ((log p_v - log q_v) - L) / T      (0 where p_v = 0)
+    reverse:  dL/ds_v = p_v ((ln p_v - ln q_v) - L) / T
+                      = p_v * ln 2 * ((x_s - x_z) - E_p[x_s - x_z]) / T
     forward:  dL/ds_v = (p_v - q_v) / T
 
-which is DESIGN.md's p (d - E_p[d]) / T written with the maxima taken out, so large logits
-lose no digits. The upstream per-row gradient multiplies the result; masked rows get zeros
+which is DESIGN.md's p (d - E_p[d]) / T with the maxima taken out (0 where p_v = 0);
+``E_p[x_s - x_z]`` is the statistics' ``a / l_w``. The
+upstream per-row gradient, ln 2 and 1/T fold into one per-row factor; masked rows get zeros
 without loading their logits.
 """
 import triton
 import triton.language as tl
 
-from .logits import load_tempered_logits
+from .logits import load_tile, row_geometry, teacher_logits, tile_offsets, to_acc
 from .rkl_stats import (
+    LN2,
+    STAT_CROSS,
     STAT_LOG_SUM_STUDENT,
     STAT_LOG_SUM_TEACHER,
-    STAT_LOSS,
     STAT_MAX_STUDENT,
     STAT_MAX_TEACHER,
+    log2_scale,
 )
+
+
+@triton.jit
+def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, lead, vocab,
+              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+              HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr, MASKED: tl.constexpr,
+              ACC: tl.constexpr):
+    """Write one tile of the gradient (``shift`` and ``factor`` are the per-row constants)."""
+    s = to_acc(load_tile(student_row, offsets, lead, vocab, MASKED), ACC)
+    z = to_acc(load_tile(original_row, offsets, lead, vocab, MASKED), ACC)
+    if HAS_STRENGTHENED:
+        g = to_acc(load_tile(strengthened_row, offsets, lead, vocab, MASKED), ACC)
+        z = teacher_logits(z, g, alpha)
+    x_s = s * scale - m_s
+    x_z = z * scale - m_z
+    p = tl.exp2(x_s - log_l_s)
+    if REVERSE:
+        grad = tl.where(p == 0, 0.0, p * ((x_s - x_z) - shift)) * factor
+    else:
+        grad = (p - tl.exp2(x_z - log_l_z)) * factor
+    grad = grad.to(grad_row.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_row + offsets, grad, mask=(offsets >= lead) & (offsets < vocab + lead))
+    else:
+        tl.store(grad_row + offsets, grad)
 
 
 @triton.jit
@@ -28,40 +58,59 @@ def rkl_grad_kernel(
     grad_ptr, student_ptr, original_ptr, strengthened_ptr, keep_ptr, stats_ptr, grad_rows_ptr,
     rows, vocab,
     stride_student, stride_original, stride_strengthened, stride_grad_rows,
-    alpha, temperature,
+    alpha, temperature, scale_f32,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
-    SCALE_BY_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """Grid ``(rows, cdiv(V, BLOCK_V))``: program (r, b) writes ``grad[r, b*BLOCK_V : (b+1)*BLOCK_V]``
-    of the contiguous ``[rows, V]`` gradient, in the gradient's dtype."""
+    """Grid ``(rows, tiles)``: program (r, b) writes tile b of row r of the contiguous
+    ``[rows, V]`` gradient, in the gradient's dtype (tiles as in ``logits.row_geometry``; the
+    gradient shares the inputs' row alignment modulo ``VEC``, the launcher checks)."""
+    BLOCK: tl.constexpr = TILE_R * THREADS * TILE_K
     row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    tile = tl.program_id(1)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + row) != 0
     else:
         kept = True
-    cols = tl.max_contiguous(tl.multiple_of(block * BLOCK_V + tl.arange(0, BLOCK_V), BLOCK_V),
-                             BLOCK_V)
-    # A masked row loads nothing: its column limit is 0.
-    load_limit = tl.where(kept, vocab, 0)
-    s, z = load_tempered_logits(student_ptr + row * stride_student,
-                                original_ptr + row * stride_original,
-                                strengthened_ptr + row * stride_strengthened,
-                                cols, cols < load_limit, alpha, temperature, HAS_STRENGTHENED,
-                                SCALE_BY_TEMPERATURE, ACC)
-    log_p = (s - tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)) \
-        - tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
-    log_q = (z - tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)) \
-        - tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
-    p = tl.exp(log_p)
-    if REVERSE:
-        loss = tl.load(stats_ptr + STAT_LOSS * rows + row)
-        grad = tl.where(p == 0, 0.0, p * ((log_p - log_q) - loss))
-    else:
-        grad = p - tl.exp(log_q)
-    scale = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC)
-    if SCALE_BY_TEMPERATURE:
-        scale = scale / temperature
-    grad = tl.where(kept, grad * scale, 0.0)
-    tl.store(grad_ptr + row * vocab + cols, grad.to(grad_ptr.dtype.element_ty),
-             mask=cols < vocab)
+    grad_offset, lead, full_lo, full_hi, n_tiles = row_geometry(row, vocab, vocab, VEC, BLOCK)
+    step = tile * BLOCK
+    grad_row = grad_ptr + grad_offset + step
+    offsets = tile_offsets(TILE_R, THREADS, TILE_K)
+    tile_lead = lead - tile * BLOCK
+    if tile < n_tiles:
+        if kept:
+            student_row = student_ptr + tl.multiple_of(row * stride_student - lead, VEC) + step
+            original_row = original_ptr + tl.multiple_of(row * stride_original - lead, VEC) + step
+            strengthened_row = (strengthened_ptr
+                                + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
+            scale = log2_scale(temperature, scale_f32, ACC)
+            m_s = tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)
+            log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
+            m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
+            log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
+            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature
+            if REVERSE:
+                shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
+                factor = factor * tl.full([], LN2, ACC)
+            else:
+                shift = 0.0
+            if (tile >= full_lo) & (tile < full_hi):
+                grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
+                          tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift,
+                          factor, HAS_STRENGTHENED, REVERSE, False, ACC)
+            else:
+                # A partial tile loads masked (scalar) columns: one repeat at a time keeps its
+                # registers to a repeat's worth.
+                sub_offsets = tile_offsets(1, THREADS, TILE_K)
+                for sub in range(0, TILE_R):
+                    sub_step = sub * (THREADS * TILE_K)
+                    grad_tile(grad_row + sub_step, student_row + sub_step,
+                              original_row + sub_step, strengthened_row + sub_step,
+                              sub_offsets, tile_lead - sub_step, vocab, alpha, scale, m_s,
+                              log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE,
+                              True, ACC)
+        else:
+            zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
+            tl.store(grad_row + offsets, zeros,
+                     mask=(offsets >= tile_lead) & (offsets < vocab + tile_lead))

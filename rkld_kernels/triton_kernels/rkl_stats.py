@@ -1,63 +1,140 @@
 """Forward phase: per-row statistics of the KL divergence in one streaming pass over V.
 
-Name the distribution that weights the sum ``w`` and the other one ``u``: ``w = s~, u = z~``
-for reverse KL(p || q), ``w = z~, u = s~`` for forward KL(q || p) (s~ = s/T, z~ = z/T).
-A pass keeps, per row, the running maxima ``m_w, m_u``, the sums ``l_w = sum exp(w - m_w)``,
-``l_u = sum exp(u - m_u)`` and the cross term
+Name the distribution that weights the sum ``w`` and the other one ``u``: ``w = s, u = z`` for
+reverse KL(p || q), ``w = z, u = s`` for forward KL(q || p). The kernels work in log2 units:
+``x' = x * log2(e) / T``, so that every exponential is one ``exp2`` and the temperature costs
+no division. Each thread keeps its own running state over the columns it streams (see
+``logits.py`` for the tiles): reference points ``m_w, m_u`` (running maxima of ``w', u'``),
+the sums ``l_w = sum 2^(w' - m_w)``, ``l_u = sum 2^(u' - m_u)`` and the cross term
 
-    a = sum_v exp(w_v - m_w) * ((w_v - m_w) - (u_v - m_u)),
+    a = sum_v 2^(w'_v - m_w) * ((w'_v - m_w) - (u'_v - m_u)),
 
-so that KL = a / l_w - log l_w + log l_u. This is DESIGN.md's ``E[d] - lse_w + lse_u`` with the
-maxima taken out of every term before summing: logits of size 1e4 then lose no digits to the
-cancellation between ``E[d]`` and the log-sum-exps. When a maximum grows, the partial sums are
-rebased onto it (see ``rebase``); the same rebasing merges partial sums of V-splits.
+so that KL = ln 2 * (a / l_w - log2 l_w + log2 l_u). This is DESIGN.md's
+``E[d] - lse_w + lse_u`` with the maxima taken out of every term before summing: logits of size
+1e4 then lose no digits to the cancellation between ``E[d]`` and the log-sum-exps. A thread
+takes the maximum of its own columns of a tile (no cross-thread step), rebases its sums when
+a maximum grows (see ``rebase``), and only the end of the pass reduces across threads, with the
+same rebasing; V-split partial sums merge the same way.
 
-Entries with ``w = -inf`` (zero weight) contribute exactly 0 (never 0 * inf); NaN anywhere in a
-row reaches ``l_w`` or ``l_u`` and so the loss.
+The product ``x * log2(e) / T`` is never rounded on its own: ``w' - m_w`` is one fused
+multiply-add of the logit, the scale and the (rounded) reference point, so a logit of 1e4 keeps
+its digits. Entries with ``w = -inf`` (zero weight) contribute exactly 0 (never 0 * inf); a
+thread that has seen only ``-inf`` uses 0 as its reference (a guard on its scalar maximum, not
+on every element); NaN anywhere in a row reaches ``l_w`` or ``l_u`` and so the loss.
 """
 import triton
 import triton.language as tl
 
-from .logits import load_tempered_logits
+from .logits import (
+    _max_keep_nan,
+    as_thread_tile,
+    load_tile,
+    nan_max,
+    row_geometry,
+    teacher_logits,
+    tile_offsets,
+    to_acc,
+)
 
 # Row-statistics layout, shared with the gradient kernel: a [STAT_COUNT, rows] tensor with
-# these planes, all in the accumulation dtype (0 at masked rows). Kernels may only read globals
-# that are tl.constexpr.
-STAT_MAX_STUDENT = tl.constexpr(0)
-STAT_LOG_SUM_STUDENT = tl.constexpr(1)
+# these planes, all in the accumulation dtype and in log2 units (0 at masked rows). Kernels
+# may only read globals that are tl.constexpr.
+STAT_MAX_STUDENT = tl.constexpr(0)       # m_s: reference point of s * log2(e) / T
+STAT_LOG_SUM_STUDENT = tl.constexpr(1)   # log2 of sum 2^(s' - m_s)
 STAT_MAX_TEACHER = tl.constexpr(2)
 STAT_LOG_SUM_TEACHER = tl.constexpr(3)
-STAT_LOSS = tl.constexpr(4)
+STAT_CROSS = tl.constexpr(4)             # a / l_w: E_w[(w' - m_w) - (u' - m_u)]
 STAT_COUNT = 5
 # Partial sums of one V-split: a [PARTIAL_COUNT, rows, splits] tensor, planes m_w, l_w, m_u, l_u, a.
 PARTIAL_COUNT = 5
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def rebase(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u):
-    """Express sums taken relative to maxima ``(m_w, m_u)`` relative to ``(new_m_w, new_m_u)``,
-    which are at least as large. Returns the rebased ``(l_w, l_u, a)``.
+    """Express sums taken relative to reference points ``(m_w, m_u)`` relative to
+    ``(new_m_w, new_m_u)``, which are at least as large. Returns the rebased ``(l_w, l_u, a)``.
 
-    Every term of ``a`` holds ``-(m_w) + (m_u)``, so moving to the new maxima subtracts
-    ``l_w * (increase of m_w - increase of m_u)`` before the common ``exp(-increase of m_w)``
-    scale. A sum with nothing in it (``l_w == 0``) needs no shift, even if a maximum was -inf.
+    Every term of ``a`` holds ``-(m_w) + (m_u)``, so moving to the new references subtracts
+    ``l_w * (increase of m_w - increase of m_u)`` before the common ``2^-(increase of m_w)``
+    scale. A reference still at -inf has only zero terms (or, for ``u``, terms that made ``a``
+    infinite), so it moves for free.
     """
-    # How much each maximum grew, 0 when both are -inf (nothing seen yet).
-    grow_w = tl.where(new_m_w == m_w, 0.0, new_m_w - m_w)
-    grow_u = tl.where(new_m_u == m_u, 0.0, new_m_u - m_u)
-    scale_w = tl.exp(-grow_w)
-    shift = tl.where(l_w == 0, 0.0, l_w * (grow_w - grow_u))
-    return l_w * scale_w, l_u * tl.exp(-grow_u), (a - shift) * scale_w
+    grow_w = tl.where(m_w == float("-inf"), 0.0, new_m_w - m_w)
+    grow_u = tl.where(m_u == float("-inf"), 0.0, new_m_u - m_u)
+    scale_w = tl.exp2(-grow_w)
+    return l_w * scale_w, l_u * tl.exp2(-grow_u), (a - l_w * (grow_w - grow_u)) * scale_w
+
+
+@triton.jit
+def rebase_finite(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u):
+    """``rebase`` for finite reference points (a thread's running state starts at the lowest
+    finite value, not at -inf): no guard is needed, as an increase from that start is itself
+    finite and multiplies empty sums."""
+    grow_w = new_m_w - m_w
+    grow_u = new_m_u - m_u
+    scale_w = tl.exp2(-grow_w)
+    return l_w * scale_w, l_u * tl.exp2(-grow_u), (a - l_w * (grow_w - grow_u)) * scale_w
+
+
+@triton.jit
+def accumulate_tile(m_w, l_w, m_u, l_u, a, g_max, student_row, original_row,
+                    strengthened_row, offsets, lead, vocab, alpha, scale,
+                    HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
+                    MASKED: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
+                    TILE_K: tl.constexpr, ACC: tl.constexpr):
+    """Fold one tile into the per-thread state (``[THREADS]`` tensors); ``g_max`` is the
+    NaN-keeping running maximum of the strengthened logits (see ``logits.teacher_logits``)."""
+    student = as_thread_tile(load_tile(student_row, offsets, lead, vocab, MASKED),
+                             TILE_R, THREADS, TILE_K)
+    original = as_thread_tile(load_tile(original_row, offsets, lead, vocab, MASKED),
+                              TILE_R, THREADS, TILE_K)
+    s = to_acc(student, ACC)
+    z = to_acc(original, ACC)
+    if HAS_STRENGTHENED:
+        strengthened = as_thread_tile(load_tile(strengthened_row, offsets, lead, vocab, MASKED),
+                                      TILE_R, THREADS, TILE_K)
+        g_max = _max_keep_nan(g_max, nan_max(strengthened).to(ACC))
+        z = teacher_logits(z, to_acc(strengthened, ACC), alpha)
+        teacher = z
+    else:
+        teacher = original
+    # Thread-local maxima (the tile's dims 0 and 2 live in one thread), in log2 units. Inputs
+    # used as they are take their maximum in their own dtype: exact, and for 16-bit types two
+    # (or three) columns per instruction.
+    max_s = tl.max(tl.max(s, axis=2), axis=0) * scale
+    max_z = tl.max(tl.max(teacher, axis=2), axis=0).to(ACC) * scale
+    if REVERSE:
+        w, u, max_w, max_u = s, z, max_s, max_z
+    else:
+        w, u, max_w, max_u = z, s, max_z, max_s
+    new_m_w = tl.maximum(m_w, max_w)
+    new_m_u = tl.maximum(m_u, max_u)
+    l_w, l_u, a = rebase_finite(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u)
+    # The references are finite, so -inf entries give exp2(-inf) = 0 with no guard.
+    w_rel = w * scale - new_m_w[None, :, None]
+    u_rel = u * scale - new_m_u[None, :, None]
+    e_w = tl.exp2(w_rel)
+    # Zero weight contributes 0 even where the difference is infinite or NaN.
+    d = tl.where(e_w == 0, 0.0, w_rel - u_rel)
+    l_w += tl.sum(tl.sum(e_w, axis=2), axis=0)
+    l_u += tl.sum(tl.sum(tl.exp2(u_rel), axis=2), axis=0)
+    a += tl.sum(tl.sum(e_w * d, axis=2), axis=0)
+    return new_m_w, l_w, new_m_u, l_u, a, g_max
 
 
 @triton.jit
 def store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a,
-                    REVERSE: tl.constexpr):
-    """Finish a row: KL = a / l_w - log l_w + log l_u; write it and the statistics the gradient
-    needs (student and teacher max and log-sum), or zeros for a masked row."""
-    log_l_w = tl.log(l_w)
-    log_l_u = tl.log(l_u)
-    loss = a / l_w - log_l_w + log_l_u
+                    REVERSE: tl.constexpr, ACC: tl.constexpr):
+    """Finish a row: KL = ln 2 * (a / l_w - log2 l_w + log2 l_u); write it and the statistics
+    the gradient needs (student and teacher reference and log2-sum, and ``a / l_w``, the
+    reverse gradient's shift without a cancellation), or zeros for a masked row."""
+    log_l_w = tl.log2(l_w)
+    log_l_u = tl.log2(l_u)
+    cross = a / l_w
+    loss = (cross - log_l_w + log_l_u) * tl.full([], LN2, ACC)
     if REVERSE:
         m_s, log_l_s, m_z, log_l_z = m_w, log_l_w, m_u, log_l_u
     else:
@@ -67,74 +144,104 @@ def store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a,
     tl.store(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row, tl.where(kept, log_l_s, 0.0))
     tl.store(stats_ptr + STAT_MAX_TEACHER * rows + row, tl.where(kept, m_z, 0.0))
     tl.store(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row, tl.where(kept, log_l_z, 0.0))
-    tl.store(stats_ptr + STAT_LOSS * rows + row, tl.where(kept, loss, 0.0))
+    tl.store(stats_ptr + STAT_CROSS * rows + row, tl.where(kept, cross, 0.0))
+
+
+@triton.jit
+def log2_scale(temperature, scale_f32, ACC: tl.constexpr):
+    """``log2(e) / T`` in the accumulation dtype, never divided per element: the host's
+    correctly rounded float32 value, or one float64 division per program for float64."""
+    if ACC == tl.float64:
+        return tl.full([], LOG2E, ACC) / temperature
+    else:
+        return scale_f32
 
 
 @triton.jit
 def rkl_stats_kernel(
     student_ptr, original_ptr, strengthened_ptr, keep_ptr,
     stats_ptr, loss_ptr, partial_ptr,
-    rows, vocab, cols_per_split, partial_plane_stride,
+    rows, vocab, tiles_per_split, partial_plane_stride,
     stride_student, stride_original, stride_strengthened,
-    alpha, temperature,
+    alpha, temperature, scale_f32,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
-    SCALE_BY_TEMPERATURE: tl.constexpr, FINALIZE: tl.constexpr,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    FINALIZE: tl.constexpr, VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
+    TILE_K: tl.constexpr, FLOOR: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Grid ``(rows, splits)``: program (r, k) streams columns
-    ``[k * cols_per_split, (k + 1) * cols_per_split)`` of row r, BLOCK_V at a time.
+    """Grid ``(rows, splits)``: program (r, k) streams tiles ``[k * tiles_per_split,
+    (k + 1) * tiles_per_split)`` of row r (see ``logits.row_geometry``); full tiles load
+    without masks, the partial first and last tiles of a row with them.
 
     With one split (``FINALIZE``) it writes the row's loss and statistics; otherwise it writes
-    its partial sums for ``rkl_stats_combine_kernel``. A masked row runs no loop iteration and
-    loads nothing.
+    its partial sums for ``rkl_stats_combine_kernel``. A masked row runs no tile and loads
+    nothing. ``THREADS`` must be ``32 * num_warps``; all tensors must share the row alignment
+    modulo ``VEC`` (the launcher checks).
     """
+    BLOCK: tl.constexpr = TILE_R * THREADS * TILE_K
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + row) != 0
     else:
         kept = True
-    col_begin = split * cols_per_split
-    col_end = tl.minimum(vocab, col_begin + cols_per_split)
-    col_end = tl.where(kept, col_end, col_begin)
+    student_offset, lead, full_lo, full_hi, n_tiles = row_geometry(row, vocab, stride_student,
+                                                                   VEC, BLOCK)
+    student_row = student_ptr + student_offset
+    original_row = original_ptr + tl.multiple_of(row * stride_original - lead, VEC)
+    strengthened_row = strengthened_ptr + tl.multiple_of(row * stride_strengthened - lead, VEC)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(n_tiles, tile_begin + tiles_per_split)
+    tile_end = tl.where(kept, tile_end, tile_begin)
+    offsets = tile_offsets(TILE_R, THREADS, TILE_K)
+    scale = log2_scale(temperature, scale_f32, ACC)
 
-    student_row = student_ptr + row * stride_student
-    original_row = original_ptr + row * stride_original
-    strengthened_row = strengthened_ptr + row * stride_strengthened
-    m_w = tl.full([], float("-inf"), ACC)
-    m_u = tl.full([], float("-inf"), ACC)
-    l_w = tl.zeros([], ACC)
-    l_u = tl.zeros([], ACC)
-    a = tl.zeros([], ACC)
-    for start in range(col_begin, col_end, BLOCK_V):
-        # start is a multiple of BLOCK_V (cols_per_split is), which lets loads vectorise.
-        cols = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK_V), BLOCK_V), BLOCK_V)
-        s, z = load_tempered_logits(student_row, original_row, strengthened_row, cols,
-                                    cols < col_end, alpha, temperature, HAS_STRENGTHENED,
-                                    SCALE_BY_TEMPERATURE, ACC)
-        if REVERSE:
-            w, u = s, z
-        else:
-            w, u = z, s
-        new_m_w = tl.maximum(m_w, tl.max(w, axis=0))
-        new_m_u = tl.maximum(m_u, tl.max(u, axis=0))
-        l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u)
-        m_w, m_u = new_m_w, new_m_u
-        # Offsets from the maxima; -inf entries stay -inf even while a maximum is still -inf.
-        w_rel = tl.where(w == float("-inf"), float("-inf"), w - m_w)
-        u_rel = tl.where(u == float("-inf"), float("-inf"), u - m_u)
-        e_w = tl.exp(w_rel)
-        l_w += tl.sum(e_w, axis=0)
-        l_u += tl.sum(tl.exp(u_rel), axis=0)
-        a += tl.sum(tl.where(e_w == 0, 0.0, e_w * (w_rel - u_rel)), axis=0)
+    # Running references start at the lowest finite value (see rebase_finite).
+    m_w = tl.full([THREADS], FLOOR, ACC)
+    m_u = tl.full([THREADS], FLOOR, ACC)
+    l_w = tl.zeros([THREADS], ACC)
+    l_u = tl.zeros([THREADS], ACC)
+    a = tl.zeros([THREADS], ACC)
+    g_max = tl.full([THREADS], float("-inf"), ACC)
+    # Full tiles: no masks, aligned vector loads.
+    for tile in range(tl.maximum(tile_begin, full_lo), tl.minimum(tile_end, full_hi)):
+        step = tile * BLOCK
+        m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
+            m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
+            strengthened_row + step, offsets, lead, vocab, alpha, scale, HAS_STRENGTHENED,
+            REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
+    # The partial tiles, masked: the first (the row starts inside it) and the last (the row
+    # ends inside it), each when this split holds it, and the last only if it is not the first.
+    # Masked loads are scalar, so these go one repeat (THREADS * TILE_K columns) at a time,
+    # which keeps their registers (and code) to a repeat's worth.
+    has_head = (tile_begin == 0) & (full_lo > 0) & (tile_begin < tile_end)
+    has_tail = (full_hi >= tile_begin) & (full_hi < tile_end) & ((full_hi > 0) | (full_lo == 0))
+    sub_offsets = tile_offsets(1, THREADS, TILE_K)
+    for i in range(0, (has_head.to(tl.int32) + has_tail.to(tl.int32)) * TILE_R):
+        tile = tl.where((i < TILE_R) & has_head, 0, full_hi)
+        step = tile * BLOCK + (i % TILE_R) * (THREADS * TILE_K)
+        m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
+            m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
+            strengthened_row + step, sub_offsets, lead - step, vocab, alpha, scale,
+            HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC)
 
+    # A NaN among the strengthened logits makes the row NaN, as it does in the reference.
+    if HAS_STRENGTHENED:
+        l_w = tl.where(g_max != g_max, g_max, l_w)
+    # The one cross-thread step: rebase every thread's sums onto the program's maxima.
+    top_w = tl.max(m_w, axis=0)
+    top_u = tl.max(m_u, axis=0)
+    l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, top_w, top_u)
+    l_w = tl.sum(l_w, axis=0)
+    l_u = tl.sum(l_u, axis=0)
+    a = tl.sum(a, axis=0)
     if FINALIZE:
-        store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a, REVERSE)
+        store_row_stats(stats_ptr, loss_ptr, row, rows, kept, top_w, l_w, top_u, l_u, a,
+                        REVERSE, ACC)
     else:
         out = partial_ptr + row * tl.num_programs(1) + split
-        tl.store(out, m_w)
+        tl.store(out, top_w)
         tl.store(out + partial_plane_stride, l_w)
-        tl.store(out + 2 * partial_plane_stride, m_u)
+        tl.store(out + 2 * partial_plane_stride, top_u)
         tl.store(out + 3 * partial_plane_stride, l_u)
         tl.store(out + 4 * partial_plane_stride, a)
 
@@ -143,6 +250,7 @@ def rkl_stats_kernel(
 def rkl_stats_combine_kernel(
     partial_ptr, keep_ptr, stats_ptr, loss_ptr, rows, splits, partial_plane_stride,
     HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Grid ``(rows,)``: merge a row's per-split partial sums (rebased onto the row maxima) and
     finish the row as ``rkl_stats_kernel`` does with a single split."""
@@ -163,4 +271,4 @@ def rkl_stats_combine_kernel(
     row_m_u = tl.max(m_u, axis=0)
     l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, row_m_w, row_m_u)
     store_row_stats(stats_ptr, loss_ptr, row, rows, kept, row_m_w, tl.sum(l_w, axis=0),
-                    row_m_u, tl.sum(l_u, axis=0), tl.sum(a, axis=0), REVERSE)
+                    row_m_u, tl.sum(l_u, axis=0), tl.sum(a, axis=0), REVERSE, ACC)
