@@ -94,6 +94,13 @@ def build_tiny_model(texts, out_dir=None, seed: int = 0, vocab_size: int = 1024,
     return model, tokenizer
 
 
+def remote_code_refused(what) -> ValueError:
+    """The error for a model whose config needs code shipped with it (``auto_map``)."""
+    return ValueError(f"{what}: the model needs its own code (config auto_map) to load, and rkld "
+                      f"never runs code shipped with a model; use a model whose architecture "
+                      f"transformers implements")
+
+
 def load_model(path_or_name, dtype=None):
     """Load ``(model, tokenizer)`` from a local folder or a hub name (hub needs network).
 
@@ -118,9 +125,7 @@ def load_model(path_or_name, dtype=None):
     except ValueError as err:
         if "custom code" not in str(err):
             raise
-        raise ValueError(f"{source}: the model needs its own code (config auto_map) to load, and "
-                         f"rkld never runs code shipped with a model; use a model whose "
-                         f"architecture transformers implements") from None
+        raise remote_code_refused(source) from None
     except OSError as err:
         where = "the local folder" if local.exists() else \
             "the hub (no such local folder; the hub needs network access)"

@@ -36,6 +36,7 @@ from .storage import (
     atomic_torch_save,
     atomic_write_json,
     check_separate,
+    fsync_path,
     load_torch,
     read_json,
     sha256_file,
@@ -351,16 +352,7 @@ def save_checkpoint(out: Path, strategy, model, optimizer, step: int,
 def _fsync_tree(folder: Path) -> None:
     """fsync the files a strategy wrote (DeepSpeed and torch.distributed.checkpoint do not)."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def callbacks_done(out: Path, info: DistInfo) -> None:

@@ -39,10 +39,12 @@ class CorruptFileError(ValueError):
     """A file exists but does not hold what it should (truncated, corrupt, or altered)."""
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder, where the filesystem allows it (some do not open folders; a
+    rename is atomic all the same)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:     # some filesystems do not open folders; the rename is still atomic
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -83,7 +85,7 @@ def _atomic_write(path: Path, write) -> None:
         except OSError:
             pass
         raise write_error(path, err) from err
-    _fsync_folder(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -60,6 +60,7 @@ from .models import (
     check_same_vocabulary,
     final_hidden,
     model_fingerprint,
+    remote_code_refused,
     supervised_positions,
 )
 from .parallel import (
@@ -393,9 +394,7 @@ def _precheck_model(path: str, what: str):
     except ValueError as err:
         if "custom code" not in str(err):
             raise
-        raise ValueError(f"{what} {path}: its config needs the model's own code (auto_map), "
-                         f"and rkld never runs code shipped with a model; use a model whose "
-                         f"architecture transformers implements") from None
+        raise remote_code_refused(f"{what} {path}") from None
     check_config_logits(config, f"{what} ({path})")
     return config
 
