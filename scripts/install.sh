@@ -15,7 +15,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "[install] no torch found: installing the CPU build torch==${PINNED_TORCH%%+*}"
     "$PY" -m pip install --quiet "torch==${PINNED_TORCH%%+*}" -c "$CONSTRAINTS"
 fi
-INSTALLED_TORCH=$("$PY" -c "import torch; print(torch.__version__)")
+INSTALLED_TORCH=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null)
 if [ "$INSTALLED_TORCH" != "$PINNED_TORCH" ]; then
     echo "[install] keeping the installed torch $INSTALLED_TORCH (the test pins are for" \
          "$PINNED_TORCH): torch, triton and nvidia-* are not pinned"
