@@ -342,8 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(map(str, machine_code.TARGETS)),
                         help="compute capabilities to compile for (default: 80,90,100; "
                              "'device': the CUDA device's)")
-    parser.add_argument("--cache", default=str(ROOT / ".pytest_cache" / "d" / "rkld-kernel-code"
-                                               / "reports"),
+    parser.add_argument("--cache", default=str(machine_code.default_cache_folder() / "reports"),
                         help="folder of cached results (shared with the compile tests)")
     parser.add_argument("--bench-only", action="store_true",
                         help="only the benchmark shapes (and Liger), not every case")

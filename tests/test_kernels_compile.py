@@ -9,9 +9,11 @@ the interpreter off, and its SASS is read: no spills or local memory, 128-bit gl
 the streaming code, no barrier or shuffle inside the statistics kernel's streaming loop, and
 the instruction budget on sm_90.
 
-Compilations and their analysis are cached in pytest's cache folder (``.pytest_cache``), keyed
-by the kernels' source, the specialisation, the target, Triton's version and the analysis
-code, so a second run compiles nothing.
+Compilations and their analysis are cached, keyed by the kernels' source, the specialisation,
+the target, Triton's version and the analysis code, so a second run compiles nothing, also from
+another checkout: in ``RKLD_KERNEL_CODE_CACHE`` when set, else in the user's cache folder
+(``$XDG_CACHE_HOME`` or ``~/.cache``, then ``rkld/kernel-code``), else (not writable) in pytest's
+cache folder. A first run on a new machine compiles about 50 kernels (minutes on 2 cores).
 """
 import json
 import os
@@ -34,9 +36,21 @@ STREAMING_KERNELS = ("rkl_stats_kernel", "rkl_grad_kernel")
 SM90_BUDGET = {"rkl_stats_kernel": 20.0, "rkl_grad_kernel": 20.0}
 
 
+def cache_folder(request) -> Path:
+    folder = machine_code.default_cache_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".writable-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return folder
+    except OSError:
+        return Path(request.config.cache.mkdir("rkld-kernel-code"))
+
+
 @pytest.fixture(scope="module")
 def reports(request):
-    cache = Path(request.config.cache.mkdir("rkld-kernel-code"))
+    cache = cache_folder(request)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(cache / "triton")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

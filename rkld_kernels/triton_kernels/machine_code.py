@@ -396,6 +396,16 @@ def _cache_key(launch, arch: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def default_cache_folder() -> Path:
+    """Where compiled-code reports persist across runs and checkouts: ``RKLD_KERNEL_CODE_CACHE``
+    when set, else ``rkld/kernel-code`` in the user's cache folder (``$XDG_CACHE_HOME`` or
+    ``~/.cache``). Holds ``reports/`` (this module's JSON) and ``triton/`` (Triton's cache)."""
+    configured = os.environ.get("RKLD_KERNEL_CODE_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rkld" / "kernel-code"
+
+
 def report(launch, arch: int, cache_dir: str | os.PathLike | None = None) -> CodeReport:
     """``analyse(compile_launch(launch, arch), arch)``, kept as JSON in ``cache_dir`` (when
     given) under a key of everything that decides the code, so a second run compiles
