@@ -53,6 +53,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test file: tiny models and small shapes lose more to thread
+    synchronisation on shared cores than they gain (4x slower measured on a loaded 2-core
+    machine). Files use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A tiny Llama for the multi-process pipeline tests (small enough for 2 CPU processes).
 TINY_PAIR_CONFIG = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,
                     "num_attention_heads": 2, "intermediate_size": 64}

@@ -22,14 +22,7 @@ CONFIG = EvalConfig(forget_split="forget10", max_new_tokens=6, batch_size=48,
                     generation_batch_size=40, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from intra-op threads, and lose a lot when the two cores
-    are shared with other work (OpenMP threads then wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -46,14 +46,7 @@ TEMPERATURES = ((1.0, 1.0), (4.0, 1.0), (0.05, 0.05))
 triton_interpreted = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These shapes are small: a second intra-op thread costs more in synchronisation than it
-    # saves (4x slower measured on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _triton_or_skip(device):

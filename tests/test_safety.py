@@ -24,13 +24,7 @@ from rkld.train import TrainingDiverged, finetune, unlearn
 from rkld_kernels import fused_linear_rkl_loss, fused_rkl_loss
 from rkld_kernels._checks import check_labels
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

@@ -29,13 +29,7 @@ TINY = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_atten
 FAST = dict(max_length=48, progress=False, lr=2e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread avoids their overhead."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
