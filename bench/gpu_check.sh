@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# Steps, each under its own time limit; the limits add up to 475 s, so the whole script ends
-# within 8 minutes even when a step hangs:
+# Steps, each under its own time limit; the limits add up to 535 s, so the whole script ends
+# within 9 minutes even when a step hangs:
 #   1. env.txt        GPU, driver, torch / triton / python versions
 #   2. install.log    the project, editable, without dependencies (PYTHONPATH is set as well)
 #   3. tests.log      the Triton-backend tests and the fused_rkl tests, on CUDA
@@ -14,6 +14,9 @@
 #   6. kernel_report.txt  the kernels' machine code for this GPU and the roofline model's
 #                     predicted time of each pass beside its measured time at the benchmark
 #                     shapes (bench/kernel_report.py --measure), JSON in kernel_report.json
+#   7. fused_linear_tests.log, fused_linear_bench.log  the lm_head-fused loss (below)
+#   8. cuda_ops.log   the operators on CUDA: compiled steps equal to eager, and training
+#                     steps of both losses captured in CUDA graphs and replayed
 # summary.txt lists every step with its exit status and duration. A failing step does not stop
 # the next one; the script exits non-zero if any step failed.
 set -uo pipefail
@@ -110,6 +113,9 @@ run_step fl-tests 45 "$OUTDIR/fused_linear_tests.log" \
 run_step fl-bench 110 "$OUTDIR/fused_linear_bench.log" \
     "$PY" -m pytest bench/test_bench_fused_linear.py -q -ra \
     --benchmark-json "$OUTDIR/fused_linear_bench.json"
+
+run_step cuda-ops 60 "$OUTDIR/cuda_ops.log" \
+    "$PY" -m pytest -q -ra tests/test_custom_ops_cuda.py
 
 echo "logs in $OUTDIR" | tee -a "$SUMMARY"
 exit "$failed"

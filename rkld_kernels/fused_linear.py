@@ -232,6 +232,8 @@ def _linear_setup_context(ctx, inputs, output):
     xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, *options = inputs
     _, dx, dw, db = output
     ctx.mark_non_differentiable(dx, dw, db)
+    # No zero-filled incoming gradients for the gradient buffers (never used).
+    ctx.set_materialize_grads(False)
     ctx.options = tuple(options)
     ctx.save_for_backward(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep)
     # Gradients of the sum, computed in forward; the first backward scales them by the scalar
@@ -246,7 +248,7 @@ def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
     none = (None,) * 19                        # the mask and the options
     want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_db = bs is not None and ctx.needs_input_grad[2]
-    if not (want_dx or want_dw or want_db):
+    if grad_loss is None or not (want_dx or want_dw or want_db):
         return (None, None, None, *none)
     if torch.is_grad_enabled():
         # create_graph=True (double backward, torch.func.grad): differentiable recomputation.

@@ -135,6 +135,8 @@ def _rkl_setup_context(ctx, inputs, output):
      compiled, need_grad) = inputs
     _, saved = output
     ctx.mark_non_differentiable(saved)
+    # No zero-filled incoming gradient for ``saved`` (as large as the logits, and never used).
+    ctx.set_materialize_grads(False)
     ctx.options = (alpha, temperature, reverse, reduction, backend, compiled)
     ctx.save_for_backward(student, original, strengthened, keep,
                           saved if backend == "triton" and need_grad else None)
@@ -146,7 +148,7 @@ def _rkl_setup_context(ctx, inputs, output):
 
 def _rkl_backward(ctx, grad_loss, _grad_saved):
     none = (None,) * 10
-    if not ctx.needs_input_grad[0]:
+    if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None, *none)
     student, original, strengthened, keep, stats = ctx.saved_tensors
     alpha, temperature, reverse, reduction, backend, compiled = ctx.options

@@ -184,11 +184,13 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
     loss = torch.zeros(rows, dtype=accumulation_dtype(student.dtype), device=student.device)
     grad = None
     if need_grad:
-        skipped_rows = keep is not None and host_reads_allowed(student.device)
-        alloc = torch.zeros if skipped_rows else torch.empty
         grad_dtype = (student.dtype if grad_scale is not None
                       else accumulation_dtype(student.dtype))
-        grad = alloc((rows, vocab), dtype=grad_dtype, device=student.device)
+        grad = torch.empty((rows, vocab), dtype=grad_dtype, device=student.device)
+        if keep is not None and host_reads_allowed(student.device):
+            # Skipped (masked) rows are the only ones never written: zero just those, rather
+            # than the whole [rows, V] buffer (a full pass over the gradient's memory).
+            grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
     if keep is not None and not host_reads_allowed(student.device):
         return _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha,
                                      temperature, reverse, need_grad, chunk_rows, compiled,

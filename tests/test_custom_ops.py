@@ -374,6 +374,61 @@ def test_cpu_shortcuts_are_host_reads():
         fused_rkl_loss(student, original, strengthened, labels=labels, backend="torch")
 
 
+class _CountFills(TorchDispatchMode):
+    """Records the shapes that ops fill with a constant (zeros, fill_), inside the rkld
+    operators too."""
+
+    _FILLS = {torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar,
+              torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default,
+              torch.ops.aten.new_zeros.default, torch.ops.aten.full.default,
+              torch.ops.aten.full_like.default}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "rkld":
+            with self:
+                return IMPLEMENTATIONS[func._opname](*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func in self._FILLS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_logits_loss_fills_no_buffer_as_large_as_the_logits(masked):
+    """Neither pass writes zeros over a [rows, V] buffer: the gradient buffer is written once
+    (masked rows zeroed alone), and backward gets no zero-filled gradient for the operator's
+    saved-gradient output (autograd materialises one unless told not to)."""
+    student, original, strengthened, labels = logits_problem(torch.float32, vocab=64)
+    with _CountFills() as forward:
+        loss = fused_rkl_loss(student, original, strengthened, backend="torch",
+                              labels=labels if masked else None)
+    with _CountFills() as backward:
+        loss.backward()
+    full = tuple(student.shape[:-1]) + (64,)
+    rows = (student.shape[0] * student.shape[1], 64)
+    assert [s for s in forward.shapes + backward.shapes if s in (full, rows)] == []
+    reference = student.detach().clone().requires_grad_()
+    fused_rkl_loss(reference, original, strengthened, backend="reference",
+                   labels=labels if masked else None).backward()
+    torch.testing.assert_close(student.grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_loss_backward_fills_nothing():
+    """mean/sum: the gradients are computed in forward; backward only scales them (no zero
+    tensors materialised for the operator's gradient outputs)."""
+    (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
+    loss = fused_linear_rkl_loss(xs, ws, xo, wo, xg, student_bias=bs, labels=labels,
+                                 chunk_size=4, backend="torch")
+    with _CountFills() as backward:
+        loss.backward()
+    assert backward.shapes == []
+    assert xs.grad is not None and ws.grad is not None and bs.grad is not None
+
+
 # --- vocab_size -------------------------------------------------------------------------------
 
 def test_vocab_size_uses_the_first_columns_of_each_logits_tensor():
