@@ -18,6 +18,7 @@ from .config import (
     METHODS,
     PARALLEL,
     RETAIN_TERMS,
+    TEACHER_BOOSTS,
     FinetuneConfig,
     StrengthenConfig,
     UnlearnConfig,
@@ -156,6 +157,12 @@ def register_unlearn(subparsers) -> None:
     u.add_argument("--retain-term", default=_default(UnlearnConfig, "retain_term"),
                    choices=RETAIN_TERMS, help="add NLL (+RT) or forward KL to the original model "
                                               "(+KL) on the retain split, weight 1")
+    u.add_argument("--teacher-boost", default=_default(UnlearnConfig, "teacher_boost"),
+                   choices=TEACHER_BOOSTS,
+                   help="what counts as raised by strengthening: logits = relu(g - o), the "
+                        "paper's teacher (default); logprobs = relu(log_softmax(g) - "
+                        "log_softmax(o)), an extension of the paper that ignores the per-row "
+                        "shift of the raw logits")
     u.add_argument("--live-teachers", action="store_true",
                    help="keep both teachers in memory and run them every step instead of "
                         "caching their hidden states once")
