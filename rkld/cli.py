@@ -259,6 +259,49 @@ def register_eval(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def register_inspect_teacher(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect-teacher", help="which tokens the unlearning teacher pushes down, fact vs "
+                                "template tokens (JSON + Markdown)",
+        description="For every forget example and answer position: the boost d (g - o, or "
+                    "log_softmax(g) - log_softmax(o)), the tokens the teacher o - alpha * "
+                    "relu(d) pushes down most, and a summary by token class (fact, question, "
+                    "template, end). Writes inspect_teacher.json and inspect_teacher.md.")
+    parser.add_argument("--model", required=True, help="the original model's folder")
+    parser.add_argument("--strengthened", required=True, help="the strengthened model's folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
+    parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--max-authors", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--template", default="auto")
+    parser.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
+    parser.add_argument("--teacher-boost", default="both", choices=[*TEACHER_BOOSTS, "both"],
+                        help="logits (the paper), logprobs (an extension of the paper) or both, "
+                             "side by side (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="most pushed-down tokens kept per position (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--report-examples", type=int, default=10,
+                        help="examples shown token by token in the Markdown report")
+    parser.add_argument("--no-progress", action="store_true")
+
+    def handler(args):
+        from .inspect_teacher import InspectConfig, inspect_teacher
+        result = inspect_teacher(InspectConfig(
+            model=args.model, strengthened=args.strengthened, out=args.out, data=args.data,
+            forget=args.forget, seed=args.seed, max_authors=args.max_authors,
+            max_length=args.max_length, template=args.template, alpha=args.alpha,
+            teacher_boost=args.teacher_boost, top_k=args.top_k, batch_size=args.batch_size,
+            report_examples=args.report_examples, progress=not args.no_progress))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({"out": args.out, **result["summary"]}, indent=1))
+        return 0
+    parser.set_defaults(handler=handler)
+
+
 def register_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="the end-to-end demo on CPU: target and retain models, RKLD, forward-KL "
@@ -311,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_strengthen(subparsers)
     register_unlearn(subparsers)
     register_eval(subparsers)
+    register_inspect_teacher(subparsers)
     register_demo(subparsers)
     register_memory(subparsers)
     return parser
