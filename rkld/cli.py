@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from .config import (
@@ -59,6 +60,8 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     g.add_argument("--tiny-vocab", type=int, default=None, help="--model tiny: vocabulary size")
     g.add_argument("--tiny-hidden", type=int, default=None, help="--model tiny: hidden size")
     g.add_argument("--tiny-layers", type=int, default=None, help="--model tiny: layers")
+    g.add_argument("--tiny-intermediate", type=int, default=None,
+                   help="--model tiny: MLP width (intermediate_size)")
     t = parser.add_argument_group("optimisation")
     t.add_argument("--epochs", type=int, default=d("epochs"), help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=d("lr"), help="peak learning rate "
@@ -96,12 +99,52 @@ def _config(config_class, args, **extra):
     """Fill a config dataclass from parsed arguments (names with '-' become '_')."""
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    tiny = {"vocab_size": args.tiny_vocab, "hidden_size": args.tiny_hidden,
-            "num_hidden_layers": args.tiny_layers}
+    tiny = {key: getattr(args, dest) for dest, key in TINY_OPTIONS.items()}
     values["tiny"] = {k: v for k, v in tiny.items() if v is not None}
     values["progress"] = not args.no_progress
     values.update(extra)
     return config_class(**values)
+
+
+# --tiny-* options and the rkld.models.build_tiny_model settings they fill.
+TINY_OPTIONS = {"tiny_vocab": "vocab_size", "tiny_hidden": "hidden_size",
+                "tiny_layers": "num_hidden_layers", "tiny_intermediate": "intermediate_size"}
+# Options that change how a command runs, not what it computes: left out of command_line.
+_NOT_IN_COMMANDS = ("resume", "overwrite", "no_progress", "help")
+
+
+def command_line(command: str, values: dict) -> str:
+    """The ``rkld COMMAND ...`` line whose parsed options give ``values``: a config's
+    ``to_dict()`` (``tiny`` becomes the --tiny-* options) or option names (dest) -> values.
+    Options at their defaults and those of ``_NOT_IN_COMMANDS`` are left out; keys that no
+    option of COMMAND takes are ignored, except tiny settings without an option (ValueError)."""
+    parser = _subparsers(build_parser()).choices.get(command)
+    if parser is None:
+        raise ValueError(f"no rkld command {command!r}")
+    values = dict(values)
+    tiny = dict(values.pop("tiny", None) or {})
+    for dest, key in TINY_OPTIONS.items():
+        if key in tiny:
+            values[dest] = tiny.pop(key)
+    if tiny:
+        raise ValueError(f"the tiny-model settings {', '.join(sorted(tiny))} have no rkld "
+                         f"{command} option (only {', '.join(TINY_OPTIONS.values())} do)")
+    words = ["rkld", command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _NOT_IN_COMMANDS \
+                or action.dest not in values:
+            continue
+        value, flag = values[action.dest], action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                words.append(flag)
+        elif value is not None and (action.required or value != action.default):
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _report(out, stats) -> int:
@@ -363,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore_bars = _quiet_hub_bars() if getattr(args, "no_progress", False) else None
     try:
         return args.handler(args)
     except USER_ERRORS as err:
@@ -376,7 +420,31 @@ def main(argv=None) -> int:
         print(f"rkld {args.command}: failed: {err}", file=sys.stderr)
         return 1
     finally:
+        if restore_bars is not None:
+            restore_bars()
         _leave_process_group()
+
+
+def _quiet_hub_bars():
+    """--no-progress: also no Hugging Face bars (loading weights, writing shards, downloads);
+    returns the function that restores what was enabled before."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+    transformers_bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+    def restore():
+        if transformers_bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+    return restore
 
 
 def _leave_process_group() -> None:

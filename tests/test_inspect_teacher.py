@@ -64,6 +64,7 @@ def test_inspect_teacher_figures_and_outputs(pair, tmp_path, capsys):
                  str(pair / "strengthened"), "--out", str(out), "--alpha", "3",
                  "--max-length", "128", "--no-progress", "--report-examples", "2"])
     assert code == 0
+    captured = capsys.readouterr()
     result = json.loads((out / "inspect_teacher.json").read_text())
     assert result["config"]["teacher_boost"] == "both"
     summary = result["summary"]
@@ -112,8 +113,16 @@ def test_inspect_teacher_figures_and_outputs(pair, tmp_path, capsys):
     report = (out / "inspect_teacher.md").read_text()
     assert "share of the boost sum_v relu(d) at fact positions" in report
     assert report.count("## Example") == 2
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["positions"] == summary["positions"]
+    assert json.loads(captured.out)["positions"] == summary["positions"]
+    # --no-progress silences the Hugging Face loading bars too, and only for the command
+    assert "Loading weights" not in captured.err
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()
+    capsys.readouterr()
+    assert main(["inspect-teacher", "--model", str(pair / "original"), "--strengthened",
+                 str(pair / "strengthened"), "--out", str(out), "--max-length", "128",
+                 "--forget", "forget01"]) == 0
+    assert "Loading weights" in capsys.readouterr().err
 
 
 def test_inspect_teacher_single_boost_and_bad_input(pair, tmp_path, capsys):
