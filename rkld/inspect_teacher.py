@@ -16,10 +16,10 @@ Positions are classed by the answer token they predict:
 - ``end``: the EOS token that ends the answer.
 On the synthetic benchmark the generator's wordings locate the fact exactly
 (:func:`rkld.synthetic.answer_spans`). On other data (TOFU) a word rule stands in: a word
-(``\\w+``) of the answer is ``question`` if it occurs in the question, ``template`` if it
-occurs in at least 2 % of the answers of the benchmark's ``full`` split (at least 3 of them:
-"the", "author", "born", "novels", ...), and ``fact`` otherwise; characters outside words are
-``template``. A token belongs to the first class, in the order fact, question, template, that
+(``\\w+``) of the answer is ``question`` if it occurs in the question, ``template`` if the
+answers of at least 10 % of the authors of the benchmark's ``full`` split use it (and of at
+least 3: "the", "author", "born", "novels", ...), and ``fact`` otherwise; characters outside
+words are ``template``. A token belongs to the first class, in the order fact, question, template, that
 one of its non-space characters has.
 
 Summary figures (over all positions of all examples, per class): the share of the total boost
@@ -50,7 +50,7 @@ import torch
 
 CLASSES = ("fact", "question", "template", "end")
 BOOSTS = ("logits", "logprobs")
-TEMPLATE_SHARE = 0.02       # a word in >= 2 % of the answers (and >= 3) is template wording
+TEMPLATE_SHARE = 0.1        # a word in the answers of >= 10 % of the authors (and >= 3) is wording
 _WORD = re.compile(r"\w+")
 
 
@@ -94,14 +94,19 @@ class InspectConfig:
 # --------------------------------------------------------------------------- token classes
 
 def template_words(benchmark) -> set:
-    """Lower-case words in at least ``TEMPLATE_SHARE`` of the answers of ``full`` (and in at
-    least 3 answers): the wording that answers share."""
+    """Lower-case words used in the answers of at least ``TEMPLATE_SHARE`` of the authors of
+    ``full`` (and of at least 3): the wording that answers share. Counted per author, not per
+    answer, so that an author's name or hometown, repeated across that author's answers, stays
+    a fact; without an author layout every answer counts as its own author."""
     answers = [row["answer"] for row in benchmark.split("full") if isinstance(row.get("answer"),
                                                                              str)]
+    per_author = benchmark.qa_per_author or 1
     counts = Counter()
-    for answer in answers:
-        counts.update({w.lower() for w in _WORD.findall(answer)})
-    threshold = max(3, TEMPLATE_SHARE * len(answers))
+    for start in range(0, len(answers), per_author):
+        counts.update({w.lower() for answer in answers[start:start + per_author]
+                       for w in _WORD.findall(answer)})
+    authors = math.ceil(len(answers) / per_author)
+    threshold = max(3, TEMPLATE_SHARE * authors)
     return {word for word, count in counts.items() if count >= threshold}
 
 
@@ -305,7 +310,8 @@ def inspect_teacher(cfg: InspectConfig) -> dict:
                            "answer": e["row"]["answer"], "positions": tokens})
     result = {"config": asdict(cfg), "benchmark": bench.name,
               "class_rule": "synthetic wordings" if synthetic else
-              f"words: question / in >= {TEMPLATE_SHARE:.0%} of full's answers / other = fact",
+              f"words: in the question / in >= {TEMPLATE_SHARE:.0%} of the authors' answers "
+              f"(template) / other (fact)",
               "summary": _summary(positions, boosts), "examples": report}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

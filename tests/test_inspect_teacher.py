@@ -56,6 +56,12 @@ def test_template_words_are_frequent_answer_words():
     words = template_words(Benchmark("x", {"full": rows}))
     assert {"the", "author", "was", "born", "in"} <= words
     assert not any(w.startswith("city") for w in words)
+    # counted per author: a name all of one author's answers repeat is no template word
+    rows = [{"question": "q", "answer": f"Author{a} wrote book {b} in the city."}
+            for a in range(20) for b in range(5)]
+    words = template_words(Benchmark("x", {"full": rows}, qa_per_author=5))
+    assert {"wrote", "book", "in", "the", "city"} <= words
+    assert not any(w.startswith("author") for w in words)
 
 
 def test_inspect_teacher_figures_and_outputs(pair, tmp_path, capsys):
