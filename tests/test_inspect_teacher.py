@@ -1,6 +1,7 @@
 """``rkld inspect-teacher`` on tiny models: token classes (synthetic wordings and the word rule
 for other data), the figures recomputed naively from the models' logits, and the outputs."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,19 @@ def test_inspect_teacher_single_boost_and_bad_input(pair, tmp_path, capsys):
     assert "logprobs" in summary and "logits" not in summary
     assert main(args + ["--top-k", "0"]) == 2
     assert "top_k must be a positive integer; got 0" in capsys.readouterr().err
+
+
+TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
+
+
+@pytest.mark.skipif(not (TOFU / "full.json").exists(),
+                    reason="TOFU data folder (shared/data/tofu beside the repository) is absent")
+def test_inspect_teacher_on_tofu_uses_the_word_rule(pair, tmp_path):
+    from rkld.inspect_teacher import InspectConfig, inspect_teacher
+    result = inspect_teacher(InspectConfig(
+        model=str(pair / "original"), strengthened=str(pair / "strengthened"),
+        out=str(tmp_path / "tofu"), data=str(TOFU.resolve()), max_authors=5, forget="forget01",
+        max_length=128, progress=False, teacher_boost="logits"))
+    assert result["benchmark"] != "synthetic" and result["class_rule"].startswith("words")
+    positions = result["summary"]["positions"]
+    assert min(positions["fact"], positions["question"], positions["template"]) > 0
