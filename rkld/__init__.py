@@ -3,7 +3,9 @@ built on the fused losses of ``rkld_kernels``.
 
 Modules: ``rkld.data`` (benchmarks and tokenisation), ``rkld.synthetic`` (the built-in
 fictitious-authors benchmark), ``rkld.models`` (loading and tiny models), ``rkld.train``
-(finetune / strengthen / unlearn), ``rkld.teacher_cache``, ``rkld.cli`` (the ``rkld`` command).
+(finetune / strengthen / unlearn), ``rkld.teacher_cache``, ``rkld.teacher_boost`` (the paper's
+raw-logit boost and the log-probability extension), ``rkld.inspect_teacher`` (what a teacher
+pushes down), ``rkld.cli`` (the ``rkld`` command).
 """
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from .config import (
@@ -18,6 +19,7 @@ from .config import (
     METHODS,
     PARALLEL,
     RETAIN_TERMS,
+    TEACHER_BOOSTS,
     FinetuneConfig,
     StrengthenConfig,
     UnlearnConfig,
@@ -58,6 +60,8 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     g.add_argument("--tiny-vocab", type=int, default=None, help="--model tiny: vocabulary size")
     g.add_argument("--tiny-hidden", type=int, default=None, help="--model tiny: hidden size")
     g.add_argument("--tiny-layers", type=int, default=None, help="--model tiny: layers")
+    g.add_argument("--tiny-intermediate", type=int, default=None,
+                   help="--model tiny: MLP width (intermediate_size)")
     t = parser.add_argument_group("optimisation")
     t.add_argument("--epochs", type=int, default=d("epochs"), help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=d("lr"), help="peak learning rate "
@@ -95,12 +99,52 @@ def _config(config_class, args, **extra):
     """Fill a config dataclass from parsed arguments (names with '-' become '_')."""
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    tiny = {"vocab_size": args.tiny_vocab, "hidden_size": args.tiny_hidden,
-            "num_hidden_layers": args.tiny_layers}
+    tiny = {key: getattr(args, dest) for dest, key in TINY_OPTIONS.items()}
     values["tiny"] = {k: v for k, v in tiny.items() if v is not None}
     values["progress"] = not args.no_progress
     values.update(extra)
     return config_class(**values)
+
+
+# --tiny-* options and the rkld.models.build_tiny_model settings they fill.
+TINY_OPTIONS = {"tiny_vocab": "vocab_size", "tiny_hidden": "hidden_size",
+                "tiny_layers": "num_hidden_layers", "tiny_intermediate": "intermediate_size"}
+# Options that change how a command runs, not what it computes: left out of command_line.
+_NOT_IN_COMMANDS = ("resume", "overwrite", "no_progress", "help")
+
+
+def command_line(command: str, values: dict) -> str:
+    """The ``rkld COMMAND ...`` line whose parsed options give ``values``: a config's
+    ``to_dict()`` (``tiny`` becomes the --tiny-* options) or option names (dest) -> values.
+    Options at their defaults and those of ``_NOT_IN_COMMANDS`` are left out; keys that no
+    option of COMMAND takes are ignored, except tiny settings without an option (ValueError)."""
+    parser = _subparsers(build_parser()).choices.get(command)
+    if parser is None:
+        raise ValueError(f"no rkld command {command!r}")
+    values = dict(values)
+    tiny = dict(values.pop("tiny", None) or {})
+    for dest, key in TINY_OPTIONS.items():
+        if key in tiny:
+            values[dest] = tiny.pop(key)
+    if tiny:
+        raise ValueError(f"the tiny-model settings {', '.join(sorted(tiny))} have no rkld "
+                         f"{command} option (only {', '.join(TINY_OPTIONS.values())} do)")
+    words = ["rkld", command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _NOT_IN_COMMANDS \
+                or action.dest not in values:
+            continue
+        value, flag = values[action.dest], action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                words.append(flag)
+        elif value is not None and (action.required or value != action.default):
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _report(out, stats) -> int:
@@ -156,6 +200,12 @@ def register_unlearn(subparsers) -> None:
     u.add_argument("--retain-term", default=_default(UnlearnConfig, "retain_term"),
                    choices=RETAIN_TERMS, help="add NLL (+RT) or forward KL to the original model "
                                               "(+KL) on the retain split, weight 1")
+    u.add_argument("--teacher-boost", default=_default(UnlearnConfig, "teacher_boost"),
+                   choices=TEACHER_BOOSTS,
+                   help="what counts as raised by strengthening: logits = relu(g - o), the "
+                        "paper's teacher (default); logprobs = relu(log_softmax(g) - "
+                        "log_softmax(o)), an extension of the paper that ignores the per-row "
+                        "shift of the raw logits")
     u.add_argument("--live-teachers", action="store_true",
                    help="keep both teachers in memory and run them every step instead of "
                         "caching their hidden states once")
@@ -252,6 +302,49 @@ def register_eval(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def register_inspect_teacher(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect-teacher", help="which tokens the unlearning teacher pushes down, fact vs "
+                                "template tokens (JSON + Markdown)",
+        description="For every forget example and answer position: the boost d (g - o, or "
+                    "log_softmax(g) - log_softmax(o)), the tokens the teacher o - alpha * "
+                    "relu(d) pushes down most, and a summary by token class (fact, question, "
+                    "template, end). Writes inspect_teacher.json and inspect_teacher.md.")
+    parser.add_argument("--model", required=True, help="the original model's folder")
+    parser.add_argument("--strengthened", required=True, help="the strengthened model's folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
+    parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--max-authors", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--template", default="auto")
+    parser.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
+    parser.add_argument("--teacher-boost", default="both", choices=[*TEACHER_BOOSTS, "both"],
+                        help="logits (the paper), logprobs (an extension of the paper) or both, "
+                             "side by side (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="most pushed-down tokens kept per position (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--report-examples", type=int, default=10,
+                        help="examples shown token by token in the Markdown report")
+    parser.add_argument("--no-progress", action="store_true")
+
+    def handler(args):
+        from .inspect_teacher import InspectConfig, inspect_teacher
+        result = inspect_teacher(InspectConfig(
+            model=args.model, strengthened=args.strengthened, out=args.out, data=args.data,
+            forget=args.forget, seed=args.seed, max_authors=args.max_authors,
+            max_length=args.max_length, template=args.template, alpha=args.alpha,
+            teacher_boost=args.teacher_boost, top_k=args.top_k, batch_size=args.batch_size,
+            report_examples=args.report_examples, progress=not args.no_progress))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({"out": args.out, **result["summary"]}, indent=1))
+        return 0
+    parser.set_defaults(handler=handler)
+
+
 def register_demo(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="the end-to-end demo on CPU: target and retain models, RKLD, forward-KL "
@@ -304,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_strengthen(subparsers)
     register_unlearn(subparsers)
     register_eval(subparsers)
+    register_inspect_teacher(subparsers)
     register_demo(subparsers)
     register_memory(subparsers)
     return parser
@@ -312,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore_bars = _quiet_hub_bars() if getattr(args, "no_progress", False) else None
     try:
         return args.handler(args)
     except USER_ERRORS as err:
@@ -325,7 +420,31 @@ def main(argv=None) -> int:
         print(f"rkld {args.command}: failed: {err}", file=sys.stderr)
         return 1
     finally:
+        if restore_bars is not None:
+            restore_bars()
         _leave_process_group()
+
+
+def _quiet_hub_bars():
+    """--no-progress: also no Hugging Face bars (loading weights, writing shards, downloads);
+    returns the function that restores what was enabled before."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+    transformers_bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+    def restore():
+        if transformers_bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+    return restore
 
 
 def _leave_process_group() -> None:

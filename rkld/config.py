@@ -14,11 +14,22 @@ METHODS = ("rkld", "ga")
 DIRECTIONS = ("reverse", "forward")
 RETAIN_TERMS = ("none", "nll", "kl")
 PARALLEL = ("auto", "none", "ddp", "fsdp", "zero3")
+# How the teacher measures what strengthening raised: "logits" is the paper's relu(g - o);
+# "logprobs", relu(log_softmax(g) - log_softmax(o)), is an extension (rkld.teacher_boost).
+TEACHER_BOOSTS = ("logits", "logprobs")
 
 # Settings that change how a run is carried out but not what it computes (up to the order of
 # floating-point sums): a resumed run may change them; any other change is refused.
 RESUMABLE_SETTINGS = ("progress", "resume", "overwrite", "save_every", "parallel",
                       "micro_batch_size", "gradient_checkpointing")
+
+
+def check_boost(boost: str) -> str:
+    if boost not in TEACHER_BOOSTS:
+        raise ValueError(f"teacher_boost must be one of {', '.join(TEACHER_BOOSTS)} (logits: the "
+                         f"paper's relu(g - o); logprobs: relu(log_softmax(g) - log_softmax(o)), "
+                         f"an extension); got {boost!r}")
+    return boost
 
 
 def _check_finite(names_values: dict) -> None:
@@ -117,6 +128,9 @@ class UnlearnConfig(RunConfig):
     ``method="ga"`` is gradient ascent on the forget answers. ``retain_term`` adds, with weight
     1, NLL on the retain split ("+RT") or forward KL to the original model on it ("+KL").
     Teachers come from an on-disk cache of their final hidden states unless ``live_teachers``.
+    ``teacher_boost="logprobs"`` (an extension of the paper, see :mod:`rkld.teacher_boost`)
+    measures the boost as ``relu(log_softmax(g) - log_softmax(o))`` instead of the paper's
+    ``relu(g - o)`` (``"logits"``, the default).
     """
     strengthened: str | None = None
     forget: str = "forget10"
@@ -128,9 +142,11 @@ class UnlearnConfig(RunConfig):
     live_teachers: bool = False
     chunk_size: int | None = None
     backend: str = "auto"
+    teacher_boost: str = "logits"
 
     def validate(self) -> None:
         super().validate()
+        check_boost(self.teacher_boost)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.direction not in DIRECTIONS:

@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from . import metrics, plots
+from .cli import command_line
 from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
 from .data import load_benchmark, retain_split_for
 from .evaluate import (
     EpochEvaluator,
     EvalConfig,
+    eval_command,
     eval_fingerprint,
     evaluate_model,
     model_fingerprint,
@@ -110,7 +112,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             function(config, on_step=lambda step, rec: step_losses.append(rec["loss"]), **callbacks)
             evaluating = callbacks["on_epoch_end"].seconds if callbacks else 0.0
             wall[name] = time.time() - start - evaluating
-            record["stages"][name] = {"seconds": wall[name], "out": config.out}
+            record["stages"][name] = {"seconds": wall[name], "out": config.out,
+                                      "command": command_line(function.__name__,
+                                                              config.to_dict())}
             _write_json(out / DEMO_RECORD, record)
 
         nll = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
@@ -153,11 +157,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         results = {}
         for name in MODELS:
             logs[name] = with_reference(logs[name], reference)
+            record["stages"].setdefault(name, {})["eval_command"] = eval_command(
+                models / name, cfg.data, out / "eval" / name, eval_config,
+                None if name == "retain" else out / "eval" / "retain" / "TOFU_EVAL.json",
+                cfg.seed, max_authors)
             summary = write_outputs(
                 out / "eval" / name, logs[name], reference_logs=logs["retain"], title=name,
                 meta={"fingerprint": eval_fingerprint(model_fingerprint(str(models / name)),
                                                       benchmark, eval_config),
                       "model_path": str(models / name), "data": cfg.data,
+                      "command": record["stages"][name]["eval_command"],
                       "reference": str(out / "eval" / "retain" / "TOFU_EVAL.json")})
             results[name] = {
                 "forget_quality": summary["forget_quality"],
@@ -218,6 +227,14 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _seconds(value) -> str:
+    """A duration for the report: whole seconds from 10 s on, else one decimal (a stage of a
+    few hundred milliseconds read "0 s")."""
+    if value is None:
+        return "n/a"
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
 def format_table(results: dict) -> str:
     """The demo's table in Markdown: one row per model."""
     lines = ["| model | forget quality | model utility | forget ROUGE-L | forget probability "
@@ -225,7 +242,7 @@ def format_table(results: dict) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | {_fmt(r['forget_quality'])} | {_fmt(r['model_utility'])} | "
                      f"{_fmt(r['forget_Q_A_ROUGE'])} | {_fmt(r['forget_Q_A_Prob'])} | "
-                     f"{r['train_seconds']:.0f} s |")
+                     f"{_seconds(r['train_seconds'])} |")
     return "\n".join(lines)
 
 
@@ -274,7 +291,7 @@ def _report(cfg: DemoConfig, record: dict, table: str, curves: dict, wall: dict)
              f"metrics (TOFU's definitions).", "",
              table, "",
              f"Total wall time {record['total_seconds']:.0f} s "
-             f"(strengthening {wall.get('strengthened', 0):.0f} s is shared by rkld and fkld; "
+             f"(strengthening {_seconds(wall.get('strengthened'))} is shared by rkld and fkld; "
              f"train wall time excludes evaluation).",
              "", "Targets:", ""]
     lines += [f"- {line}" for line in record["checks"]]
@@ -284,6 +301,13 @@ def _report(cfg: DemoConfig, record: dict, table: str, curves: dict, wall: dict)
                                   se=cfg.strengthen_epochs, slr=cfg.strengthen_lr,
                                   ue=cfg.unlearn_epochs, ulr=cfg.unlearn_lr,
                                   ub=cfg.unlearn_batch_size, a=cfg.alpha), ""]
+    lines += ["Commands that rebuild each model and its evaluation (the demo runs the same "
+              "code; the unlearning runs also evaluated forget quality after every epoch, which "
+              "does not change their training):", "", "```"]
+    for name in ("target", "retain", "strengthened", "rkld", "fkld", "ga"):
+        stage = record["stages"].get(name, {})
+        lines += [stage[key] for key in ("command", "eval_command") if stage.get(key)]
+    lines += ["```", ""]
     if curves:
         lines += ["Forget quality after each unlearning epoch:", "",
                   "| epoch | " + " | ".join(curves) + " |",

@@ -411,6 +411,33 @@ def eval_fingerprint(model_id: str, benchmark, config: EvalConfig) -> dict:
             "config": config.fingerprint_fields()}
 
 
+def eval_command(model_path, data: str, out_dir, config: EvalConfig, reference=None,
+                 seed: int = 0, max_authors: int | None = None) -> str:
+    """The ``rkld eval`` command line that computes these results."""
+    from .cli import command_line
+    return command_line("eval", {
+        "model": str(model_path), "data": str(data), "forget": config.forget_split,
+        "reference": None if reference is None else str(reference), "out": str(out_dir),
+        "seed": seed, "max_authors": max_authors, "max_new_tokens": config.max_new_tokens,
+        "max_length": config.max_length, "template": config.template,
+        "batch_size": config.batch_size, "generation_batch_size": config.generation_batch_size,
+        "no_generation": not config.generation})
+
+
+def training_command(model_path) -> str | None:
+    """The ``rkld`` command that trained the model in ``model_path``, from its run record
+    (None for a model rkld did not train)."""
+    from .cli import command_line
+    record = Path(model_path) / "run.json"
+    if not record.is_file():
+        return None
+    try:
+        run = read_json(record, "the model's run record")
+        return command_line(run["stage"], run["config"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
 def _fingerprint_differences(old: dict, new: dict) -> list:
     return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
@@ -434,7 +461,8 @@ def write_outputs(out_dir, logs: dict, *, meta: dict | None = None, reference_lo
     if reference_logs is not None:
         ratios["retain reference"] = metrics.forget_truth_ratios(reference_logs,
                                                                  "reference").tolist()
-    plots.truth_ratio_histogram(ratios, out / "truth_ratio_hist.png", title=title)
+    plots.truth_ratio_histogram(ratios, out / "truth_ratio_hist.png", title=title,
+                                reference="retain reference")
     plots.utility_components({k: summary.get(k) for k in metrics.MODEL_UTILITY_KEYS if
                               summary.get(k) is not None}, out / "utility_components.png",
                              title=title)
@@ -464,6 +492,11 @@ def _report(summary: dict, meta: dict | None, title: str) -> str:
                   f"- data: `{meta.get('data')}`, forget split `{fp.get('forget_split')}`",
                   f"- reference (retain model log): `{meta.get('reference') or 'none'}`",
                   f"- wall time: {meta.get('wall_seconds', float('nan')):.1f} s", ""]
+        commands = [c for c in (training_command(meta["model_path"]) if meta.get("model_path")
+                                else None, meta.get("command")) if c]
+        if commands:
+            lines += ["Reproduce (the model's training run, from its run.json, then this "
+                      "evaluation):", "", "```", *commands, "```", ""]
     fq = summary.get("forget_quality")
     lines += ["| metric | value |", "|---|---|",
               f"| forget quality | {_fmt(fq)} |",
@@ -661,6 +694,8 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
         if shards.is_main:
             meta = read_json(meta_path, "the evaluation metadata")
             meta["reference"] = reference
+            meta["command"] = eval_command(model_path, data, out, config, reference, seed,
+                                           max_authors)
             print(f"[eval] reusing results in {out} (same model, data and configuration)")
             return write_outputs(out, logs, meta=meta, reference_logs=reference,
                                  title=Path(model_path).name)
@@ -675,6 +710,7 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     logs = evaluate_model(model, tokenizer, benchmark, config, reference)
     meta = {"fingerprint": fingerprint, "model_path": str(model_path), "data": str(data),
             "reference": reference,
+            "command": eval_command(model_path, data, out, config, reference, seed, max_authors),
             "processes": shards.world, "wall_seconds": time.time() - start,
             "versions": _versions()}
     summary = summarize(logs)

@@ -16,6 +16,18 @@ from .metrics import MODEL_UTILITY_KEYS
 
 # Forget quality is a KS p-value; 0.05 is the conventional "cannot tell apart" threshold.
 FQ_THRESHOLD = 0.05
+# One colour scheme for truth-ratio figures (the demo's panels and rkld eval's histogram): the
+# retain reference always grey, drawn first; the models under test in the colours after it.
+REFERENCE_COLOR = "tab:gray"
+MODEL_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive")
+
+
+def _log_ticks(axis) -> None:
+    """At most a handful of labelled decades on a log axis (so labels cannot overlap in a
+    narrow panel however many decades the data spans), no labels on the minor ticks."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+    axis.set_major_locator(LogLocator(base=10, numticks=4))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _figure(width: float = 6.0, height: float = 4.0):
@@ -34,9 +46,11 @@ def _save(fig, path) -> str:
     return path
 
 
-def truth_ratio_histogram(ratios: Mapping[str, Sequence[float]], path, title: str = "") -> str:
+def truth_ratio_histogram(ratios: Mapping[str, Sequence[float]], path, title: str = "",
+                          reference: str | None = None) -> str:
     """Overlaid histograms of forget-set truth ratios, one per labelled model (e.g. the model
-    under test and the retain reference), on shared log-spaced bins."""
+    under test and the retain reference, the key ``reference``, drawn first in
+    ``REFERENCE_COLOR``), on shared log-spaced bins."""
     fig = _figure()
     ax = fig.add_subplot()
     series = {name: np.asarray(values, dtype=float) for name, values in ratios.items()
@@ -47,10 +61,16 @@ def truth_ratio_histogram(ratios: Mapping[str, Sequence[float]], path, title: st
         if low == high:
             low, high = low / 2, high * 2
         bins = np.geomspace(low, high, 25)
-        for name, values in series.items():
-            ax.hist(np.clip(values, low, high), bins=bins, alpha=0.5,
+        models = [name for name in series if name != reference]
+        order = ([reference] if reference in series else []) + models
+        for name in order:
+            values = series[name]
+            color = REFERENCE_COLOR if name == reference else \
+                MODEL_COLORS[models.index(name) % len(MODEL_COLORS)]
+            ax.hist(np.clip(values, low, high), bins=bins, alpha=0.5, color=color,
                     label=f"{name} (n={values.size})")
         ax.set_xscale("log")
+        _log_ticks(ax.xaxis)
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.legend()
     ax.set_xlabel("truth ratio R = gm p(perturbed) / p(paraphrased)")
@@ -73,9 +93,12 @@ def truth_ratio_panels(ratios: Mapping[str, Sequence[float]], reference: str, pa
     bins = np.geomspace(low, high, 20)
     for i, name in enumerate(others):
         ax = fig.add_subplot(1, len(others), i + 1)
-        ax.hist(np.clip(values[reference], low, high), bins=bins, alpha=0.5, label=reference)
-        ax.hist(np.clip(values[name], low, high), bins=bins, alpha=0.5, label=name)
+        ax.hist(np.clip(values[reference], low, high), bins=bins, alpha=0.5,
+                color=REFERENCE_COLOR, label=reference)
+        ax.hist(np.clip(values[name], low, high), bins=bins, alpha=0.5, color=MODEL_COLORS[0],
+                label=name)
         ax.set_xscale("log")
+        _log_ticks(ax.xaxis)
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("truth ratio", fontsize=8)
@@ -156,7 +179,7 @@ def forget_quality_per_epoch(curves: Mapping[str, tuple], path, title: str = "")
 def epoch_curve(epochs: Sequence[int], forget_quality: Sequence[float | None],
                 model_utility: Sequence[float], path, title: str = "") -> str:
     """Forget quality (log, left axis) and model utility (right axis) after each epoch; a None
-    (not evaluated) leaves a gap."""
+    (not evaluated) leaves a gap, and without any model utility there is no right axis."""
     fig = _figure()
     ax = fig.add_subplot()
     fq = [max(v, 1e-300) if v is not None else np.nan for v in forget_quality]
@@ -165,9 +188,12 @@ def epoch_curve(epochs: Sequence[int], forget_quality: Sequence[float | None],
     ax.axhline(FQ_THRESHOLD, color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("forget quality (log)", color="tab:red")
-    twin = ax.twinx()
-    utility = [v if v is not None else np.nan for v in model_utility]
-    twin.plot(epochs, utility, marker="s", color="tab:blue", label="model utility")
-    twin.set_ylabel("model utility", color="tab:blue")
-    ax.set_title(title or "Forget quality and model utility per epoch")
+    if any(v is not None for v in model_utility):
+        twin = ax.twinx()
+        utility = [v if v is not None else np.nan for v in model_utility]
+        twin.plot(epochs, utility, marker="s", color="tab:blue", label="model utility")
+        twin.set_ylabel("model utility", color="tab:blue")
+        ax.set_title(title or "Forget quality and model utility per epoch")
+    else:
+        ax.set_title(title or "Forget quality per epoch (model utility not computed)")
     return _save(fig, path)

@@ -195,3 +195,32 @@ def generate_synthetic(seed: int = 0, n_authors: int = 20, qa_per_author: int = 
 
 def _question_answer(rows: list) -> list:
     return [{"question": row["question"], "answer": row["answer"]} for row in rows]
+
+
+def _pattern(template: str):
+    """A regex for one wording: ``{n}`` and ``{v}`` become named groups."""
+    import re
+    escaped = re.escape(template).replace(r"\{n\}", "(?P<n>.+?)").replace(r"\{v\}", "(?P<v>.+?)")
+    return re.compile(f"^{escaped}$")
+
+
+def answer_spans(question: str, answer: str) -> dict | None:
+    """Where the fact is in an answer this generator wrote: ``{"fact": (start, end), "name":
+    (start, end)}`` (character spans of the value and of the author's name), or None when the
+    question or the answer is not one of the generator's wordings. The question picks the kind
+    (birthplace, genre, ...); the answer is then matched against that kind's answer wordings and
+    its paraphrased wording; where several wordings match ("born in {v}" and "born in the year
+    {v}"), the shortest value wins."""
+    matches = []
+    for _, _, q, para_q, wordings, para_answer in _QUESTION_KINDS:
+        asked = _pattern(q).match(question) or _pattern(para_q).match(question)
+        if asked is None:
+            continue
+        for wording in (*wordings, para_answer):
+            found = _pattern(wording).match(answer)
+            if found is not None and found.group("n") == asked.group("n"):
+                matches.append(found)
+    if not matches:
+        return None
+    best = min(matches, key=lambda m: len(m.group("v")))
+    return {"fact": best.span("v"), "name": best.span("n")}

@@ -12,7 +12,9 @@ Layout of a cache folder:
                               sha256 of every file, complete flag (written last, so a
                               half-built cache is never used)
     {teacher}.rank{r}.pt      {"indices": example ids, "offsets": row offsets, "hidden": [n, H]}
-                              for the examples process r computed (example i on rank i % world)
+                              for the examples process r computed (example i on rank i % world);
+                              with ``row_lse``, also "lse": [n] float32, the logsumexp of each
+                              row's logits (for ``--teacher-boost logprobs``)
     {teacher}.head.pt         {"weight": [V, H], "bias": [V] or None}
 
 Rows are stored in the order ``rkld.models.supervised_positions`` yields them: position t of
@@ -26,6 +28,8 @@ Public API:
         None: absent, stale (another key), incomplete, corrupt or altered (said in one line)
     cache.rows(teacher, indices) -> [n, H] states for those examples, in order
     cache.head(teacher) -> (weight, bias)
+    cache.row_lse(teacher, indices, rows) -> [n] logsumexp of those rows' logits (stored when
+        the cache was built with ``row_lse``, else computed from ``rows``)
     LiveTeachers: the same interface, running the teacher models on each batch.
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .storage import (
     sha256_file,
 )
 from .strategies import strategy_for
+from .teacher_boost import row_logsumexp
 
 META = "meta.json"
 _REBUILD = "delete the teacher_cache folder, or resume, which rebuilds it"
@@ -77,6 +82,7 @@ class TeacherCache:
                     raise CorruptFileError(f"{path}: the teacher-cache file is missing or does "
                                            f"not match the checksum in {META}; {_REBUILD}")
         self._where = {}      # teacher -> {example index: (hidden tensor, start, end)}
+        self._lse = {}        # teacher -> {example index: (lse tensor, start, end)}, if stored
         self._heads = {}
         for teacher in self.meta["teachers"]:
             table = {}
@@ -86,6 +92,9 @@ class TeacherCache:
                 offsets = part["offsets"].tolist()
                 for j, index in enumerate(part["indices"].tolist()):
                     table[index] = (part["hidden"], offsets[j], offsets[j + 1])
+                    if "lse" in part:
+                        self._lse.setdefault(teacher, {})[index] = (part["lse"], offsets[j],
+                                                                    offsets[j + 1])
             self._where[teacher] = table
             head = load_torch(self.folder / f"{teacher}.head.pt", "a teacher-cache head file",
                               advice=_REBUILD)
@@ -111,13 +120,15 @@ class TeacherCache:
 
     @classmethod
     def build(cls, folder, examples: list, teachers: dict, key: dict, micro_batch_size: int,
-              pad_token_id: int, info: DistInfo, progress: bool = False) -> "TeacherCache":
+              pad_token_id: int, info: DistInfo, progress: bool = False,
+              row_lse: bool = False) -> "TeacherCache":
         """Run each teacher once over ``examples`` and store its states; return the cache.
 
         ``teachers`` maps a name to a function that loads the model (on ``info.device``);
         teachers are loaded one at a time and freed before the next, so the peak is one model
         (sharded over the processes under FSDP2). Every process computes the examples ``i``
-        with ``i % world_size == rank``.
+        with ``i % world_size == rank``. ``row_lse`` also stores the logsumexp of every row's
+        logits (one pass of the head over the stored states, after the model's).
         """
         folder = Path(folder)
         if info.is_main:
@@ -153,12 +164,14 @@ class TeacherCache:
                     if chunk:
                         rows, _ = supervised_positions(hidden, batch["labels"])
                         store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
-            part_name = f"{name}.rank{info.rank}.pt"
-            written[part_name] = atomic_torch_save(
-                {"indices": torch.tensor(mine, dtype=torch.long),
-                 "offsets": torch.tensor(offsets, dtype=torch.long), "hidden": store},
-                folder / part_name)
             weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
+            part = {"indices": torch.tensor(mine, dtype=torch.long),
+                    "offsets": torch.tensor(offsets, dtype=torch.long), "hidden": store}
+            if row_lse:
+                part["lse"] = row_logsumexp(store, weight.detach(),
+                                            None if bias is None else bias.detach()).cpu()
+            part_name = f"{name}.rank{info.rank}.pt"
+            written[part_name] = atomic_torch_save(part, folder / part_name)
             if info.is_main:
                 written[f"{name}.head.pt"] = atomic_torch_save(
                     {"weight": weight.detach().cpu().clone(),
@@ -186,6 +199,15 @@ class TeacherCache:
 
     def head(self, teacher: str):
         return self._heads[teacher]
+
+    def row_lse(self, teacher: str, indices: list, rows: torch.Tensor) -> torch.Tensor:
+        """The logsumexp of the logits of ``indices``' rows: stored ones when the cache holds
+        them, else computed from ``rows`` (the states of the same examples, in that order)."""
+        table = self._lse.get(teacher)
+        if table is None:
+            return row_logsumexp(rows, *self._heads[teacher])
+        parts = [table[i][0][table[i][1]:table[i][2]] for i in indices]
+        return torch.cat(parts).to(self.device, non_blocking=True)
 
     def nbytes(self) -> int:
         """Bytes of the cached states (memory-mapped, not resident) plus the heads (resident)."""
@@ -223,3 +245,7 @@ class LiveTeachers:
 
     def head(self, teacher: str):
         return self._heads[teacher]
+
+    def row_lse(self, teacher: str, indices: list, rows: torch.Tensor) -> torch.Tensor:
+        """The logsumexp of the logits of ``rows`` (computed, one head pass)."""
+        return row_logsumexp(rows, *self._heads[teacher])

@@ -6,8 +6,10 @@ Public API (each returns ``(output_dir, stats)``):
     strengthen(StrengthenConfig, on_epoch_end=None, on_step=None)
         the same NLL on the forget set: the strengthened model m_g
     unlearn(UnlearnConfig, on_epoch_end=None, on_step=None)
-        RKLD (default; teachers from the on-disk cache unless ``live_teachers``), its forward-KL
-        ablation, or gradient ascent, optionally with a retain term (+RT / +KL)
+        RKLD (default; teachers from the on-disk cache unless ``live_teachers``; the teacher's
+        boost on raw logits as in the paper, or on log-probabilities with
+        ``teacher_boost="logprobs"``, an extension), its forward-KL ablation, or gradient
+        ascent, optionally with a retain term (+RT / +KL)
     TrainingDiverged                   raised when a loss or gradient norm is not finite
 
 Callbacks: ``on_step(step, record)`` after every optimizer step (``record`` is the log line:
@@ -84,6 +86,7 @@ from .runs import (
 )
 from .storage import write_error
 from .strategies import strategy_for
+from .teacher_boost import extend_hidden, extended_weight
 from .teacher_cache import LiveTeachers, TeacherCache, supervised_count
 
 NLL_CHUNK = 4096   # rows of logits alive at once in the NLL (with recomputation in backward)
@@ -159,9 +162,13 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
                        "max_length": cfg.max_length, "template": cfg.template,
                        "dtype": cfg.dtype, "data": fingerprints}
                 if teacher_names:
+                    # --teacher-boost logprobs: the rows' logsumexps are cached with the states.
+                    row_lse = cfg.teacher_boost == "logprobs"
+                    forget_key = dict(key, row_lse=True) if row_lse else key
                     teachers = _teacher_cache(out / "teacher_cache" / "forget", examples,
-                                              {n: loaders[n] for n in teacher_names}, key, cfg,
-                                              info, tokenizer.pad_token_id)
+                                              {n: loaders[n] for n in teacher_names},
+                                              forget_key, cfg, info, tokenizer.pad_token_id,
+                                              row_lse=row_lse)
                 if cfg.retain_term == "kl":
                     retain_teachers = _teacher_cache(
                         out / "teacher_cache" / "retain", retain_examples,
@@ -230,6 +237,21 @@ class _UnlearnObjective:
         self.teachers = teachers
         self.retain_teachers = retain_teachers
         self.retain = cfg.retain_term != "none"
+        self._shifted_weight = None     # --teacher-boost logprobs: the strengthened head + shift
+
+    def _strengthened(self, indices, batch, original_rows):
+        """The strengthened head's input rows and weight. With ``teacher_boost="logprobs"``
+        its logits are shifted per row by ``-(lse_g - lse_o)``, so that the kernels' relu(g - o)
+        is relu(log_softmax(g) - log_softmax(o)) (:mod:`rkld.teacher_boost`)."""
+        weight, _ = self.teachers.head("strengthened")
+        rows = self.teachers.rows("strengthened", indices, batch)
+        if self.cfg.teacher_boost == "logits":
+            return rows, weight
+        shift = (self.teachers.row_lse("strengthened", indices, rows)
+                 - self.teachers.row_lse("original", indices, original_rows))
+        if self._shifted_weight is None:
+            self._shifted_weight = extended_weight(weight)
+        return extend_hidden(rows, shift), self._shifted_weight
 
     def __call__(self, model, indices, batch, retain_indices, retain_batch):
         from rkld_kernels import fused_linear_rkl_loss
@@ -239,9 +261,9 @@ class _UnlearnObjective:
             forget_sum = -head(_nll, rows, targets)
         else:
             original_w, original_b = self.teachers.head("original")
-            strengthened_w, strengthened_b = self.teachers.head("strengthened")
+            strengthened_b = self.teachers.head("strengthened")[1]
             original_rows = self.teachers.rows("original", indices, batch)
-            strengthened_rows = self.teachers.rows("strengthened", indices, batch)
+            strengthened_rows, strengthened_w = self._strengthened(indices, batch, original_rows)
 
             def rkld(weight, bias, rows):
                 return fused_linear_rkl_loss(
@@ -434,11 +456,12 @@ def _load_student(cfg: RunConfig, strategy, tokenizer, model=None):
     return model
 
 
-def _teacher_cache(folder: Path, examples, loaders: dict, key: dict, cfg, info, pad_token_id):
+def _teacher_cache(folder: Path, examples, loaders: dict, key: dict, cfg, info, pad_token_id,
+                   row_lse: bool = False):
     cache = TeacherCache.open(folder, key, info.device) if cfg.resume else None
     if cache is None:
         cache = TeacherCache.build(folder, examples, loaders, key, cfg.micro_batch_size,
-                                   pad_token_id, info, progress=cfg.progress)
+                                   pad_token_id, info, progress=cfg.progress, row_lse=row_lse)
     return cache
 
 

@@ -28,6 +28,38 @@ def test_unlearn_arguments_fill_the_config():
     assert cfg.tiny == {}
 
 
+def _rebuilt(command: str, config_class):
+    import shlex
+    words = shlex.split(command)
+    assert words[0] == "rkld"
+    return _config(config_class, build_parser().parse_args(words[1:]))
+
+
+def _result_settings(cfg) -> dict:
+    """The settings that shape a run's result (what a printed command must reproduce)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "overwrite",
+                                                                  "progress")}
+
+
+def test_command_line_rebuilds_the_config():
+    from rkld.cli import command_line
+    unlearn = UnlearnConfig(model="m", strengthened="s dir", out="o", alpha=24.0, lr=4e-4,
+                            epochs=6, batch_size=4, micro_batch_size=4, live_teachers=True,
+                            teacher_boost="logprobs", direction="forward", max_authors=7,
+                            dtype="bfloat16", overwrite=True, progress=False)
+    command = command_line("unlearn", unlearn.to_dict())
+    assert "--alpha 24.0" in command and "--lr 0.0004" in command and "'s dir'" in command
+    assert "--overwrite" not in command and "--weight-decay" not in command   # at its default
+    assert _result_settings(_rebuilt(command, UnlearnConfig)) == _result_settings(unlearn)
+    finetune = FinetuneConfig(model="tiny", out="t", split="full,world_facts", seed=3,
+                              tiny={"vocab_size": 1024, "hidden_size": 128,
+                                    "num_hidden_layers": 2, "intermediate_size": 344})
+    command = command_line("finetune", finetune.to_dict())
+    assert _result_settings(_rebuilt(command, FinetuneConfig)) == _result_settings(finetune)
+    with pytest.raises(ValueError, match="num_attention_heads have no rkld finetune option"):
+        command_line("finetune", dict(finetune.to_dict(), tiny={"num_attention_heads": 2}))
+
+
 def test_choices_are_enforced(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["unlearn", "--model", "m", "--out", "o", "--method", "npo"])

@@ -52,6 +52,36 @@ def test_demo_end_to_end_on_synthetic(tmp_path, capsys):
     record = json.loads((out / "demo.json").read_text())
     assert set(record["stages"]) == {"target", "retain", "strengthened", "rkld", "fkld", "ga"}
     assert len(record["checks"]) == 3
+    # The report's commands rebuild every model's configuration exactly as the demo ran it,
+    # and every evaluation's settings.
+    import shlex
+
+    from rkld.cli import _config, build_parser
+    from rkld.config import FinetuneConfig, StrengthenConfig, UnlearnConfig
+    classes = {"finetune": FinetuneConfig, "strengthen": StrengthenConfig,
+               "unlearn": UnlearnConfig}
+    for name, stage in record["stages"].items():
+        words = shlex.split(stage["eval_command"] if "command" not in stage else stage["command"])
+        args = build_parser().parse_args(words[1:])
+        if "command" in stage:
+            assert stage["command"] in report
+            run = json.loads((out / "models" / name / "run.json").read_text())
+            assert args.command == run["stage"]
+            rebuilt = _config(classes[args.command], args).to_dict()
+            skip = ("resume", "overwrite", "progress")
+            assert {k: v for k, v in rebuilt.items() if k not in skip} == \
+                {k: v for k, v in run["config"].items() if k not in skip}
+        if name in MODELS:
+            eval_args = build_parser().parse_args(shlex.split(stage["eval_command"])[1:])
+            assert (eval_args.model, eval_args.max_length, eval_args.max_new_tokens) == \
+                (str(out / "models" / name), 96, 8)
+            assert (eval_args.max_authors, eval_args.no_generation) == (10, False)
+            eval_report = (out / "eval" / name / "report.md").read_text()
+            assert stage["eval_command"] in eval_report
+            assert stage["command"] in eval_report     # from the model's run.json
+    # Strengthening takes well under a second here: reported with a decimal, not as "0 s".
+    import re
+    assert float(re.search(r"strengthening ([0-9.]+) s", report).group(1)) > 0
     # Every unlearning run recorded forget quality after each of its epochs.
     curve = json.loads((out / "models" / "rkld" / "epoch_curve.json").read_text())["curve"]
     assert [p["epoch"] for p in curve] == [1, 2]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rkld import evaluate, metrics
-from rkld.cli import main
+from rkld.cli import build_parser, main
 from rkld.data import collate, encode_qa, load_benchmark
 from rkld.evaluate import EvalConfig, evaluate_model
 from rkld.models import build_tiny_model
@@ -195,6 +195,16 @@ def test_eval_command_writes_and_reuses_or_refuses(tiny, cli_eval, capsys):
     captured = capsys.readouterr()
     assert "reusing" in captured.out
     assert json.loads((cli_eval / "TOFU_SUMMARY.json").read_text())["forget_quality"] == 1.0
+    # The report prints the command that computes these results (the reference included).
+    import shlex
+    command = json.loads((cli_eval / "EVAL_META.json").read_text())["command"]
+    assert command in (cli_eval / "report.md").read_text()
+    used = build_parser().parse_args(
+        ["eval", "--model", str(tiny["path"]), "--out", str(cli_eval), "--reference",
+         str(reference), *EVAL_ARGS])
+    printed = build_parser().parse_args(shlex.split(command)[1:])
+    assert {k: v for k, v in vars(printed).items() if k not in ("no_progress", "handler")} == \
+        {k: v for k, v in vars(used).items() if k not in ("no_progress", "handler")}
     # Another forget split (or generation length) in the same folder: refused, files untouched.
     before = (cli_eval / "TOFU_EVAL.json").read_bytes()
     args = [a if a != "forget10" else "forget05" for a in EVAL_ARGS]
