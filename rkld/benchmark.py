@@ -69,8 +69,10 @@ class Protocol:
     max_length: int = 128
     finetune_args: str = "--epochs 10 --lr 3e-3 --batch-size 32 --micro-batch-size 32"
     strengthen_args: str = "--epochs 10 --lr 3e-3 --batch-size 32 --micro-batch-size 32"
-    unlearn_args: str = ("--epochs 3 --lr 1e-4 --batch-size 4 --micro-batch-size 4 "
-                         "--stop-at-holdout --stop-check-every 5")
+    # Chosen with rkld sweep on data seed 0 / model seed 0: the largest RKLD forget quality
+    # whose model utility stayed >= 0.9 x the target's (see the README).
+    unlearn_args: str = ("--epochs 3 --lr 1e-4 --alpha 8 --batch-size 4 --micro-batch-size 4 "
+                         "--stop-at-holdout --stop-check-every 10")
     method_args: dict = field(default_factory=dict)   # name -> extra unlearn arguments
     max_new_tokens: int = 48
     threads: int = 1
@@ -363,7 +365,8 @@ def target_checks(rows: list, seeds: list) -> list:
     if not rkld:
         return []
     fq = [rkld[s]["fq_median"] for s in seeds if s in rkld]
-    lines = [f"RKLD median FQ {_f(statistics.median(fq))} ({'>=' if statistics.median(fq) >= 0.3 else '<'} 0.3), "
+    median = statistics.median(fq)
+    lines = [f"RKLD median FQ {_f(median)} ({'>=' if median >= 0.3 else '<'} 0.3), "
              f"worst {_f(min(fq))} ({'>=' if min(fq) >= 0.05 else '<'} 0.05) over {len(fq)} seeds"]
     mu = [rkld[s].get("mu_ratio") or 0.0 for s in seeds if s in rkld]
     rp = [rkld[s].get("retain_prob_ratio") or 0.0 for s in seeds if s in rkld]
