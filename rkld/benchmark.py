@@ -289,6 +289,28 @@ def measure(logs: dict, summary: dict, references: dict, target_row: dict | None
     return row
 
 
+def stage_times(runner: "Runner") -> dict:
+    """From the run records and evaluation metadata of every model the runner used: the summed
+    seconds of training stages and of evaluations, and the span from the first stage's start to
+    the last one's finish (wall clock, whichever process ran them)."""
+    from datetime import datetime
+    train, starts, ends, evaluation = 0.0, [], [], 0.0
+    for key in runner.own:
+        record = json.loads((runner.out / key / "run.json").read_text())
+        if record.get("started") and record.get("finished"):
+            start = datetime.fromisoformat(record["started"])
+            end = datetime.fromisoformat(record["finished"])
+            train += (end - start).total_seconds()
+            starts.append(start)
+            ends.append(end)
+        meta = runner.out / "eval" / Path(key).relative_to("models") / "EVAL_META.json"
+        if meta.is_file():
+            evaluation += json.loads(meta.read_text()).get("wall_seconds") or 0.0
+    span = (max(ends) - min(starts)).total_seconds() if starts else None
+    return {"train_seconds": train, "eval_seconds": evaluation, "span_seconds": span,
+            "models": len(runner.own)}
+
+
 def retain_pairs(references: dict) -> list:
     """Forget quality of each retain model against each other one: the noise level."""
     from . import metrics
@@ -564,6 +586,7 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
         checks = target_checks(rows, seeds)
         weak = [s for s in seeds if targets[s].get("weak")]
         n_questions = len(_benchmark(protocol).split(f"{protocol.forget}_perturbed"))
+        times = stage_times(runner)
         commands = {key: runner.commands(key) for key in runner.own
                     if key.rsplit("/", 1)[-1] not in ("strengthened",)}
         text = "\n".join([
@@ -584,9 +607,12 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
             "", summary_table(rows, names), "", "Targets:", "",
             *[f"- {line}" for line in checks], "",
             "Per seed:", "", seed_table(rows), "",
-            f"Wall time {elapsed:.0f} s for the whole benchmark including reused stages' "
-            f"absence (load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at "
-            f"the end; {protocol.threads} torch thread).", "",
+            f"Time: {times['models']} trained models, {times['train_seconds']:.0f} s of "
+            f"training stages and {times['eval_seconds']:.0f} s of evaluation summed (the last "
+            f"run of each); first stage start to last finish {_f(times['span_seconds'], 0)} s "
+            f"of wall clock; this command {elapsed:.0f} s (stages it reused not included; "
+            f"load average {load[0]:.1f} at its start, {os.getloadavg()[0]:.1f} at its end; "
+            f"{protocol.threads} torch thread per process).", "",
             "![FQ vs MU](benchmark_fq_vs_mu.png)", "",
             "![FQ per seed](benchmark_fq_per_seed.png)", "",
             "## Commands that rebuild each model", "",
@@ -596,6 +622,7 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
         result = {"protocol": asdict(protocol), "seeds": seeds, "methods": methods,
                   "rows": rows, "retain_vs_retain_fq": noise, "checks": checks,
                   "weak_seeds": weak, "seconds": elapsed, "stage_seconds": runner.seconds,
+                  "times": times,
                   "load_average": [load, os.getloadavg()], "commands": commands}
         (out / "benchmark.json").write_text(json.dumps(result, indent=1, default=str))
         print(summary_table(rows, names))
