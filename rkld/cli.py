@@ -45,10 +45,16 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
                    help="Hugging Face model folder or hub name; 'tiny' builds a small Llama with "
                         "a tokenizer trained on the data (finetune/strengthen only)")
     g.add_argument("--data", default=d("data"),
-                   help="'synthetic', 'tofu' (hub), a folder of TOFU JSON files, or a .txt/.jsonl "
+                   help="'synthetic' (or 'synthetic:phrasings=K': every fact trained in K "
+                        "wordings), 'tofu' (hub), a folder of TOFU JSON files, or a .txt/.jsonl "
                         "corpus (default: %(default)s)")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--seed", type=int, default=d("seed"))
+    g.add_argument("--seed", type=int, default=d("seed"),
+                   help="model seed: initialisation of a tiny model and example order "
+                        "(default: %(default)s)")
+    g.add_argument("--data-seed", type=int, default=d("data_seed"),
+                   help="which synthetic benchmark is generated; no effect on other data "
+                        "(default: %(default)s)")
     g.add_argument("--max-authors", type=int, default=None,
                    help="keep this many authors (TOFU layout), e.g. to fit TOFU on a CPU")
     g.add_argument("--max-length", type=int, default=d("max_length"), help="tokens per example")
@@ -192,7 +198,19 @@ def register_unlearn(subparsers) -> None:
     u.add_argument("--strengthened", default=None, help="the strengthened model's folder")
     u.add_argument("--forget", default=_default(UnlearnConfig, "forget"))
     u.add_argument("--method", default=_default(UnlearnConfig, "method"), choices=METHODS,
-                   help="rkld, or ga (gradient ascent baseline)")
+                   help="rkld; or a baseline: ga (gradient ascent), graddiff (gradient ascent "
+                        "plus NLL on the retain split), npo (negative preference optimisation "
+                        "against the original model)")
+    u.add_argument("--npo-beta", type=float, default=_default(UnlearnConfig, "npo_beta"),
+                   help="NPO's beta (default: %(default)s)")
+    u.add_argument("--stop-at-holdout", action="store_true",
+                   help="stop at the first check where the forget questions' answer "
+                        "probability falls to that of the held-out authors (holdoutNN), which "
+                        "no model trained on; never looks at the retain model")
+    u.add_argument("--stop-check-every", type=int,
+                   default=_default(UnlearnConfig, "stop_check_every"),
+                   help="with --stop-at-holdout: check every N optimizer steps as well as at "
+                        "epoch ends (default: %(default)s = epoch ends only)")
     u.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
     u.add_argument("--temperature", type=float, default=_default(UnlearnConfig, "temperature"))
     u.add_argument("--direction", default=_default(UnlearnConfig, "direction"), choices=DIRECTIONS,
@@ -249,7 +267,7 @@ def _epoch_evaluator(args, cfg):
                          "training does not hold; unlearn without --lora")
     from .data import load_benchmark
     from .evaluate import EpochEvaluator, EvalConfig
-    benchmark = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    benchmark = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
     config = EvalConfig(forget_split=cfg.forget, generation=args.eval_generation,
                         max_new_tokens=args.eval_max_new_tokens, max_length=cfg.max_length,
                         template=cfg.template, progress=cfg.progress)
@@ -271,7 +289,9 @@ def register_eval(subparsers) -> None:
                         help="the retain model's TOFU_EVAL.json; without it forget quality is "
                              "reported as unavailable")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
+                        help="which synthetic benchmark (the --data-seed of the runs; --seed is "
+                             "an older name for it) (default: %(default)s)")
     parser.add_argument("--max-authors", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=200,
                         help="greedy generation length for ROUGE (default: %(default)s)")
@@ -288,13 +308,17 @@ def register_eval(subparsers) -> None:
 
     def handler(args):
         from .evaluate import EvalConfig, run_eval
+        from .runs import data_mismatches
+        for line in data_mismatches(args.model, args.data, args.data_seed, args.max_authors):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"rkld eval: warning: {line}", file=sys.stderr)
         config = EvalConfig(forget_split=args.forget, generation=not args.no_generation,
                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                             template=args.template, batch_size=args.batch_size,
                             generation_batch_size=args.generation_batch_size,
                             progress=not args.no_progress)
         summary = run_eval(args.model, args.data, args.out, config=config,
-                           reference=args.reference, seed=args.seed,
+                           reference=args.reference, seed=args.data_seed,
                            max_authors=args.max_authors, overwrite=args.overwrite)
         if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
             print(json.dumps({"out": args.out, **summary}, indent=1))
@@ -356,7 +380,11 @@ def register_demo(subparsers) -> None:
     parser.add_argument("--out", default="rkld_demo", help="output folder (default: %(default)s)")
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' or a folder of TOFU JSON files (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model seed: initialisation and example order (default: "
+                             "%(default)s)")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="which synthetic benchmark (default: %(default)s)")
     parser.add_argument("--max-authors", type=int, default=None,
                         help="authors to keep (default: all for synthetic, 10 for a folder)")
     parser.add_argument("--threads", type=int, default=1,
@@ -367,8 +395,108 @@ def register_demo(subparsers) -> None:
     def handler(args):
         from .demo import DemoConfig, run_demo
         run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,
+                            data_seed=args.data_seed,
                             max_authors=args.max_authors, threads=args.threads,
                             progress=not args.no_progress))
+        return 0
+    parser.set_defaults(handler=handler)
+
+
+def _add_protocol(parser: argparse.ArgumentParser) -> None:
+    """Options rkld sweep and rkld benchmark share (rkld.benchmark.Protocol's fields)."""
+    from .benchmark import METHODS, Protocol
+    d = lambda name: _default(Protocol, name)  # noqa: E731
+    p = parser.add_argument_group("protocol")
+    p.add_argument("--out", required=True, help="output folder (reused: finished stages with "
+                   "the same command are not run again)")
+    p.add_argument("--data", default=d("data"), help="(default: %(default)s)")
+    p.add_argument("--data-seed", type=int, default=None, help="which synthetic benchmark")
+    p.add_argument("--max-authors", type=int, default=d("max_authors"),
+                   help="authors (default: %(default)s: forget10 holds 10 of them, 100 questions)")
+    p.add_argument("--forget", default=d("forget"), help="(default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds")
+    p.add_argument("--retain-seeds", type=int, nargs="+", default=list(d("retain_seeds")),
+                   help="seeds of the k reference retain models (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   choices=[name for name, _ in METHODS], help="methods to run")
+    p.add_argument("--unlearn-args", default=d("unlearn_args"),
+                   help="rkld unlearn arguments every method shares (default: %(default)r)")
+    p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
+                   help="extra rkld unlearn arguments for one method, e.g. "
+                        "rkld='--alpha 8 --lr 3e-4' (repeatable)")
+    p.add_argument("--finetune-args", default=d("finetune_args"),
+                   help="rkld finetune arguments of the target and retain models "
+                        "(default: %(default)r)")
+    p.add_argument("--strengthen-args", default=d("strengthen_args"),
+                   help="(default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=d("max_new_tokens"),
+                   help="greedy generation length for ROUGE (default: %(default)s; the "
+                        "synthetic answers are under 30 tokens)")
+    p.add_argument("--threads", type=int, default=d("threads"))
+    p.add_argument("--allow-weak", action="store_true",
+                   help="go on when the untouched target already passes FQ > 0.05 (the "
+                        "tables are flagged)")
+
+
+def _protocol(args, default_data_seed: int):
+    from .benchmark import Protocol
+    method_args = {}
+    for item in args.method_args:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--method-args {item!r}: expected METHOD=ARGS, e.g. "
+                             f"rkld='--alpha 8'")
+        method_args[name.strip()] = value
+    return Protocol(out=args.out, data=args.data,
+                    data_seed=default_data_seed if args.data_seed is None else args.data_seed,
+                    max_authors=args.max_authors, forget=args.forget,
+                    retain_seeds=tuple(args.retain_seeds), unlearn_args=args.unlearn_args,
+                    method_args=method_args, finetune_args=args.finetune_args,
+                    strengthen_args=args.strengthen_args, max_new_tokens=args.max_new_tokens,
+                    threads=args.threads, allow_weak=args.allow_weak)
+
+
+def register_sweep(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="a grid over unlearn flags on tuning seeds: table and FQ-vs-MU frontier",
+        description="Run every method in --methods with every combination of --grid on the "
+                    "tuning seeds (data seed 0 and model seed 0 by default, which rkld benchmark "
+                    "does not report); write sweep.md, sweep.json and sweep_frontier.png.")
+    _add_protocol(parser)
+    parser.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+                        help="an rkld unlearn flag and its values, e.g. --grid lr=1e-4,3e-4 "
+                             "--grid alpha=8,24 --grid epochs=2,4 (repeatable)")
+
+    def handler(args):
+        from .benchmark import WeakBenchmark, run_sweep
+        try:
+            run_sweep(_protocol(args, 0), args.seeds or [0], args.methods or ["rkld"],
+                      args.grid)
+        except WeakBenchmark as err:
+            print(f"rkld sweep: benchmark too weak: {err}", file=sys.stderr)
+            return 1
+        return 0
+    parser.set_defaults(handler=handler)
+
+
+def register_benchmark(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="the chosen settings on fresh seeds for rkld, fkld, ga, npo, "
+                          "graddiff: one table (median and worst case), plots",
+        description="Train k retain models and, per model seed, a target and its strengthened "
+                    "model; refuse a benchmark whose untouched target already passes FQ > 0.05; "
+                    "unlearn with every method; evaluate; write benchmark.md (tables, targets, "
+                    "the commands that rebuild every model), benchmark.json and plots.")
+    _add_protocol(parser)
+
+    def handler(args):
+        from .benchmark import METHODS, WeakBenchmark, run_benchmark
+        try:
+            run_benchmark(_protocol(args, 1), args.seeds or [1, 2, 3, 4, 5],
+                          args.methods or [name for name, _ in METHODS])
+        except WeakBenchmark as err:
+            print(f"rkld benchmark: benchmark too weak: {err}", file=sys.stderr)
+            return 1
         return 0
     parser.set_defaults(handler=handler)
 
@@ -399,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(subparsers)
     register_inspect_teacher(subparsers)
     register_demo(subparsers)
+    register_sweep(subparsers)
+    register_benchmark(subparsers)
     register_memory(subparsers)
     return parser
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("rkld", "ga")
+# rkld: distillation from o - alpha * relu(g - o); ga: gradient ascent; graddiff: gradient
+# ascent on the forget set plus NLL on the retain set (ga with the +RT retain term); npo:
+# negative preference optimisation against the original model (its log-probabilities come from
+# the same teacher cache as RKLD's teachers).
+METHODS = ("rkld", "ga", "graddiff", "npo")
 DIRECTIONS = ("reverse", "forward")
 RETAIN_TERMS = ("none", "nll", "kl")
 PARALLEL = ("auto", "none", "ddp", "fsdp", "zero3")
@@ -44,7 +48,9 @@ class RunConfig:
     """What every training stage shares.
 
     ``batch_size`` is the effective batch (examples per optimizer step over all processes);
-    ``micro_batch_size`` is what one process runs at once. ``save_every`` writes a checkpoint
+    ``micro_batch_size`` is what one process runs at once. ``seed`` sets the initialisation of a
+    tiny model and the order of the examples; ``data_seed`` which synthetic benchmark is
+    generated (it means nothing for other data). ``save_every`` writes a checkpoint
     every that many optimizer steps (0: only at epoch ends, which always happens).
     ``model="tiny"`` builds a small Llama (``tiny`` overrides its configuration, see
     ``rkld.models.TINY_DEFAULTS``) with a tokenizer trained on the benchmark's text.
@@ -53,6 +59,7 @@ class RunConfig:
     out: str
     data: str = "synthetic"
     seed: int = 0
+    data_seed: int = 0
     max_authors: int | None = None
     max_length: int = 512
     template: str = "auto"
@@ -125,12 +132,20 @@ class UnlearnConfig(RunConfig):
 
     ``method="rkld"`` distils from the teacher ``o - alpha * relu(g - o)`` built from ``model``
     and ``strengthened`` (reverse KL, or forward KL with ``direction="forward"``);
-    ``method="ga"`` is gradient ascent on the forget answers. ``retain_term`` adds, with weight
+    ``method="ga"`` is gradient ascent on the forget answers, ``"graddiff"`` the same plus NLL on
+    the retain split, ``"npo"`` negative preference optimisation (per answer,
+    ``(2 / npo_beta) * softplus(npo_beta * (log pi(a|q) - log pi_original(a|q)))``, averaged
+    with the answers' token counts as weights). ``retain_term`` adds, with weight
     1, NLL on the retain split ("+RT") or forward KL to the original model on it ("+KL").
     Teachers come from an on-disk cache of their final hidden states unless ``live_teachers``.
     ``teacher_boost="logprobs"`` (an extension of the paper, see :mod:`rkld.teacher_boost`)
     measures the boost as ``relu(log_softmax(g) - log_softmax(o))`` instead of the paper's
     ``relu(g - o)`` (``"logits"``, the default).
+
+    ``stop_at_holdout`` ends training at the first check (every ``stop_check_every`` optimizer
+    steps, and at every epoch end) where the student's mean answer probability on the forget
+    questions has fallen to its probability on the held-out authors (``holdoutNN``), which no
+    model was trained on: a stopping rule that never looks at the retain model.
     """
     strengthened: str | None = None
     forget: str = "forget10"
@@ -143,10 +158,30 @@ class UnlearnConfig(RunConfig):
     chunk_size: int | None = None
     backend: str = "auto"
     teacher_boost: str = "logits"
+    npo_beta: float = 0.1
+    stop_at_holdout: bool = False
+    stop_check_every: int = 0
+
+    @property
+    def effective_retain_term(self) -> str:
+        """The retain term the objective uses: graddiff's is NLL."""
+        if self.method == "graddiff" and self.retain_term == "none":
+            return "nll"
+        return self.retain_term
 
     def validate(self) -> None:
         super().validate()
         check_boost(self.teacher_boost)
+        if self.method == "graddiff" and self.retain_term not in ("none", "nll"):
+            raise ValueError(f"method 'graddiff' is gradient ascent with the NLL retain term; "
+                             f"got retain_term {self.retain_term!r} (use none or nll)")
+        _check_finite({"npo_beta": self.npo_beta})
+        if not self.npo_beta > 0:
+            raise ValueError(f"npo_beta must be > 0; got {self.npo_beta!r}")
+        if isinstance(self.stop_check_every, bool) or not isinstance(self.stop_check_every, int) \
+                or self.stop_check_every < 0:
+            raise ValueError(f"stop_check_every must be an integer >= 0 (0: at epoch ends "
+                             f"only); got {self.stop_check_every!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.direction not in DIRECTIONS:

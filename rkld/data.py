@@ -4,7 +4,11 @@ Public API:
     load_benchmark(data, seed=0, max_authors=None) -> Benchmark
         ``data`` is one of
         - ``"synthetic"``: the built-in fictitious-authors benchmark (``rkld.synthetic``),
-          20 authors x 10 QA by default (``max_authors`` changes the number of authors);
+          20 authors x 10 QA by default (``max_authors`` changes the number of authors), plus
+          held-out authors (``holdoutNN``, as many as ``forgetNN`` has) that no split trains
+          on; ``"synthetic:phrasings=3"`` trains on every fact in 3 wordings (its rows in
+          ``full`` / ``forgetNN`` / ``retainNN`` are question x wording; the evaluation splits
+          keep one row per question, in a wording never trained on);
         - ``"tofu"``: the hub dataset ``locuslab/TOFU`` through ``datasets`` (network needed);
         - a folder of TOFU-format JSON files (``full.json``, ``forget10_perturbed.json``, ...);
         - a plain-text corpus: a ``.txt`` file (one document) or a ``.jsonl`` file whose lines
@@ -40,8 +44,9 @@ last NN % of the authors (at least one), ``retainNN`` the others; ``forgetNN_per
 evaluation fields (``paraphrased_question``, ``paraphrased_answer``, ``perturbed_answer``);
 ``retain_perturbed`` are the first 10 % of the authors with the evaluation fields;
 ``real_authors_perturbed`` and ``world_facts_perturbed`` hold general-knowledge questions with
-three wrong answers each. With 20 synthetic authors: forget01 and forget05 are the last author,
-forget10 the last two.
+three wrong answers each; ``holdoutNN`` (TOFU's files and the synthetic benchmark) are authors
+outside ``full``, as many as ``forgetNN`` holds. With 20 synthetic authors: forget01 and
+forget05 are the last author, forget10 the last two.
 """
 from __future__ import annotations
 
@@ -124,8 +129,8 @@ def load_benchmark(data: str, seed: int = 0, max_authors: int | None = None) -> 
     if max_authors is not None and max_authors < 1:
         raise ValueError(f"max_authors must be >= 1 or None; got {max_authors}")
     data = str(data)
-    if data == "synthetic":
-        return _synthetic_benchmark(seed, max_authors)
+    if data == "synthetic" or data.startswith("synthetic:"):
+        return _synthetic_benchmark(seed, max_authors, **_synthetic_options(data))
     if data == "tofu":
         return _hub_benchmark(max_authors)
     path = Path(data).expanduser()
@@ -144,13 +149,50 @@ def load_benchmark(data: str, seed: int = 0, max_authors: int | None = None) -> 
                      f".jsonl; got suffix {path.suffix!r}")
 
 
-def _synthetic_benchmark(seed: int, max_authors: int | None) -> Benchmark:
-    raw = generate_synthetic(seed=seed, n_authors=max_authors or 20)
-    qa_per_author = len(raw["authors"]) // (max_authors or 20)
+SYNTHETIC_OPTIONS = ("phrasings",)
+
+
+def _synthetic_options(data: str) -> dict:
+    """``synthetic:phrasings=3`` -> ``{"phrasings": 3}`` (integers only)."""
+    options = {}
+    for item in filter(None, data.partition(":")[2].split(",")):
+        name, _, value = item.partition("=")
+        if name not in SYNTHETIC_OPTIONS or not value.strip().isdigit():
+            raise ValueError(f"--data {data!r}: expected 'synthetic' or 'synthetic:NAME=INT,...' "
+                             f"with NAME in {', '.join(SYNTHETIC_OPTIONS)}; got {item!r}")
+        options[name] = int(value)
+    return options
+
+
+def _synthetic_benchmark(seed: int, max_authors: int | None, phrasings: int = 1) -> Benchmark:
+    n_authors = max_authors or 20
+    raw = generate_synthetic(seed=seed, n_authors=n_authors, phrasings=phrasings,
+                             n_holdout=_forget_author_count(n_authors, 10))
+    qa_per_author = len(raw["authors"]) // n_authors
     splits = _author_splits(raw["authors"], qa_per_author, "synthetic")
+    for forget in FORGET_SPLITS:
+        n_holdout = _forget_author_count(n_authors, int(forget[-2:])) * qa_per_author
+        splits[forget.replace("forget", "holdout")] = [
+            {"question": r["question"], "answer": r["answer"]}
+            for r in raw["holdout_authors"][:n_holdout]]
     for name in ("real_authors", "real_authors_perturbed", "world_facts", "world_facts_perturbed"):
         splits[name] = raw[name]
-    return Benchmark("synthetic", splits, qa_per_author)
+    name = "synthetic" if phrasings == 1 else f"synthetic:phrasings={phrasings}"
+    return Benchmark(name, splits, qa_per_author)
+
+
+def holdout_split_for(forget_split: str) -> str:
+    """The held-out authors matching a forget split: ``forget10`` -> ``holdout10``."""
+    if forget_split not in FORGET_SPLITS:
+        raise ValueError(f"no holdout split is defined for {forget_split!r}; expected one of "
+                         f"{', '.join(FORGET_SPLITS)}")
+    return forget_split.replace("forget", "holdout")
+
+
+def _qa_rows(rows: list) -> list:
+    """Training rows: question and answer, one row per training wording (``train_answers``)."""
+    return [{"question": r["question"], "answer": answer}
+            for r in rows for answer in r.get("train_answers", [r["answer"]])]
 
 
 def _forget_author_count(n_authors: int, percent: int) -> int:
@@ -166,16 +208,15 @@ def _author_splits(rows: list, qa_per_author: int, source: str) -> dict:
         raise ValueError(f"{source}: {len(rows)} rows is not a whole number of authors of "
                          f"{qa_per_author} questions each")
     n_authors = len(rows) // qa_per_author
-    qa = [{"question": r["question"], "answer": r["answer"]} for r in rows]
-    splits = {"full": qa}
+    splits = {"full": _qa_rows(rows)}
     for forget in FORGET_SPLITS:
         n_forget = _forget_author_count(n_authors, int(forget[-2:])) * qa_per_author
         if n_forget >= len(rows):
             raise ValueError(f"{source}: {forget} would hold all {n_authors} authors; "
                              f"use more authors")
-        splits[forget] = qa[-n_forget:]
+        splits[forget] = _qa_rows(rows[-n_forget:])
         splits[f"{forget}_perturbed"] = _with_eval_fields(rows[-n_forget:], source)
-        splits[retain_split_for(forget)] = qa[:-n_forget]
+        splits[retain_split_for(forget)] = _qa_rows(rows[:-n_forget])
     n_retain_perturbed = _forget_author_count(n_authors, RETAIN_PERTURBED_PERCENT) * qa_per_author
     splits["retain_perturbed"] = _with_eval_fields(rows[:n_retain_perturbed], source)
     return splits
@@ -187,7 +228,7 @@ def _with_eval_fields(rows: list, source: str) -> list:
         if missing:
             raise ValueError(f"{source}: the row for question {row['question']!r} lacks "
                              f"{', '.join(missing)}, needed for the evaluation splits")
-    return rows
+    return [{k: v for k, v in row.items() if k != "train_answers"} for row in rows]
 
 
 def read_json_rows(path: Path) -> list:
@@ -263,7 +304,9 @@ def _tofu_author_subset(raw: dict, max_authors: int, source: str) -> Benchmark:
             by_question.update({r["question"]: r for r in rows if "paraphrased_answer" in r})
     rows = [by_question.get(r["question"], r) for r in kept]
     splits = _author_splits(rows, per, source)
-    for name in ("real_authors", "real_authors_perturbed", "world_facts", "world_facts_perturbed"):
+    holdout = ["holdout" + forget[-2:] for forget in FORGET_SPLITS]
+    for name in ("real_authors", "real_authors_perturbed", "world_facts", "world_facts_perturbed",
+                 *holdout):
         if name in raw:
             splits[name] = raw[name]
     return Benchmark(f"{source} ({max_authors} authors)", splits, per)

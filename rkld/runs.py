@@ -400,3 +400,41 @@ def kept_log(log_path: Path, step: int) -> list:
         if record["step"] <= step:
             kept.append(line)
     return kept
+
+
+# --------------------------------------------------------------------------- evaluation data
+
+def data_mismatches(model_dir, data: str, data_seed: int, max_authors) -> list:
+    """How the data an evaluation uses differs from the data ``model_dir``'s run trained on,
+    read from its ``run.json`` (none without one): one line per difference.
+
+    A run recorded before ``data_seed`` existed chose the synthetic benchmark by ``seed``.
+    """
+    path = Path(str(model_dir)) / RUN_RECORD
+    if not path.is_file():
+        return []
+    try:
+        config = json.loads(path.read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return [f"{path} is unreadable, so the data it was trained on is unknown"]
+    lines = []
+    recorded = config.get("data")
+    if recorded is not None and not _same_data(str(recorded), str(data)):
+        lines.append(f"benchmark: the model was trained on --data {recorded}, this evaluation "
+                     f"uses {data}")
+    synthetic = str(data).startswith("synthetic")
+    seed = config.get("data_seed", config.get("seed"))
+    if synthetic and seed is not None and seed != data_seed:
+        lines.append(f"data seed: the model was trained on synthetic benchmark {seed}, this "
+                     f"evaluation uses {data_seed} (pass --data-seed {seed})")
+    if "max_authors" in config and config.get("max_authors") != max_authors:
+        lines.append(f"authors: the model was trained with --max-authors "
+                     f"{config.get('max_authors')}, this evaluation uses {max_authors}")
+    return lines
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -1,18 +1,26 @@
 """A built-in fictitious-authors benchmark in TOFU's format, small enough for a CPU demo.
 
 Public API:
-    generate_synthetic(seed=0, n_authors=20, qa_per_author=10, n_general=20) -> dict
+    generate_synthetic(seed=0, n_authors=20, qa_per_author=10, n_general=20, n_holdout=0,
+                       phrasings=1) -> dict
         The raw splits, before ``rkld.data`` derives forget/retain splits from them:
         ``authors`` (every author's QA with all TOFU evaluation fields, author by author),
-        ``real_authors_perturbed`` and ``world_facts_perturbed`` (question, answer, 3 perturbed
-        answers), ``real_authors`` and ``world_facts`` (question, answer).
+        ``holdout_authors`` (``n_holdout`` further authors in the same format, which no model
+        trains on: TOFU's holdout sets), ``real_authors_perturbed`` and
+        ``world_facts_perturbed`` (question, answer, 3 perturbed answers), ``real_authors`` and
+        ``world_facts`` (question, answer).
 
 Every author gets ``qa_per_author`` questions about invented attributes (birthplace, year,
 genre, parents' jobs, books, awards, ...). Each question comes with TOFU's fields: ``question``,
 ``answer``, ``paraphrased_question``, ``paraphrased_answer`` and ``perturbed_answer`` (three
 answers with the paraphrased wording and a wrong value), so the truth ratio compares like with
 like. Answers are one short templated sentence whose wording varies from author to author, so a
-model of a few hundred thousand parameters can learn them in a few epochs.
+model of a few hundred thousand parameters can learn them in a few epochs. With
+``phrasings=k > 1`` every author row also carries ``train_answers``: the fact in up to k of its
+kind's answer wordings (the row's ``answer`` first), which ``rkld.data`` turns into that many
+training rows, so a model learns the fact rather than one string. The paraphrased and perturbed
+answers use a wording that is never among the training wordings, so the truth ratio asks
+whether the fact carries over to new wording.
 
 The "real authors" and "world facts" analogues play the part of knowledge a pretrained model
 brings along: they concern a separate set of famous invented writers and an invented geography,
@@ -119,7 +127,8 @@ def _author(rng: random.Random, name: str, title: str) -> dict:
             "hobby": rng.choice(HOBBIES), "debut": str(year + rng.randint(19, 40))}
 
 
-def _author_qa(rng: random.Random, author: dict, qa_per_author: int, all_titles: list) -> list:
+def _author_qa(rng: random.Random, author: dict, qa_per_author: int, all_titles: list,
+               phrasings: int = 1) -> list:
     rows = []
     name = author["name"]
     for kind in _QUESTION_KINDS[:qa_per_author]:
@@ -131,13 +140,18 @@ def _author_qa(rng: random.Random, author: dict, qa_per_author: int, all_titles:
             wrong = _others(rng, all_titles, value)
         else:
             wrong = _others(rng, pool, value)
-        rows.append({
+        wording = rng.choice(wordings)
+        row = {
             "question": question.format(n=name),
-            "answer": rng.choice(wordings).format(n=name, v=value),
+            "answer": wording.format(n=name, v=value),
             "paraphrased_question": para_question.format(n=name),
             "paraphrased_answer": para_answer.format(n=name, v=value),
             "perturbed_answer": [para_answer.format(n=name, v=w) for w in wrong],
-        })
+        }
+        if phrasings > 1:   # no further random draws: phrasings=1 data stays what it was
+            others = [w for w in wordings if w != wording][:phrasings - 1]
+            row["train_answers"] = [w.format(n=name, v=value) for w in [wording, *others]]
+        rows.append(row)
     return rows
 
 
@@ -169,8 +183,9 @@ def _world_facts(rng: random.Random, count: int, taken: set) -> list:
 
 
 def generate_synthetic(seed: int = 0, n_authors: int = 20, qa_per_author: int = 10,
-                       n_general: int = 20) -> dict:
-    """Generate the raw synthetic splits (see the module docstring). Deterministic in ``seed``."""
+                       n_general: int = 20, n_holdout: int = 0, phrasings: int = 1) -> dict:
+    """Generate the raw synthetic splits (see the module docstring). Deterministic in ``seed``;
+    ``n_holdout`` and ``phrasings`` leave the other splits as they are without them."""
     if n_authors < 1:
         raise ValueError(f"n_authors must be >= 1; got {n_authors}")
     if not 1 <= qa_per_author <= MAX_QA_PER_AUTHOR:
@@ -179,6 +194,10 @@ def generate_synthetic(seed: int = 0, n_authors: int = 20, qa_per_author: int = 
     if n_general < 4:
         raise ValueError(f"n_general must be >= 4 (each question needs 3 wrong answers); "
                          f"got {n_general}")
+    if n_holdout < 0:
+        raise ValueError(f"n_holdout must be >= 0; got {n_holdout}")
+    if phrasings < 1:
+        raise ValueError(f"phrasings must be >= 1; got {phrasings}")
     rng = random.Random(seed)
     taken: set = set()
     names = _unique(rng, lambda r: f"{_name_part(r)} {_name_part(r)}", n_authors, taken)
@@ -186,11 +205,19 @@ def generate_synthetic(seed: int = 0, n_authors: int = 20, qa_per_author: int = 
     titles = _unique(rng, _title, max(n_authors, 4), taken)
     rows = []
     for name, title in zip(names, titles):
-        rows.extend(_author_qa(rng, _author(rng, name, title), qa_per_author, titles))
+        rows.extend(_author_qa(rng, _author(rng, name, title), qa_per_author, titles, phrasings))
     real = _real_authors(rng, n_general, taken)
     world = _world_facts(rng, n_general, taken)
-    return {"authors": rows, "real_authors_perturbed": real, "world_facts_perturbed": world,
-            "real_authors": _question_answer(real), "world_facts": _question_answer(world)}
+    # Held-out authors come last, so that adding them changes no other split.
+    holdout = []
+    holdout_names = _unique(rng, lambda r: f"{_name_part(r)} {_name_part(r)}", n_holdout, taken)
+    holdout_titles = _unique(rng, _title, n_holdout, taken)
+    for name, title in zip(holdout_names, holdout_titles):
+        holdout.extend(_author_qa(rng, _author(rng, name, title), qa_per_author,
+                                  titles + holdout_titles, phrasings))
+    return {"authors": rows, "holdout_authors": holdout, "real_authors_perturbed": real,
+            "world_facts_perturbed": world, "real_authors": _question_answer(real),
+            "world_facts": _question_answer(world)}
 
 
 def _question_answer(rows: list) -> list:

@@ -8,8 +8,9 @@ Public API (each returns ``(output_dir, stats)``):
     unlearn(UnlearnConfig, on_epoch_end=None, on_step=None)
         RKLD (default; teachers from the on-disk cache unless ``live_teachers``; the teacher's
         boost on raw logits as in the paper, or on log-probabilities with
-        ``teacher_boost="logprobs"``, an extension), its forward-KL ablation, or gradient
-        ascent, optionally with a retain term (+RT / +KL)
+        ``teacher_boost="logprobs"``, an extension), its forward-KL ablation, gradient ascent,
+        GradDiff or NPO, optionally with a retain term (+RT / +KL), optionally stopped by the
+        held-out rule (``stop_at_holdout``, rkld.stopping)
     TrainingDiverged                   raised when a loss or gradient norm is not finite
 
 Callbacks: ``on_step(step, record)`` after every optimizer step (``record`` is the log line:
@@ -115,13 +116,16 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
               "the strengthened model (--strengthened)": cfg.strengthened,
               "the data (--data)": cfg.data}
     out = check_output(cfg, "unlearn", inputs, info)
-    bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    bench = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
     forget_rows = _split_rows(bench, cfg.forget, "forget set")
     retain_split = None
-    if cfg.retain_term != "none":
+    retain_term = cfg.effective_retain_term
+    if retain_term != "none":
         retain_split = retain_split_for(cfg.forget) if cfg.forget in FORGET_SPLITS else None
         if retain_split is None or retain_split not in bench.splits:
-            raise ValueError(f"--retain-term {cfg.retain_term} needs the retain split of "
+            what = "--method graddiff" if cfg.method == "graddiff" else \
+                f"--retain-term {retain_term}"
+            raise ValueError(f"{what} needs the retain split of "
                              f"{cfg.forget!r}, which benchmark {bench.name!r} does not have")
     # Cheap checks before any model is loaded: tokenizers and vocabularies must agree.
     tokenizer = _load_tokenizer(cfg.model, "the original model")
@@ -135,6 +139,10 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         _precheck_model(cfg.model, "the original model")
     strategy.configure(_weights_dtype(cfg), cfg.micro_batch_size, cfg.max_grad_norm)
     examples = _encode(tokenizer, forget_rows, cfg, cfg.forget)
+    stopper = None
+    if cfg.stop_at_holdout:
+        from .stopping import HoldoutStop
+        stopper = HoldoutStop(bench, cfg.forget, tokenizer, cfg.max_length, cfg.template)
     retain_examples = None
     if retain_split is not None:
         retain_rows = _split_rows(bench, retain_split, "retain set")
@@ -147,13 +155,14 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
 
     with RunFolder(out, cfg, "unlearn", info, fingerprints, models) as run:
         teachers = retain_teachers = None
-        teacher_names = ("original", "strengthened") if cfg.method == "rkld" else ()
-        if cfg.retain_term == "kl" or teacher_names:
+        teacher_names = {"rkld": ("original", "strengthened"),
+                         "npo": ("original",)}.get(cfg.method, ())
+        if retain_term == "kl" or teacher_names:
             loaders = {"original": lambda: strategy.load_teacher(cfg.model, cfg.dtype),
                        "strengthened": lambda: strategy.load_teacher(cfg.strengthened,
                                                                      cfg.dtype)}
             if cfg.live_teachers:
-                needed = set(teacher_names) | ({"original"} if cfg.retain_term == "kl" else set())
+                needed = set(teacher_names) | ({"original"} if retain_term == "kl" else set())
                 live = {name: loaders[name]() for name in sorted(needed)}
                 teachers = retain_teachers = LiveTeachers(live)
             else:
@@ -169,7 +178,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
                                               {n: loaders[n] for n in teacher_names},
                                               forget_key, cfg, info, tokenizer.pad_token_id,
                                               row_lse=row_lse)
-                if cfg.retain_term == "kl":
+                if retain_term == "kl":
                     retain_teachers = _teacher_cache(
                         out / "teacher_cache" / "retain", retain_examples,
                         {"original": loaders["original"]}, key, cfg, info,
@@ -177,7 +186,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         model = _load_student(cfg, strategy, tokenizer)
         objective = _UnlearnObjective(cfg, teachers, retain_teachers)
         stats = _train(cfg, "unlearn", model, tokenizer, examples, retain_examples, objective,
-                       strategy, run, on_epoch_end, on_step)
+                       strategy, run, on_epoch_end, on_step, stopper=stopper)
     return out, stats
 
 
@@ -219,6 +228,35 @@ def _nll(weight, bias, rows, targets):
     return token_nll_sum(rows, weight, bias, targets)
 
 
+def _token_log_probs(rows, weight, bias, targets, chunk: int = NLL_CHUNK) -> torch.Tensor:
+    """log p(target) per row of ``rows @ weight.T + bias`` (float32), ``chunk`` rows at once."""
+    parts = []
+    for start in range(0, rows.shape[0], chunk):
+        logits = torch.nn.functional.linear(rows[start:start + chunk], weight, bias).float()
+        parts.append(-torch.nn.functional.cross_entropy(logits, targets[start:start + chunk],
+                                                        reduction="none"))
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+
+def npo_loss_sum(student_logp: torch.Tensor, reference_logp: torch.Tensor,
+                 answer_ids: torch.Tensor, n_answers: int, beta: float) -> torch.Tensor:
+    """NPO on whole answers, summed with each answer's token count as its weight.
+
+    ``student_logp`` / ``reference_logp`` are per supervised token, ``answer_ids`` says which
+    answer each token belongs to (0 .. n_answers - 1). Per answer,
+    ``L = (2 / beta) * softplus(beta * (log pi(a|q) - log pi_ref(a|q)))`` with log pi(a|q) the
+    sum over its tokens (NPO's ``-(2/beta) log sigmoid(-beta log(pi / pi_ref))``); the return
+    value is ``sum_answers tokens(a) * L(a)``, which the loop divides by the step's supervised
+    tokens, i.e. a token-weighted mean over answers (the plain mean when lengths are equal).
+    """
+    delta = student_logp - reference_logp.to(student_logp.dtype)
+    per_answer = torch.zeros(n_answers, dtype=delta.dtype, device=delta.device)
+    per_answer = per_answer.index_add(0, answer_ids, delta)
+    tokens = torch.bincount(answer_ids, minlength=n_answers).to(delta.dtype)
+    loss = (2.0 / beta) * torch.nn.functional.softplus(beta * per_answer)
+    return (tokens * loss).sum()
+
+
 class _NLLObjective:
     """Next-token NLL of the answers (finetune and strengthen)."""
     retain = False
@@ -236,7 +274,8 @@ class _UnlearnObjective:
         self.cfg = cfg
         self.teachers = teachers
         self.retain_teachers = retain_teachers
-        self.retain = cfg.retain_term != "none"
+        self.retain_term = cfg.effective_retain_term
+        self.retain = self.retain_term != "none"
         self._shifted_weight = None     # --teacher-boost logprobs: the strengthened head + shift
 
     def _strengthened(self, indices, batch, original_rows):
@@ -257,8 +296,22 @@ class _UnlearnObjective:
         from rkld_kernels import fused_linear_rkl_loss
         cfg = self.cfg
         rows, targets, head = _student_rows(model, batch)
-        if cfg.method == "ga":
+        if cfg.method in ("ga", "graddiff"):
             forget_sum = -head(_nll, rows, targets)
+        elif cfg.method == "npo":
+            reference_w, reference_b = self.teachers.head("original")
+            reference_rows = self.teachers.rows("original", indices, batch)
+            counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
+            answer_ids = torch.repeat_interleave(torch.arange(len(counts), device=counts.device),
+                                                 counts)
+            with torch.no_grad():
+                reference_logp = _token_log_probs(reference_rows, reference_w, reference_b,
+                                                  targets)
+
+            def npo(weight, bias, rows, targets):
+                return npo_loss_sum(_token_log_probs(rows, weight, bias, targets),
+                                    reference_logp, answer_ids, len(counts), cfg.npo_beta)
+            forget_sum = head(npo, rows, targets)
         else:
             original_w, original_b = self.teachers.head("original")
             strengthened_b = self.teachers.head("strengthened")[1]
@@ -276,7 +329,7 @@ class _UnlearnObjective:
         if not self.retain:
             return forget_sum, None
         retain_rows, retain_targets, head = _student_rows(model, retain_batch)
-        if cfg.retain_term == "nll":
+        if self.retain_term == "nll":
             retain_sum = head(_nll, retain_rows, retain_targets)
         else:   # forward KL to the original model: plain distillation, no strengthened teacher
             original_w, original_b = self.retain_teachers.head("original")
@@ -301,7 +354,7 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
     strategy.check_student_options(cfg)
     out = check_output(cfg, stage, {"the model (--model)": cfg.model,
                                      "the data (--data)": cfg.data}, info)
-    bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    bench = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
     rows = _split_rows(bench, split, "training split" if stage == "finetune" else "forget set")
     if cfg.model == "tiny":
         texts = _benchmark_texts(bench)
@@ -545,7 +598,7 @@ def step_gradients(model, objective, data: TrainData, step_indices: list,
 
 
 def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_examples, objective,
-           strategy, run: RunFolder, on_epoch_end, on_step) -> dict:
+           strategy, run: RunFolder, on_epoch_end, on_step, stopper=None) -> dict:
     info, out = strategy.info, run.out
     pad = tokenizer.pad_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -594,6 +647,21 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
         losses = broadcast_object(losses, info)
         epoch_end(pending["epoch_end"], sum(losses) / max(len(losses), 1))
 
+    stop_every = getattr(cfg, "stop_check_every", 0)
+    stopped = False
+
+    def should_stop() -> bool:
+        return stopper.check(strategy.unwrap(model), step)
+
+    if stopper is not None:
+        # The threshold: the held-out authors' answer probability under the model unlearning
+        # starts from (a resumed run measures the original model it recorded, not the student).
+        if step == 0:
+            stopper.start(strategy.unwrap(model))
+        else:
+            from .models import load_model
+            stopper.start(load_model(cfg.model)[0])
+
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = _epoch_order(len(examples), cfg.seed, epoch)
         epoch_loss_sum, epoch_steps = 0.0, 0
@@ -640,14 +708,25 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
                 on_step(step, record)
             if cfg.save_every and step % cfg.save_every == 0 and step % steps_per_epoch:
                 save_checkpoint(out, strategy, model, optimizer, step)
+            if stopper is not None and stop_every and step % stop_every == 0 \
+                    and step % steps_per_epoch and should_stop():
+                stopped = True      # the rest of this epoch is skipped; it ends here
+                break
         save_checkpoint(out, strategy, model, optimizer, step, epoch_end=epoch + 1,
                          callbacks_pending=on_epoch_end is not None)
         epoch_losses.append(epoch_loss_sum / max(epoch_steps, 1))
         epoch_end(epoch + 1, epoch_losses[-1])
+        if stopper is not None and not stopped:
+            stopped = should_stop()
+        if stopped:
+            break
     if progress is not None:
         progress.close()
     stats.update(final_loss=last_loss, epoch_losses=epoch_losses, train_seconds=train_seconds,
                  tokens_per_s=train_tokens / train_seconds if train_seconds else float("nan"))
+    if stopper is not None:
+        stats.update(stopped_at_step=step if stopped else None, stop_threshold=stopper.threshold,
+                     stop_checks=stopper.checks)
     try:
         strategy.save_final(model, tokenizer, out)
     except OSError as err:

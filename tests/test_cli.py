@@ -26,6 +26,13 @@ def test_unlearn_arguments_fill_the_config():
     # Unset options keep the dataclass defaults (the paper's).
     assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.method) == (1e-5, 0.01, 5, "rkld")
     assert cfg.tiny == {}
+    assert (cfg.seed, cfg.data_seed, cfg.stop_at_holdout) == (0, 0, False)
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--out", "o", "--seed", "3",
+                                      "--data-seed", "7", "--method", "npo", "--npo-beta",
+                                      "0.2", "--stop-at-holdout", "--stop-check-every", "5"])
+    cfg = _config(UnlearnConfig, args)
+    assert (cfg.seed, cfg.data_seed, cfg.method, cfg.npo_beta) == (3, 7, "npo", 0.2)
+    assert (cfg.stop_at_holdout, cfg.stop_check_every) == (True, 5)
 
 
 def _rebuilt(command: str, config_class):
@@ -62,8 +69,8 @@ def test_command_line_rebuilds_the_config():
 
 def test_choices_are_enforced(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["unlearn", "--model", "m", "--out", "o", "--method", "npo"])
-    assert "invalid choice: 'npo'" in capsys.readouterr().err
+        build_parser().parse_args(["unlearn", "--model", "m", "--out", "o", "--method", "dpo"])
+    assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
 def test_finetune_tiny_then_errors(tmp_path, capsys):

@@ -165,6 +165,8 @@ def test_resume_matches_an_uninterrupted_run(models, tmp_path):
 @pytest.mark.parametrize("overrides", [
     dict(direction="forward"),
     dict(method="ga", strengthened=None),
+    dict(method="graddiff", strengthened=None),
+    dict(method="npo", strengthened=None, npo_beta=0.5),
     dict(retain_term="kl"),
     dict(lora=True, lora_rank=4, lr=1e-2),
     dict(gradient_checkpointing=True, dtype="bfloat16", micro_batch_size=3),
@@ -187,6 +189,9 @@ def test_unlearning_variants_run(models, tmp_path, overrides):
         assert "lm_head.weight" not in changed and "model.embed_tokens.weight" not in changed
     if overrides.get("method") == "ga":
         assert stats["final_loss"] < 0              # the negated NLL
+    if overrides.get("method") == "npo":            # the original's states, from the cache
+        meta = json.loads((out / "teacher_cache" / "forget" / "meta.json").read_text())
+        assert meta["teachers"] == ["original"]
 
 
 def test_token_nll_sum_chunks_match():
