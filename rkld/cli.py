@@ -72,6 +72,9 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
                    help="examples per forward pass on one process (gradient accumulation "
                         "makes up the rest)")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--pack", action="store_true",
+                   help="pack whole examples into sequences of --max-length tokens; packed "
+                        "documents restart their positions and never attend to each other")
     t.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of "
                    "all weights; the saved model has them merged")
     t.add_argument("--lora-rank", type=int, default=d("lora_rank"))

@@ -32,7 +32,8 @@ Public API:
         (consecutive blocks overlap by one token, whose label the earlier block already covers).
     encode_records(tokenizer, rows, max_length, template="auto") -> list[dict]
         QA rows through ``encode_qa``, text rows (``{"text": ...}``) through ``encode_text_blocks``.
-    collate(examples, pad_token_id) -> dict of LongTensors, right-padded (labels -100, mask 0).
+    collate(examples, pad_token_id) -> dict of LongTensors, right-padded (labels -100, mask 0);
+        packed examples (``rkld.packing``) also get ``position_ids`` (padding: its own).
 
 Split layout (TOFU's, reproduced for the synthetic benchmark and for author subsets):
 ``full`` holds every author's QA, author after author; ``forgetNN`` (NN in 01, 05, 10) are the
@@ -419,8 +420,16 @@ def collate(examples: list, pad_token_id: int) -> dict:
     batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
              "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)}
+    packed = any("position_ids" in e for e in examples)
+    if packed:
+        # Padding gets positions of its own, so it is a separate document (rkld.packing).
+        batch["position_ids"] = torch.arange(width).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         for key in batch:
-            batch[key][row, :n] = torch.tensor(example[key], dtype=torch.long)
+            if key == "position_ids":
+                batch[key][row, :n] = torch.tensor(example.get(key, range(n)), dtype=torch.long)
+                batch[key][row, n:] = torch.arange(width - n)
+            else:
+                batch[key][row, :n] = torch.tensor(example[key], dtype=torch.long)
     return batch
