@@ -211,14 +211,18 @@ def _epoch_evaluator(args, cfg):
 
 def register_eval(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="TOFU evaluation: forget quality, model utility and their components",
+        "eval", help="TOFU evaluation (forget quality, model utility) or, for a corpus, "
+                     "continuation ROUGE-L / BLEU and perplexity",
         description="Evaluate a model on the TOFU sets of --data (forget, retain, real authors, "
                     "world facts); write TOFU_EVAL.json (open-unlearning's schema), "
                     "TOFU_SUMMARY.json, report.md and plots to --out. Forget quality needs "
-                    "--reference, the TOFU_EVAL.json of the retain model.")
+                    "--reference, the TOFU_EVAL.json of the retain model. With a corpus as "
+                    "--data (books, .txt, .jsonl): CORPUS_EVAL.json, CORPUS_SUMMARY.json, "
+                    "report.md and a plot instead.")
     parser.add_argument("--model", required=True, help="model folder (or hub name)")
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
+                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files (TOFU "
+                             "metrics); 'books' or a .txt/.jsonl corpus (corpus metrics)")
     parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
     parser.add_argument("--reference", default=None,
                         help="the retain model's TOFU_EVAL.json; without it forget quality is "
@@ -238,8 +242,37 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results in --out computed for another model or setting")
     parser.add_argument("--no-progress", action="store_true")
+    c = parser.add_argument_group(
+        "corpus evaluation (--data books, a .txt or a .jsonl corpus): continuations of forget "
+        "and retain passages scored by ROUGE-L and BLEU, perplexity on forget, retain and "
+        "held-out text; see rkld/corpus_eval.py")
+    c.add_argument("--prefix-tokens", type=int, default=200,
+                   help="tokens of true text the model continues (default: %(default)s)")
+    c.add_argument("--continuation-tokens", type=int, default=200,
+                   help="greedy tokens generated and scored (default: %(default)s)")
+    c.add_argument("--passages", type=int, default=20,
+                   help="passages per split (default: %(default)s)")
+    c.add_argument("--perplexity-tokens", type=int, default=512,
+                   help="tokens per perplexity window (default: %(default)s)")
+    c.add_argument("--perplexity-windows", type=int, default=20,
+                   help="perplexity windows per split (default: %(default)s)")
+    c.add_argument("--passage-seed", type=int, default=0, help="which passages are drawn")
 
     def handler(args):
+        from .corpus_eval import CorpusEvalConfig, is_corpus, run_corpus_eval
+        if is_corpus(args.data):
+            config = CorpusEvalConfig(
+                prefix_tokens=args.prefix_tokens, continuation_tokens=args.continuation_tokens,
+                passages=args.passages, perplexity_tokens=args.perplexity_tokens,
+                perplexity_windows=args.perplexity_windows,
+                batch_size=min(args.batch_size, 8),
+                generation_batch_size=min(args.generation_batch_size, 8),
+                seed=args.passage_seed, progress=not args.no_progress)
+            summary = run_corpus_eval(args.model, args.data, args.out, config=config,
+                                      seed=args.seed, overwrite=args.overwrite)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps({"out": args.out, **summary}, indent=1))
+            return 0
         from .evaluate import EvalConfig, run_eval
         config = EvalConfig(forget_split=args.forget, generation=not args.no_generation,
                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
