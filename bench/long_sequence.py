@@ -189,7 +189,7 @@ def _release() -> None:
     ctypes.CDLL(None).malloc_trim(0)
 
 
-def _child(path: str, seq_len: int, threads: int) -> dict:
+def _child(path: str, seq_len: int, threads: int, time_first: bool = False) -> dict:
     import torch
     torch.set_num_threads(threads)
     # One-off costs before the measured step: imports, thread pools, and torch.compile of the
@@ -204,26 +204,32 @@ def _child(path: str, seq_len: int, threads: int) -> dict:
         step = _step_for(path, seq_len, Path(tmp))
         _release()
         Path("/proc/self/clear_refs").write_text("5")     # the high-water mark restarts here
+        started = time.perf_counter()
         loss = step()
+        first = time.perf_counter() - started
         peak = (_rss_kib("VmHWM") - before) * 1024
-        result = {"peak_bytes": peak, "loss": loss, "seconds": None, "tokens_per_s": None}
-        if path != "model only":
+        result = {"peak_bytes": peak, "loss": loss, "seconds": None, "tokens_per_s": None,
+                  "timed_step": None}
+        if path != "model only" and time_first:
+            result.update(seconds=first, tokens_per_s=seq_len / first, timed_step="first")
+        elif path != "model only":
             # Timed: the second step (the first still pays for first touches of new memory).
             started = time.perf_counter()
             step()
             seconds = time.perf_counter() - started
-            result.update(seconds=seconds, tokens_per_s=seq_len / seconds)
+            result.update(seconds=seconds, tokens_per_s=seq_len / seconds, timed_step="second")
     return result
 
 
 # --------------------------------------------------------------------------- the run (parent)
 
-def measure(path: str, seq_len: int, threads: int, timeout_s: float = 1800) -> dict:
+def measure(path: str, seq_len: int, threads: int, time_first: bool = False,
+            timeout_s: float = 3600) -> dict:
     """Run one case in a fresh subprocess; returns its peak bytes, seconds, tokens/s, loss."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024),
                PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", path, str(seq_len),
-               str(threads)]
+               str(threads), str(int(time_first))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{path} at {seq_len} tokens failed with exit code "
@@ -231,20 +237,22 @@ def measure(path: str, seq_len: int, threads: int, timeout_s: float = 1800) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(lengths=LENGTHS, budget_bytes: int = 6 * GIB, threads: int = 2, log=print) -> dict:
+def run(lengths=LENGTHS, budget_bytes: int = 6 * GIB, threads: int = 2, log=print,
+        paths=PATHS, time_first_from: int | None = None) -> dict:
     """Every path at every length (those predicted to fit the budget); returns the results."""
     if not (_STATUS.exists() and Path("/proc/self/clear_refs").exists()):
         raise RuntimeError("measuring peak RSS needs Linux's /proc/self/status and clear_refs")
     rows = []
     for seq_len in lengths:
-        for path in PATHS:
+        for path in paths:
             prediction = predicted_bytes(path, seq_len)
             row = {"path": path, "seq_len": seq_len, "predicted_bytes": prediction["peak"],
                    "planner_loss_buffers_bytes": prediction.get("loss_buffers")}
             if prediction["peak"] is not None and prediction["peak"] > budget_bytes:
                 row["fits"] = False
             else:
-                row.update(measure(path, seq_len, threads), fits=True)
+                time_first = time_first_from is not None and seq_len >= time_first_from
+                row.update(measure(path, seq_len, threads, time_first), fits=True)
             rows.append(row)
             log(_row_line(row))
     results = {"config": CONFIG, "lengths": list(lengths), "budget_bytes": budget_bytes,
@@ -328,10 +336,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=6.0,
                         help="cases the planner predicts above this are not run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--time-first-step-from", type=int, default=None,
+                        help="at this many tokens and more, time the measured step itself "
+                             "instead of a second one (halves the time of long cases; the "
+                             "first step also pays first touches of new memory)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     results = run(args.lengths, int(args.budget_gib * GIB), args.threads,
-                  log=lambda line: print(line, flush=True))
+                  log=lambda line: print(line, flush=True), paths=tuple(args.paths),
+                  time_first_from=args.time_first_step_from)
     print(format_report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -339,9 +353,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
         sys.path.insert(0, str(_ROOT))
-        print(json.dumps(_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                bool(int(sys.argv[5])))))
     else:
         sys.path.insert(0, str(_ROOT))
         sys.exit(main())

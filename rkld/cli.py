@@ -306,8 +306,19 @@ def register_demo(subparsers) -> None:
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--corpus", action="store_true",
+                        help="the corpus demo instead: fictitious books (or --data CORPUS.jsonl "
+                             "with forget / retain lines), RKLD and forward KL, continuation "
+                             "ROUGE-L / BLEU and perplexity (out: rkld_corpus_demo)")
 
     def handler(args):
+        if args.corpus:
+            from .corpus_demo import CorpusDemoConfig, run_corpus_demo
+            run_corpus_demo(CorpusDemoConfig(
+                out=args.out if args.out != "rkld_demo" else "rkld_corpus_demo",
+                data=None if args.data == "synthetic" else args.data, seed=args.seed,
+                threads=args.threads, progress=not args.no_progress))
+            return 0
         from .demo import DemoConfig, run_demo
         run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,
                             max_authors=args.max_authors, threads=args.threads,

@@ -5,9 +5,10 @@ splits ``forget`` and optionally ``retain`` and ``holdout``:
 
 - continuation: passages of ``prefix_tokens + continuation_tokens`` tokens are drawn (seeded)
   from the forget and the retain documents; the model continues each prefix greedily for
-  ``continuation_tokens`` tokens, and the continuation is scored against the true text by
-  ROUGE-L (``rouge_score``, stemmer on, as the TOFU evaluation: recall and F1) and BLEU
-  (``sacrebleu``: sentence BLEU per passage on a 0-1 scale, and corpus BLEU over the split).
+  ``continuation_tokens`` tokens (no end-of-text stop), and the continuation is scored
+  against the true text by ROUGE-L (``rouge_score``, stemmer on, as the TOFU evaluation:
+  recall and F1) and BLEU (``sacrebleu``: sentence BLEU per passage on a 0-1 scale, and
+  corpus BLEU over the split).
   A model that still knows the forget book reproduces its passages; after unlearning its
   continuations should score on forget passages like those of a model that never read it,
   while retain passages keep their scores.
@@ -174,7 +175,8 @@ def evaluate_corpus(model, tokenizer, benchmark, config: CorpusEvalConfig | None
         prefixes = [p[:config.prefix_tokens] for p in passages]
         references = [tokenizer.decode(p[config.prefix_tokens:], skip_special_tokens=True)
                       .strip() for p in passages]
-        generations = _generate(model, tokenizer, prefixes, generation, shards)
+        # A fixed-length continuation, as the true text it is compared with.
+        generations = _generate(model, tokenizer, prefixes, generation, shards, stop=False)
         rouge = metrics.rouge_scores(generations, references)
         bleu, corpus_bleu = _bleu(generations, references)
         texts = [{"prefix": tokenizer.decode(p, skip_special_tokens=True), "generation": g,

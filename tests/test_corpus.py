@@ -68,7 +68,7 @@ def test_continuations_are_scored_against_their_own_true_text(pair, tmp_path, mo
     bench = load_benchmark(str(write_books(tmp_path / "b.jsonl", seed=0, **SMALL)))
     seen = []
 
-    def perfect(model, tokenizer, prefixes, config, shards):
+    def perfect(model, tokenizer, prefixes, config, shards, stop=True):
         """Return each prefix's true continuation: ROUGE-L and BLEU must then be 1."""
         out = []
         for prefix in prefixes:
@@ -93,7 +93,7 @@ def test_continuations_are_scored_against_their_own_true_text(pair, tmp_path, mo
         assert logs[f"{split}_ROUGE-L"]["agg_value"] == pytest.approx(1.0)
         assert logs[f"{split}_BLEU"]["agg_value"] == pytest.approx(1.0)
     monkeypatch.setattr(corpus_eval, "_generate",
-                        lambda m, t, prefixes, c, s: ["zzz qqq"] * len(prefixes))
+                        lambda m, t, prefixes, c, s, stop=True: ["zzz qqq"] * len(prefixes))
     logs = evaluate_corpus(model, tokenizer, bench, CONFIG)
     assert logs["forget_ROUGE-L"]["agg_value"] < 0.2 and logs["forget_BLEU"]["agg_value"] < 0.1
 
@@ -133,3 +133,22 @@ def test_rkld_eval_on_a_corpus_writes_logs_report_and_plot(pair, tmp_path, capsy
     with pytest.raises(ValueError, match="shorter than prefix_tokens"):
         run_corpus_eval(str(pair / "original"), str(data), tmp_path / "e2", config=
                         CorpusEvalConfig(prefix_tokens=5000, progress=False))
+
+
+@pytest.mark.slow
+def test_corpus_demo_runs_end_to_end(tmp_path):
+    from rkld.corpus_demo import CorpusDemoConfig, run_corpus_demo
+    cfg = CorpusDemoConfig(
+        out=str(tmp_path / "demo"), progress=False,
+        books=dict(n_forget=1, n_retain=1, n_holdout=1, min_words=250, max_words=300),
+        tiny={"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+              "vocab_size": 300},
+        max_length=64, finetune_epochs=1, strengthen_epochs=1, unlearn_epochs=1,
+        eval=dict(prefix_tokens=8, continuation_tokens=6, passages=2, perplexity_tokens=16,
+                  perplexity_windows=2))
+    results = run_corpus_demo(cfg)
+    assert set(results) == {"target", "retain", "rkld", "fkld"}
+    for r in results.values():
+        assert 0 <= r["forget_ROUGE-L"] <= 1 and r["holdout_perplexity"] > 1
+    assert "| **rkld** (reverse KL) |" in (tmp_path / "demo" / "report.md").read_text()
+    assert (tmp_path / "demo" / "eval" / "rkld" / "CORPUS_EVAL.json").exists()
