@@ -40,13 +40,14 @@ class CorpusDemoConfig:
     threads: int = 1
     progress: bool = True
     books: dict = field(default_factory=lambda: {"n_forget": 1, "n_retain": 2, "n_holdout": 1,
-                                                 "min_words": 1500, "max_words": 2000})
+                                                 "min_words": 600, "max_words": 800})
     tiny: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2,
                                                 "intermediate_size": 344, "vocab_size": 1024})
     max_length: int = 256
-    finetune_epochs: int = 12
+    # target and retain models memorise their books (forget perplexity ~1.6 after 40 epochs)
+    finetune_epochs: int = 30
     finetune_lr: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 8
     strengthen_epochs: int = 6
     strengthen_lr: float = 3e-3
     unlearn_epochs: int = 4
