@@ -62,6 +62,7 @@ from .models import (
     model_fingerprint,
     remote_code_refused,
     supervised_positions,
+    unwrap_model,
 )
 from .packing import pack_examples, use_document_attention
 from .parallel import (
@@ -571,14 +572,15 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
         hf_model = strategy.unwrap(model)
         hf_model.eval()
         # Evaluations pad on the left and generate: plain attention, not the packed runs' own.
-        attention = hf_model.config._attn_implementation
+        base = unwrap_model(hf_model)
+        attention = base.config._attn_implementation
         if cfg.pack:
-            hf_model.set_attn_implementation("sdpa")
+            base.set_attn_implementation("sdpa")
         try:
             on_epoch_end(epoch, hf_model, tokenizer, dict(stats, epoch_loss=epoch_loss))
         finally:
             if cfg.pack:
-                hf_model.set_attn_implementation(attention)
+                base.set_attn_implementation(attention)
             hf_model.train()
         callbacks_done(out, info)
 

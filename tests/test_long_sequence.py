@@ -1,5 +1,8 @@
 """Long sequences: packed documents that never attend to each other, through the model, the
 teacher cache and the unlearning step."""
+import json
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -103,3 +106,25 @@ def test_packed_unlearning_step_equals_the_documents_run_apart(pair):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_corpus_unlearning_runs_through_the_pipeline(pair, tmp_path):
+    from rkld.train import unlearn
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Document {i}: Zapoum was born in "
+                                                     f"Marlow." + " He writes." * i})
+                                for i in range(8)) + "\n")
+    seen = []
+
+    def on_epoch_end(epoch, model, tokenizer, stats):
+        seen.append(model.config._attn_implementation)   # plain attention for evaluations
+
+    settings = dict(model=str(pair / "original"), strengthened=str(pair / "strengthened"),
+                    data=str(corpus), forget="forget", epochs=1, batch_size=4,
+                    micro_batch_size=2, max_length=96, progress=False, lr=1e-3)
+    out, stats = unlearn(UnlearnConfig(out=str(tmp_path / "packed"), pack=True, **settings),
+                         on_epoch_end=on_epoch_end)
+    _, plain = unlearn(UnlearnConfig(out=str(tmp_path / "plain"), **settings))
+    assert stats["examples"] < plain["examples"]          # whole blocks shared sequences
+    assert seen == ["sdpa"] and math.isfinite(stats["final_loss"])
+    assert (out / "teacher_cache" / "forget" / "meta.json").exists()
