@@ -304,7 +304,8 @@ def _row_line(r: dict) -> str:
         return (f"| {r['seq_len']} | {r['path']} | does not fit | {predicted} | - | - | - |")
     error = "-" if r["predicted_bytes"] is None else \
         f"{100 * (r['predicted_bytes'] / r['peak_bytes'] - 1):+.0f} %"
-    speed = "- | -" if r["seconds"] is None else f"{r['tokens_per_s']:.0f} | {r['seconds']:.2f}"
+    speed = "- | -" if r["seconds"] is None else \
+        f"{r['tokens_per_s']:.0f} | {r['seconds']:.2f} ({r.get('timed_step')})"
     return (f"| {r['seq_len']} | {r['path']} | {_mib(r['peak_bytes'])} | {predicted} | {error} "
             f"| {speed} |")
 
@@ -314,7 +315,8 @@ def format_report(results: dict) -> str:
              f"checkpointing, SDPA; {results['threads']} torch threads; budget "
              f"{results['budget_bytes'] / GIB:.1f} GiB; 1-minute load average "
              f"{results['load_average']:.1f}", "",
-             "| tokens | path | peak MiB | planner MiB | planner error | tokens/s | step s |",
+             "| tokens | path | peak MiB | planner MiB | planner error | tokens/s "
+             "| step s (which step) |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     lines += [_row_line(r) for r in results["rows"]]
     lines += ["", "targets (measured):"]

@@ -22,7 +22,7 @@ def _lengths():
 @pytest.fixture(scope="module")
 def results():
     # From 64k tokens on, the measured step is also the timed one (a second would double the
-    # case's time); the table says which step was timed.
+    # case's time); the printed table says which step was timed.
     return run(_lengths(), int(float(os.environ.get("RKLD_BENCH_BUDGET_GIB", "6")) * GIB),
                threads=min(2, os.cpu_count() or 1), log=lambda line: None,
                time_first_from=65536)
