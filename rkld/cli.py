@@ -82,6 +82,9 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
                    help="examples per forward pass on one process (gradient accumulation "
                         "makes up the rest)")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--pack", action="store_true",
+                   help="pack whole examples into sequences of --max-length tokens; packed "
+                        "documents restart their positions and never attend to each other")
     t.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of "
                    "all weights; the saved model has them merged")
     t.add_argument("--lora-rank", type=int, default=d("lora_rank"))
@@ -276,14 +279,18 @@ def _epoch_evaluator(args, cfg):
 
 def register_eval(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="TOFU evaluation: forget quality, model utility and their components",
+        "eval", help="TOFU evaluation (forget quality, model utility) or, for a corpus, "
+                     "continuation ROUGE-L / BLEU and perplexity",
         description="Evaluate a model on the TOFU sets of --data (forget, retain, real authors, "
                     "world facts); write TOFU_EVAL.json (open-unlearning's schema), "
                     "TOFU_SUMMARY.json, report.md and plots to --out. Forget quality needs "
-                    "--reference, the TOFU_EVAL.json of the retain model.")
+                    "--reference, the TOFU_EVAL.json of the retain model. With a corpus as "
+                    "--data (books, .txt, .jsonl): CORPUS_EVAL.json, CORPUS_SUMMARY.json, "
+                    "report.md and a plot instead.")
     parser.add_argument("--model", required=True, help="model folder (or hub name)")
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
+                        help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files (TOFU "
+                             "metrics); 'books' or a .txt/.jsonl corpus (corpus metrics)")
     parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
     parser.add_argument("--reference", default=None,
                         help="the retain model's TOFU_EVAL.json; without it forget quality is "
@@ -305,8 +312,37 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results in --out computed for another model or setting")
     parser.add_argument("--no-progress", action="store_true")
+    c = parser.add_argument_group(
+        "corpus evaluation (--data books, a .txt or a .jsonl corpus): continuations of forget "
+        "and retain passages scored by ROUGE-L and BLEU, perplexity on forget, retain and "
+        "held-out text; see rkld/corpus_eval.py")
+    c.add_argument("--prefix-tokens", type=int, default=200,
+                   help="tokens of true text the model continues (default: %(default)s)")
+    c.add_argument("--continuation-tokens", type=int, default=200,
+                   help="greedy tokens generated and scored (default: %(default)s)")
+    c.add_argument("--passages", type=int, default=20,
+                   help="passages per split (default: %(default)s)")
+    c.add_argument("--perplexity-tokens", type=int, default=512,
+                   help="tokens per perplexity window (default: %(default)s)")
+    c.add_argument("--perplexity-windows", type=int, default=20,
+                   help="perplexity windows per split (default: %(default)s)")
+    c.add_argument("--passage-seed", type=int, default=0, help="which passages are drawn")
 
     def handler(args):
+        from .corpus_eval import CorpusEvalConfig, is_corpus, run_corpus_eval
+        if is_corpus(args.data):
+            config = CorpusEvalConfig(
+                prefix_tokens=args.prefix_tokens, continuation_tokens=args.continuation_tokens,
+                passages=args.passages, perplexity_tokens=args.perplexity_tokens,
+                perplexity_windows=args.perplexity_windows,
+                batch_size=min(args.batch_size, 8),
+                generation_batch_size=min(args.generation_batch_size, 8),
+                seed=args.passage_seed, progress=not args.no_progress)
+            summary = run_corpus_eval(args.model, args.data, args.out, config=config,
+                                      seed=args.seed, overwrite=args.overwrite)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps({"out": args.out, **summary}, indent=1))
+            return 0
         from .evaluate import EvalConfig, run_eval
         from .runs import data_mismatches
         for line in data_mismatches(args.model, args.data, args.data_seed, args.max_authors):
@@ -391,8 +427,19 @@ def register_demo(subparsers) -> None:
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--corpus", action="store_true",
+                        help="the corpus demo instead: fictitious books (or --data CORPUS.jsonl "
+                             "with forget / retain lines), RKLD and forward KL, continuation "
+                             "ROUGE-L / BLEU and perplexity (out: rkld_corpus_demo)")
 
     def handler(args):
+        if args.corpus:
+            from .corpus_demo import CorpusDemoConfig, run_corpus_demo
+            run_corpus_demo(CorpusDemoConfig(
+                out=args.out if args.out != "rkld_demo" else "rkld_corpus_demo",
+                data=None if args.data == "synthetic" else args.data, seed=args.seed,
+                threads=args.threads, progress=not args.no_progress))
+            return 0
         from .demo import DemoConfig, run_demo
         run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,
                             data_seed=args.data_seed,

@@ -52,6 +52,8 @@ class RunConfig:
     tiny model and the order of the examples; ``data_seed`` which synthetic benchmark is
     generated (it means nothing for other data). ``save_every`` writes a checkpoint
     every that many optimizer steps (0: only at epoch ends, which always happens).
+    ``pack`` fills each sequence of ``max_length`` tokens with whole examples that do not
+    attend to each other (``rkld.packing``).
     ``model="tiny"`` builds a small Llama (``tiny`` overrides its configuration, see
     ``rkld.models.TINY_DEFAULTS``) with a tokenizer trained on the benchmark's text.
     """
@@ -72,6 +74,7 @@ class RunConfig:
     micro_batch_size: int = 8
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    pack: bool = False
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: float = 16.0

@@ -11,8 +11,12 @@ Public API:
           keep one row per question, in a wording never trained on);
         - ``"tofu"``: the hub dataset ``locuslab/TOFU`` through ``datasets`` (network needed);
         - a folder of TOFU-format JSON files (``full.json``, ``forget10_perturbed.json``, ...);
-        - a plain-text corpus: a ``.txt`` file (one document) or a ``.jsonl`` file whose lines
-          hold a ``text`` field (one document each).
+        - ``"books"``: invented books, one long document per invented world
+          (``rkld.books``; ``seed`` is its data seed), as splits ``forget``, ``retain``,
+          ``holdout`` and ``full`` (forget + retain);
+        - a plain-text corpus: a ``.txt`` file (one document, all of it to forget) or a
+          ``.jsonl`` file whose lines hold a ``text`` field (one document each) and optionally
+          a ``split`` (``forget``, the default, ``retain`` or ``holdout``): the same splits.
     Benchmark.splits -> tuple of split names; Benchmark.split(name) -> list[dict];
     Benchmark.fingerprint(name) -> sha256 of the split's rows (for run records).
         A name may join several splits with commas ("full,world_facts"): their rows in order.
@@ -36,7 +40,8 @@ Public API:
         (consecutive blocks overlap by one token, whose label the earlier block already covers).
     encode_records(tokenizer, rows, max_length, template="auto") -> list[dict]
         QA rows through ``encode_qa``, text rows (``{"text": ...}``) through ``encode_text_blocks``.
-    collate(examples, pad_token_id) -> dict of LongTensors, right-padded (labels -100, mask 0).
+    collate(examples, pad_token_id) -> dict of LongTensors, right-padded (labels -100, mask 0);
+        packed examples (``rkld.packing``) also get ``position_ids`` (padding: its own).
 
 Split layout (TOFU's, reproduced for the synthetic benchmark and for author subsets):
 ``full`` holds every author's QA, author after author; ``forgetNN`` (NN in 01, 05, 10) are the
@@ -122,9 +127,9 @@ class Benchmark:
 def load_benchmark(data: str, seed: int = 0, max_authors: int | None = None) -> Benchmark:
     """Load a benchmark by name or path (see the module docstring for what ``data`` may be).
 
-    ``seed`` only affects the synthetic benchmark. ``max_authors`` keeps that many authors
-    (the number generated, for ``synthetic``), laid out as TOFU lays out all of them, so that
-    TOFU fits a CPU demo; it is not supported for plain-text corpora.
+    ``seed`` only affects the generated benchmarks (synthetic, books). ``max_authors`` keeps
+    that many authors (the number generated, for ``synthetic``), laid out as TOFU lays out all
+    of them, so that TOFU fits a CPU demo; it is not supported for corpora.
     """
     if max_authors is not None and max_authors < 1:
         raise ValueError(f"max_authors must be >= 1 or None; got {max_authors}")
@@ -133,10 +138,14 @@ def load_benchmark(data: str, seed: int = 0, max_authors: int | None = None) -> 
         return _synthetic_benchmark(seed, max_authors, **_synthetic_options(data))
     if data == "tofu":
         return _hub_benchmark(max_authors)
+    if data == "books":
+        if max_authors is not None:
+            raise ValueError("max_authors applies to author benchmarks, not to 'books'")
+        return _books_benchmark(seed)
     path = Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"--data {data!r}: expected 'synthetic', 'tofu', a folder of TOFU-format JSON files, "
+            f"--data {data!r}: expected 'synthetic', 'books', 'tofu', a folder of TOFU-format JSON files, "
             f"or a .txt / .jsonl corpus; no such file or folder")
     if path.is_dir():
         return _folder_benchmark(path, max_authors)
@@ -339,25 +348,49 @@ def _hub_benchmark(max_authors: int | None) -> Benchmark:
                      TOFU_QA_PER_AUTHOR)
 
 
+CORPUS_SPLITS = ("forget", "retain", "holdout")
+
+
 def _corpus_benchmark(path: Path) -> Benchmark:
+    docs = []      # (split, text)
     if path.suffix == ".txt":
-        docs = [path.read_text(encoding="utf-8")]
+        docs = [("forget", path.read_text(encoding="utf-8"))]
     else:
-        docs = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}: line {number} must be a JSON object with a string "
                                  f"'text' field")
-            docs.append(row["text"])
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"{path}: the corpus holds no text")
-    rows = [{"text": d} for d in docs]
-    # The whole corpus is what is to be forgotten (the paper's Harry Potter setting).
-    return Benchmark(str(path), {"full": rows, "forget": rows})
+            split = row.get("split", "forget")
+            if split not in CORPUS_SPLITS:
+                raise ValueError(f"{path}: line {number} has split {split!r}; expected one of "
+                                 f"{', '.join(CORPUS_SPLITS)} (or no split: forget)")
+            docs.append((split, row["text"]))
+    docs = [(split, d) for split, d in docs if d.strip()]
+    if not any(split == "forget" for split, _ in docs):
+        raise ValueError(f"{path}: the corpus holds no text to forget (lines without a split, "
+                         f"or with split 'forget')")
+    # Without split fields the whole corpus is what is to be forgotten (the paper's Harry
+    # Potter setting); retain and holdout documents are optional.
+    return Benchmark(str(path), _corpus_splits(docs))
+
+
+def _corpus_splits(docs: list) -> dict:
+    splits = {name: [{"text": d} for split, d in docs if split == name] for name in CORPUS_SPLITS}
+    splits["full"] = splits["forget"] + splits["retain"]
+    return {name: rows for name, rows in splits.items() if rows}
+
+
+def _books_benchmark(seed: int) -> Benchmark:
+    from .books import generate_books
+    books = generate_books(seed=seed)
+    docs = [(split, b["text"]) for split, items in books.items() for b in items]
+    return Benchmark("books", _corpus_splits(docs))
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -462,8 +495,16 @@ def collate(examples: list, pad_token_id: int) -> dict:
     batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
              "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)}
+    packed = any("position_ids" in e for e in examples)
+    if packed:
+        # Padding gets positions of its own, so it is a separate document (rkld.packing).
+        batch["position_ids"] = torch.arange(width).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         for key in batch:
-            batch[key][row, :n] = torch.tensor(example[key], dtype=torch.long)
+            if key == "position_ids":
+                batch[key][row, :n] = torch.tensor(example.get(key, range(n)), dtype=torch.long)
+                batch[key][row, n:] = torch.arange(width - n)
+            else:
+                batch[key][row, :n] = torch.tensor(example[key], dtype=torch.long)
     return batch

@@ -260,13 +260,17 @@ def _end_of_turn_token(tokenizer) -> int | None:
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shards) -> list:
-    """Greedy generations for prompt token lists, batched with left padding."""
+def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shards,
+              stop: bool = True) -> list:
+    """Greedy generations for prompt token lists, batched with left padding. With ``stop``
+    False, every generation is exactly ``max_new_tokens`` long (no end-of-text stop)."""
     from transformers import GenerationConfig
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer) if stop else []
     pad = _pad_id(tokenizer)
+    lengths = {} if stop else {"min_new_tokens": config.max_new_tokens}
     generation_config = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
-                                         eos_token_id=stops, pad_token_id=pad)
+                                         eos_token_id=stops or None, pad_token_id=pad,
+                                         **lengths)
     batches = _batches(len(prompts), [len(p) for p in prompts], config.generation_batch_size)
     mine = shards.my_batches(batches)
     device = next(model.parameters()).device

@@ -9,7 +9,7 @@ Public API:
         ``save_pretrained`` to ``out_dir`` when given, so later stages load it like any model.
     train_tokenizer(texts, vocab_size=1024) -> PreTrainedTokenizerFast  (<pad>, <bos>, <eos>)
     output_head(model) -> (weight, bias)       the lm_head parameters (bias may be None)
-    final_hidden(model, input_ids, attention_mask) -> hidden [B, T, H]
+    final_hidden(model, input_ids, attention_mask, position_ids=None) -> hidden [B, T, H]
         The input of the lm_head, captured by a forward pre-hook on
         ``get_output_embeddings()``; the head itself then only projects one position.
     supervised_positions(hidden, labels) -> (hidden_rows [n, H], targets [n])
@@ -179,10 +179,21 @@ def capture_final_hidden(model, project_all: bool = False):
         handle.remove()
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden state (input of the lm_head) for every position: ``[B, T, H]``."""
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden state (input of the lm_head) for every position: ``[B, T, H]``.
+
+    ``position_ids`` mark packed documents (``rkld.packing``); the model must then use
+    per-document attention, or a token would attend across its document's boundary."""
+    extra = {}
+    if position_ids is not None:
+        from .packing import uses_document_attention
+        if not uses_document_attention(model):
+            raise ValueError("packed examples (position_ids) need per-document attention: call "
+                             "rkld.packing.use_document_attention(model) first")
+        extra = {"position_ids": position_ids}
     with capture_final_hidden(model) as captured:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     if len(captured) != 1:
         raise RuntimeError(f"expected the lm_head to run once per forward; it ran "
                            f"{len(captured)} times")

@@ -197,3 +197,19 @@ def epoch_curve(epochs: Sequence[int], forget_quality: Sequence[float | None],
     else:
         ax.set_title(title or "Forget quality per epoch (model utility not computed)")
     return _save(fig, path)
+
+
+def metric_bars(values: Mapping[str, float], path, title: str = "") -> str:
+    """Bar chart of named scores in [0, 1] (e.g. ROUGE-L and BLEU per split), in the given
+    order; a missing value (None) leaves its bar empty."""
+    fig = _figure(max(4.0, 0.6 * len(values) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    names = list(values)
+    heights = [float("nan") if values[k] is None else float(values[k]) for k in names]
+    ax.bar(range(len(names)), heights, color="tab:blue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    return _save(fig, path)

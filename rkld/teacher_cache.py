@@ -160,7 +160,8 @@ class TeacherCache:
                     chunk = mine[start:start + micro_batch_size]
                     batch = collate([examples[i] for i in chunk or [0]], pad_token_id)
                     batch = {k: v.to(info.device) for k, v in batch.items()}
-                    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+                    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"],
+                                          batch.get("position_ids"))
                     if chunk:
                         rows, _ = supervised_positions(hidden, batch["labels"])
                         store[offsets[start]:offsets[start + len(chunk)]] = rows.cpu()
@@ -195,6 +196,10 @@ class TeacherCache:
         """The cached states of ``indices`` (example ids), concatenated in that order."""
         table = self._where[teacher]
         parts = [table[i][0][table[i][1]:table[i][2]] for i in indices]
+        if len(parts) == 1 and self.device.type == "cpu":
+            # A view of the memory-mapped file: the loss reads it one token chunk at a time, so
+            # a long document's states are paged in as needed, never copied whole.
+            return parts[0]
         return torch.cat(parts).to(self.device, non_blocking=True)
 
     def head(self, teacher: str):
@@ -239,7 +244,8 @@ class LiveTeachers:
     def rows(self, teacher: str, indices: list, batch: dict) -> torch.Tensor:
         model = self.models[teacher]
         with torch.no_grad():
-            hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+            hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"],
+                                  batch.get("position_ids"))
             rows, _ = supervised_positions(hidden, batch["labels"])
         return rows
 

@@ -65,7 +65,9 @@ from .models import (
     model_fingerprint,
     remote_code_refused,
     supervised_positions,
+    unwrap_model,
 )
+from .packing import pack_examples, use_document_attention
 from .parallel import (
     DistInfo,
     all_reduce_sum,
@@ -158,9 +160,10 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
         teacher_names = {"rkld": ("original", "strengthened"),
                          "npo": ("original",)}.get(cfg.method, ())
         if retain_term == "kl" or teacher_names:
-            loaders = {"original": lambda: strategy.load_teacher(cfg.model, cfg.dtype),
-                       "strengthened": lambda: strategy.load_teacher(cfg.strengthened,
-                                                                     cfg.dtype)}
+            loaders = {"original": lambda: _packed(cfg, strategy.load_teacher(cfg.model,
+                                                                              cfg.dtype)),
+                       "strengthened": lambda: _packed(cfg, strategy.load_teacher(
+                           cfg.strengthened, cfg.dtype))}
             if cfg.live_teachers:
                 needed = set(teacher_names) | ({"original"} if retain_term == "kl" else set())
                 live = {name: loaders[name]() for name in sorted(needed)}
@@ -219,7 +222,8 @@ def _student_rows(model, batch):
     ``head(fn, *tensors)``, which calls ``fn(weight, bias, *tensors)`` with the lm_head's
     parameters whole (under FSDP2 the root's parameters are unsharded after the forward; under
     ZeRO-3 the call runs inside a module forward that gathers them)."""
-    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
+    hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"],
+                          batch.get("position_ids"))
     rows, targets = supervised_positions(hidden, batch["labels"])
     return rows, targets, head_runner(model)
 
@@ -428,6 +432,8 @@ def _encode(tokenizer, rows, cfg: RunConfig, split: str) -> list:
     if not any(supervised_count(e) for e in examples):
         raise ValueError(f"split {split!r}: no example has a supervised token left after "
                          f"truncation to max_length={cfg.max_length}")
+    if cfg.pack:
+        examples = pack_examples(examples, cfg.max_length)
     return examples
 
 
@@ -491,6 +497,7 @@ def _load_student(cfg: RunConfig, strategy, tokenizer, model=None):
             raise ValueError(f"{cfg.model}: the tokenizer has {len(tokenizer)} tokens but the "
                              f"lm_head only {rows} rows")
     model.config.use_cache = False
+    _packed(cfg, model)
     if cfg.gradient_checkpointing:
         options = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):      # transformers >= 5
@@ -506,6 +513,13 @@ def _load_student(cfg: RunConfig, strategy, tokenizer, model=None):
                                                  lora_dropout=0.0, target_modules="all-linear"))
     model = strategy.prepare_student(model)
     model.train()
+    return model
+
+
+def _packed(cfg: RunConfig, model):
+    """The model, switched to per-document attention when the run packs examples."""
+    if cfg.pack:
+        use_document_attention(model)
     return model
 
 
@@ -633,9 +647,16 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
             return
         hf_model = strategy.unwrap(model)
         hf_model.eval()
+        # Evaluations pad on the left and generate: plain attention, not the packed runs' own.
+        base = unwrap_model(hf_model)
+        attention = base.config._attn_implementation
+        if cfg.pack:
+            base.set_attn_implementation("sdpa")
         try:
             on_epoch_end(epoch, hf_model, tokenizer, dict(stats, epoch_loss=epoch_loss))
         finally:
+            if cfg.pack:
+                base.set_attn_implementation(attention)
             hf_model.train()
         callbacks_done(out, info)
 

@@ -67,7 +67,7 @@ def test_max_authors_and_split_errors():
         bench.split("forget20")
     with pytest.raises(ValueError, match="no retain split.*forget01"):
         retain_split_for("forget20")
-    with pytest.raises(FileNotFoundError, match="expected 'synthetic', 'tofu'"):
+    with pytest.raises(FileNotFoundError, match="expected 'synthetic', 'books', 'tofu'"):
         load_benchmark("no/such/folder")
     with pytest.raises(ValueError, match="max_authors must be >= 1"):
         load_benchmark("synthetic", max_authors=0)
