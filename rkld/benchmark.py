@@ -474,12 +474,19 @@ def _plot_per_seed(rows: list, names: list, path: Path) -> None:
 # --------------------------------------------------------------------------- commands
 
 def _threads(protocol: Protocol):
+    """Set the protocol's torch threads and silence the Hugging Face bars (dozens of model loads
+    would bury the log); returns the function that restores both."""
     import torch
-    previous = torch.get_num_threads()
-    torch.set_num_threads(protocol.threads)
     from transformers.utils import logging as hf_logging
+    previous, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(protocol.threads)
     hf_logging.disable_progress_bar()
-    return previous
+
+    def restore():
+        torch.set_num_threads(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return restore
 
 
 def parse_grid(items: list) -> list:
@@ -502,8 +509,7 @@ def _setting_name(method: str, setting: list) -> str:
 def run_sweep(protocol: Protocol, seeds: list, methods: list, grid: list) -> dict:
     """Every method x setting x tuning seed; writes sweep.md, sweep.json, sweep_frontier.png."""
     started, load = time.time(), os.getloadavg()
-    previous = _threads(protocol)
-    import torch
+    restore = _threads(protocol)
     try:
         runner = Runner(protocol)
         settings = parse_grid(grid)
@@ -557,14 +563,13 @@ def run_sweep(protocol: Protocol, seeds: list, methods: list, grid: list) -> dic
         print("\n".join(lines))
         return result
     finally:
-        torch.set_num_threads(previous)
+        restore()
 
 
 def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
     """The chosen settings on ``seeds``; writes benchmark.md, benchmark.json and plots."""
     started, load = time.time(), os.getloadavg()
-    previous = _threads(protocol)
-    import torch
+    restore = _threads(protocol)
     try:
         runner = Runner(protocol)
         references = runner.references()
@@ -634,7 +639,7 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
         print(f"[bench] wall time {elapsed:.0f} s; outputs in {out}")
         return result
     finally:
-        torch.set_num_threads(previous)
+        restore()
 
 
 def _benchmark(protocol: Protocol):

@@ -339,7 +339,7 @@ def register_eval(subparsers) -> None:
                 generation_batch_size=min(args.generation_batch_size, 8),
                 seed=args.passage_seed, progress=not args.no_progress)
             summary = run_corpus_eval(args.model, args.data, args.out, config=config,
-                                      seed=args.seed, overwrite=args.overwrite)
+                                      seed=args.data_seed, overwrite=args.overwrite)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps({"out": args.out, **summary}, indent=1))
             return 0
@@ -376,7 +376,8 @@ def register_inspect_teacher(subparsers) -> None:
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic', 'tofu' (hub) or a folder of TOFU JSON files")
     parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
+                        help="which synthetic benchmark (the models' --data-seed)")
     parser.add_argument("--max-authors", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--template", default="auto")
@@ -395,7 +396,7 @@ def register_inspect_teacher(subparsers) -> None:
         from .inspect_teacher import InspectConfig, inspect_teacher
         result = inspect_teacher(InspectConfig(
             model=args.model, strengthened=args.strengthened, out=args.out, data=args.data,
-            forget=args.forget, seed=args.seed, max_authors=args.max_authors,
+            forget=args.forget, data_seed=args.data_seed, max_authors=args.max_authors,
             max_length=args.max_length, template=args.template, alpha=args.alpha,
             teacher_boost=args.teacher_boost, top_k=args.top_k, batch_size=args.batch_size,
             report_examples=args.report_examples, progress=not args.no_progress))

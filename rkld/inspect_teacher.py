@@ -61,7 +61,7 @@ class InspectConfig:
     out: str
     data: str = "synthetic"
     forget: str = "forget10"
-    seed: int = 0
+    data_seed: int = 0
     max_authors: int | None = None
     max_length: int = 512
     template: str = "auto"
@@ -251,7 +251,7 @@ def inspect_teacher(cfg: InspectConfig) -> dict:
     from .models import check_same_vocabulary, load_model
     cfg.validate()
     boosts = cfg.boosts()
-    bench = load_benchmark(cfg.data, seed=cfg.seed, max_authors=cfg.max_authors)
+    bench = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
     rows = bench.split(cfg.forget)
     if not rows or not all(isinstance(r.get("answer"), str) for r in rows):
         raise ValueError(f"split {cfg.forget!r}: inspect-teacher needs question/answer rows")
@@ -346,7 +346,7 @@ def format_report(result: dict, report_examples: int = 10) -> str:
     boosts = [b for b in BOOSTS if b in summary]
     lines = ["# What the unlearning teacher pushes down", "",
              f"Original `{cfg['model']}`, strengthened `{cfg['strengthened']}`, benchmark "
-             f"`{result['benchmark']}` (seed {cfg['seed']}), forget split `{cfg['forget']}`, "
+             f"`{result['benchmark']}` (data seed {cfg['data_seed']}), forget split `{cfg['forget']}`, "
              f"alpha {cfg['alpha']}. Teacher z = o - alpha * relu(d) with d = g - o (`logits`, "
              f"the paper) or d = log_softmax(g) - log_softmax(o) (`logprobs`, an extension of "
              f"the paper). Token classes: {result['class_rule']}.", "",
