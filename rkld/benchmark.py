@@ -50,8 +50,10 @@ METHODS = [
     ("npo", ["--method", "npo"]),
     ("graddiff", ["--method", "graddiff"]),
     # An extension of the paper: the boost measured on log-probabilities (rkld.teacher_boost).
+    # Its boosts are log-probability differences, far smaller than raw-logit ones, hence its own
+    # alpha and lr, chosen with rkld sweep on the tuning seeds by the same rule (README).
     ("rkld-logprobs", ["--method", "rkld", "--direction", "reverse",
-                       "--teacher-boost", "logprobs"]),
+                       "--teacher-boost", "logprobs", "--alpha", "1000", "--lr", "2e-4"]),
 ]
 FQ_THRESHOLD = 0.05
 COMMAND_FILE = "rkld_command.json"
@@ -604,8 +606,9 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
             f"quality (FQ) is the median over {len(references)} retain models trained from "
             f"seeds {list(protocol.retain_seeds)}, with its range over them. Worst = the "
             f"lowest over the seeds. Unlearning arguments shared by all methods: "
-            f"`{protocol.unlearn_args}`; per method: "
-            + (", ".join(f"{k}: `{v}`" for k, v in protocol.method_args.items()) or "none") + ".",
+            f"`{protocol.unlearn_args}`; per method (after them, so they win): "
+            + ", ".join(f"{name} `{' '.join([*args, protocol.method_args.get(name, '')]).strip()}`"
+                        for name, args in METHODS if name in methods) + ".",
             "",
             ("**Benchmark too weak on seeds " + ", ".join(map(str, weak)) + "** (the untouched "
              "target passes FQ > 0.05): no result below is a claim." if weak else
