@@ -530,7 +530,7 @@ def register_sweep(subparsers) -> None:
 def register_benchmark(subparsers) -> None:
     parser = subparsers.add_parser(
         "benchmark", help="the chosen settings on fresh seeds for rkld, fkld, ga, npo, "
-                          "graddiff: one table (median and worst case), plots",
+                          "graddiff and rkld-logprobs: one table (median and worst case), plots",
         description="Train k retain models and, per model seed, a target and its strengthened "
                     "model; refuse a benchmark whose untouched target already passes FQ > 0.05; "
                     "unlearn with every method; evaluate; write benchmark.md (tables, targets, "
