@@ -143,15 +143,15 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
 ONE_HOT_TOP_PROBABILITY = 2.0 / 3.0
 
 
-def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, top: torch.Tensor) -> None:
-    """In rows where the student's top probability ``p_top`` (``[rows, 1]``, at column ``top``)
-    exceeds 2/3, replace the gradient at the top token by minus the sum of the row's other
-    entries (in place; ``grad`` in the compute dtype, any upstream scale applied):
-    ``top - sum(row)`` is that sum up to one rounding of its size. A NaN row is left as it is
-    (its maximum is NaN, and the comparison False)."""
-    at_top = grad.gather(-1, top)
-    replaced = at_top - grad.sum(dim=-1, keepdim=True)
-    grad.scatter_(-1, top, torch.where(p_top > ONE_HOT_TOP_PROBABILITY, replaced, at_top))
+def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, at_top: torch.Tensor) -> None:
+    """In rows where the student's top probability ``p_top`` (``[rows, 1]``; ``at_top`` is the
+    bool mask of its column) exceeds 2/3, replace the gradient at the top token by minus the
+    sum of the row's other entries (in place; ``grad`` in the compute dtype, any upstream scale
+    applied): ``top - sum(row)`` is that sum up to one rounding of its size. Above 1/2 the
+    maximum is unique, so the mask has one column. A NaN row is left as it is. (A mask rather
+    than ``max``'s indices: reductions with indices are slow on CPU.)"""
+    total = grad.sum(dim=-1, keepdim=True).masked_fill_(~(p_top > ONE_HOT_TOP_PROBABILITY), 0.0)
+    grad.sub_(at_top * total)
 
 
 def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
@@ -181,30 +181,49 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         return row_loss, None
     if reverse:
         # p_v ((log p_v - log q_v) - L) / T, in the compute dtype; then the top entry of
-        # near-one-hot rows, then one rounding into a low-precision grad_out.
-        p_top_and_index = weight.max(dim=-1, keepdim=True)     # weight is p, unscaled yet
+        # near-one-hot rows; one rounding into a low-precision grad_out.
+        p_top = weight.amax(dim=-1, keepdim=True)     # weight is p, unscaled yet
+        at_top = weight == p_top if _may_be_one_hot(p_top) else None
         if grad_scale is not None:
             weight.mul_(grad_scale / temperature)
         elif temperature != 1.0:
             weight.div_(temperature)
+        if at_top is None:
+            return row_loss, torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
         grad = log_ratio.sub_(loss).mul_(weight)
-        _top_from_the_others(grad, *p_top_and_index)
     else:
         # (p_v - q_v) / T. p - q cancels, so both come from the fused softmax (relative error
         # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
         p = torch.softmax(s, dim=-1)
         q = torch.softmax(z, dim=-1)
-        p_top_and_index = p.max(dim=-1, keepdim=True)
+        p_top = p.amax(dim=-1, keepdim=True)
+        at_top = p == p_top if _may_be_one_hot(p_top) else None
+        if at_top is None:
+            if grad_scale is not None:
+                return row_loss, torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
+            if temperature != 1.0:
+                return row_loss, torch.div(p.sub_(q), temperature, out=grad_out)
+            return row_loss, torch.sub(p, q, out=grad_out)
         grad = p.sub_(q)
         if grad_scale is not None:
             grad.mul_(grad_scale / temperature)
         elif temperature != 1.0:
             grad.div_(temperature)
-        _top_from_the_others(grad, *p_top_and_index)
+    _top_from_the_others(grad, p_top, at_top)
     if grad_out is not None:
         grad_out.copy_(grad)
         grad = grad_out
     return row_loss, grad
+
+
+def _may_be_one_hot(p_top: torch.Tensor) -> bool:
+    """Whether any row may need :func:`_top_from_the_others`: read on the host when that is
+    free (CPU, eager), so that the common case keeps its single fused pass into the gradient;
+    compiled (the check would break the graph) or off CPU, always (then it costs two fused
+    reductions and a pass)."""
+    if torch.compiler.is_compiling() or not host_reads_allowed(p_top.device):
+        return True
+    return bool((p_top > ONE_HOT_TOP_PROBABILITY).any())
 
 
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,

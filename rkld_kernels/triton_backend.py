@@ -124,18 +124,20 @@ class TileShape:
         return dict(TILE_R=self.tile_r, THREADS=self.threads, TILE_K=self.tile_k)
 
 
-def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2) -> TileShape:
+def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
+                  repeats: int = _TILE_REPEATS) -> TileShape:
     """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
 
     The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
     vector loads per thread, unless ``block_v`` is given (tests force small blocks to exercise
     the loops and tails). Each thread holds 16 bytes of each input per repeat (8 bf16 or 4
-    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats fill the block.
+    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
+    ``repeats``) fill the block.
     """
     if block_v is None:
         per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab),
-                      _TILE_REPEATS * 32 * _NUM_WARPS * per_thread)
+                      repeats * 32 * _NUM_WARPS * per_thread)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
     tile_k = max(1, min(_TILE_BYTES_PER_THREAD // element_size, block_v // 32))
@@ -230,6 +232,15 @@ class KernelLaunch:
         self.kernel[self.grid](*self.args, num_warps=self.num_warps, **self.constexprs)
 
 
+def _repeats(element_size: int, acc_dtype: torch.dtype) -> int:
+    """Tile repeats: ``_TILE_REPEATS``, but a quarter of them for float32 inputs computed in
+    float64, whose 32 columns per thread of float64 work (software exp2 and log2 included)
+    would spill registers."""
+    if acc_dtype == torch.float64 and element_size < 8:
+        return max(1, _TILE_REPEATS // 4)
+    return _TILE_REPEATS
+
+
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
     the student as a placeholder pointer that the kernel never reads (the flags say so).
@@ -273,10 +284,11 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     if rows == 0:
         return loss, stats, []
     element_size = max(t.element_size() for t in inputs)
+    repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
-        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
-                              sm_count)
-    tile = launch_config(vocab, block_v, element_size)
+        block_v = split_block(rows, vocab,
+                              launch_config(vocab, None, element_size, repeats).block, sm_count)
+    tile = launch_config(vocab, block_v, element_size, repeats)
     vec = row_alignment(inputs, [t.stride(0) for t in inputs])
     # Tiles of the longest row (a row shifted by its alignment may need one more).
     n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
@@ -322,10 +334,11 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
         student, original, strengthened, keep, reverse, compute)
     element_size = max(t.element_size() for t in inputs)
+    repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
-        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
-                              sm_count)
-    tile = launch_config(vocab, block_v, element_size)
+        block_v = split_block(rows, vocab,
+                              launch_config(vocab, None, element_size, repeats).block, sm_count)
+    tile = launch_config(vocab, block_v, element_size, repeats)
     # The gradient is contiguous: its row stride is V.
     vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
     tiles = triton.cdiv(vocab + vec - 1, tile.block)

@@ -76,11 +76,15 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
     total = 0.0
     if ONE_HOT:
         # Columns outside the row hold p = 0 and gradient 0 (their logits load as -inf).
+        # At most one entry of a row has p > 1/2: reduce it to scalars (cheaper in registers
+        # than a masked store per column) and store them from the program that holds it.
         total = tl.sum(grad, axis=0)
         is_top = p > 0.5
-        slot = tl.zeros_like(offsets)
-        tl.store(top_index_ptr + slot, (offsets - lead).to(tl.int32), mask=is_top)
-        tl.store(top_grad_ptr + slot, grad, mask=is_top)
+        top_column = tl.max(tl.where(is_top, offsets - lead, -1), axis=0)
+        top_entry = tl.sum(tl.where(is_top, grad, 0.0), axis=0)
+        if top_column >= 0:
+            tl.store(top_index_ptr, top_column.to(tl.int32))
+            tl.store(top_grad_ptr, top_entry)
     rounded = grad.to(grad_row.dtype.element_ty)
     if MASKED:
         tl.store(grad_row + offsets, rounded, mask=(offsets >= lead) & (offsets < vocab + lead))
@@ -147,13 +151,13 @@ def rkl_grad_kernel(
             strengthened_row = (strengthened_ptr
                                 + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
             scale = log2_scale(scale_f32, scale_f64, ACC)
-            alpha = acc_scalar(alpha, alpha_f64, ACC)
-            temperature = acc_scalar(temperature, temperature_f64, ACC)
+            alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
+            temperature_acc = acc_scalar(temperature, temperature_f64, ACC)
             m_s = tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)
             log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
             m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
             log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
-            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature
+            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature_acc
             if REVERSE:
                 shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
                 factor = factor * tl.full([], LN2, ACC)
@@ -163,26 +167,23 @@ def rkl_grad_kernel(
             top_index_row = top_index_ptr + row
             top_grad_row = top_grad_ptr + row
             if one_hot_row(log_l_s):
-                if full:
-                    total = grad_tile(grad_row, student_row, original_row, strengthened_row,
-                                      offsets, tile_lead, vocab, alpha, scale, m_s, log_l_s,
-                                      m_z, log_l_z, shift, factor, top_index_row, top_grad_row,
-                                      HAS_STRENGTHENED, REVERSE, False, True, ACC)
-                else:
-                    total = partial_grad_tile(
-                        grad_row, student_row, original_row, strengthened_row, tile_lead,
-                        vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
-                        top_index_row, top_grad_row, HAS_STRENGTHENED, REVERSE, True, TILE_R,
-                        THREADS, TILE_K, ACC)
+                # One repeat at a time, with masked loads, as partial tiles go: the extra sums
+                # keep a whole tile's gradient alive otherwise, and its registers would be the
+                # whole kernel's (the plain path's occupancy with them).
+                total = partial_grad_tile(
+                    grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                    alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_row,
+                    top_grad_row, HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K,
+                    ACC)
                 tl.store(tile_sums_ptr + row * tl.num_programs(1) + tile, total)
             elif full:
                 grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
-                          tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift,
+                          tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift,
                           factor, top_index_row, top_grad_row, HAS_STRENGTHENED, REVERSE, False,
                           False, ACC)
             else:
                 partial_grad_tile(grad_row, student_row, original_row, strengthened_row,
-                                  tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z,
+                                  tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z,
                                   shift, factor, top_index_row, top_grad_row, HAS_STRENGTHENED,
                                   REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
         else:

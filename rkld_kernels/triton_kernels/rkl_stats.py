@@ -203,7 +203,7 @@ def rkl_stats_kernel(
     tile_end = tl.where(kept, tile_end, tile_begin)
     offsets = tile_offsets(TILE_R, THREADS, TILE_K)
     scale = log2_scale(scale_f32, scale_f64, ACC)
-    alpha = acc_scalar(alpha, alpha_f64, ACC)
+    alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
 
     # Running references start at the lowest finite value (see rebase_finite).
     m_w = tl.full([THREADS], FLOOR, ACC)
@@ -217,7 +217,7 @@ def rkl_stats_kernel(
         step = tile * BLOCK
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
-            strengthened_row + step, offsets, lead, vocab, alpha, scale, HAS_STRENGTHENED,
+            strengthened_row + step, offsets, lead, vocab, alpha_acc, scale, HAS_STRENGTHENED,
             REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
     # The partial tiles, masked: the first (the row starts inside it) and the last (the row
     # ends inside it), each when this split holds it, and the last only if it is not the first.
@@ -231,7 +231,7 @@ def rkl_stats_kernel(
         step = tile * BLOCK + (i % TILE_R) * (THREADS * TILE_K)
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
-            strengthened_row + step, sub_offsets, lead - step, vocab, alpha, scale,
+            strengthened_row + step, sub_offsets, lead - step, vocab, alpha_acc, scale,
             HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC)
 
     # A NaN among the strengthened logits makes the row NaN, as it does in the reference.
