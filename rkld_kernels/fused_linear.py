@@ -29,9 +29,9 @@ has scaled them, then each is rounded once to its parameter's dtype. float32 hea
 same treatment one level up: GEMMs, vocabulary pass and dX/dW/db in float64 (the weight
 converted once per call), as float32 arithmetic cannot reach the float32 rounding floor (dX
 alone sums V terms that largely cancel). That costs float32 callers float64 GEMMs (on CPU
-about 2x float32's time; on GPUs their float64 rate) and twice the chunk memory, so the default
-chunk is half as long; the float16/bfloat16 path is unchanged. The result meets the
-precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
+about 2x float32's time; on GPUs their float64 rate), float64 vocabulary passes and twice the
+chunk memory, so the default chunk is half as long; the float16/bfloat16 path is unchanged.
+The result meets the precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
 ``tests/test_precision.py``.
 
 When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
