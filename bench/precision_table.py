@@ -20,6 +20,13 @@ bfloat16 (the best a bfloat16 gradient can be; the precision contract allows 2x)
 Triton kernels (ours, Liger's JSD) run in Triton's interpreter, which converts float32 to
 bfloat16 by truncation, so for them the floor is the truncation floor (about 2x larger).
 
+A third table holds the cases beyond bfloat16 at T = 1, ours against the naive formula in the
+inputs' dtype: a student that is one-hot in float32 at T = 0.05 (16 rows, V = 32000, each
+row's top logit 1 above its second, i.e. 20 nats at T = 0.05; RKLD with the strengthened model
+raising that token by 2.5 so that the teacher pushes it down), where the top token's gradient
+is taken from the other entries; and float32 inputs (the logits above, and the heads above, in
+float32), computed in float64 inside, against the float32 floor.
+
 Run: ``python bench/precision_table.py [--json out.json]`` (CPU: a few minutes, most of it
 compiling the naive loss).
 """
@@ -62,7 +69,7 @@ def floors(exact: torch.Tensor) -> dict:
 
 # --- logits -----------------------------------------------------------------------------------
 
-def make_logits(rows: int, vocab: int, seed: int = 0):
+def make_logits(rows: int, vocab: int, seed: int = 0, dtype: torch.dtype = LOW):
     gen = torch.Generator().manual_seed(seed)
     o = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 2
     o[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=gen)] += 8
@@ -73,7 +80,7 @@ def make_logits(rows: int, vocab: int, seed: int = 0):
                        dim=1)
     g.scatter_add_(1, tokens, 0.5 + 2.5 * torch.rand(rows, 8, generator=gen, dtype=torch.float64))
     s = o + 0.01 * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
-    return s.to(LOW), o.to(LOW), g.to(LOW)
+    return s.to(dtype), o.to(dtype), g.to(dtype)
 
 
 def naive_logits_loss(student, original, strengthened):
@@ -110,7 +117,8 @@ def run_logits(fn, inputs, device):
 
 # --- hidden states ----------------------------------------------------------------------------
 
-def make_heads(seed: int = 0, tokens: int = 32, hidden: int = 64, vocab: int = 4099):
+def make_heads(seed: int = 0, tokens: int = 32, hidden: int = 64, vocab: int = 4099,
+               dtype: torch.dtype = LOW):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -118,10 +126,10 @@ def make_heads(seed: int = 0, tokens: int = 32, hidden: int = 64, vocab: int = 4
 
     weight = (randn(vocab, hidden) + 2 * randn(hidden)) * 3 / math.sqrt(hidden)
     x = randn(tokens, hidden) + randn(hidden)
-    return {"student_hidden": (x + 0.01 * randn(tokens, hidden)).to(LOW),
-            "student_weight": weight.to(LOW), "original_hidden": x.to(LOW),
-            "original_weight": weight.to(LOW), "strengthened_hidden": x.to(LOW),
-            "strengthened_weight": (weight + 0.05 * randn(vocab, hidden)).to(LOW)}
+    return {"student_hidden": (x + 0.01 * randn(tokens, hidden)).to(dtype),
+            "student_weight": weight.to(dtype), "original_hidden": x.to(dtype),
+            "original_weight": weight.to(dtype), "strengthened_hidden": x.to(dtype),
+            "strengthened_weight": (weight + 0.05 * randn(vocab, hidden)).to(dtype)}
 
 
 def naive_linear_loss(p):
@@ -254,11 +262,80 @@ def linear_table() -> list[dict]:
     return rows
 
 
+def one_hot_logits(rows: int = 16, vocab: int = 32000):
+    """bfloat16 logits of a student one-hot in float32 at T = 0.05 (see the module docstring)."""
+    s, o, g = (t.double() for t in make_logits(rows, vocab))
+    o = o.clone()
+    top2 = o.topk(2, dim=1)
+    index = torch.arange(rows)
+    lift = top2.values[:, 1] + 1.0 - top2.values[:, 0]
+    o[index, top2.indices[:, 0]] += lift
+    g = o.clone()
+    g[index, top2.indices[:, 0]] += 2.5
+    return o.clone().to(LOW), o.to(LOW), g.to(LOW)
+
+
+def beyond_table() -> list[dict]:
+    """One-hot students (bfloat16, T = 0.05) and float32 inputs: ours against the naive
+    formula in the inputs' dtype, errors as multiples of the floor of the gradient's dtype."""
+    rows = []
+
+    def floor_of(exact, dtype, kind):
+        if dtype == LOW:
+            return floors(exact)[kind]
+        return relative(exact.to(dtype), exact)
+
+    def logits_case(case, inputs, temperature, dtype):
+        inputs = tuple(t.to(dtype) for t in inputs)
+        exact_loss, exact_grad = run_logits(
+            lambda s, o, g: reference_rkl_loss(s, o, g, alpha=ALPHA, temperature=temperature),
+            tuple(t.double() for t in inputs), "cpu")
+        impls = {"naive PyTorch (inputs' dtype)":
+                 lambda s, o, g: reference_rkl_loss(s, o, g, alpha=ALPHA, temperature=temperature)}
+        for backend in ("torch", "triton"):
+            impls[f"ours, {backend} backend"] = (
+                lambda s, o, g, b=backend: fused_rkl_loss(s, o, g, alpha=ALPHA,
+                                                          temperature=temperature, backend=b))
+        for name, fn in impls.items():
+            row = {"table": "beyond", "case": case, "impl": name}
+            why = available(name) if name.startswith("ours") else None
+            if why is not None:
+                rows.append({**row, "skipped": why})
+                continue
+            loss, grad = run_logits(fn, inputs, DEVICE)
+            kind = "truncate" if interpreted(name) and dtype == LOW else "round"
+            rows.append({**row, "loss_rel": abs(loss.item() - exact_loss.item())
+                         / exact_loss.item(), "grad_rel": relative(grad, exact_grad),
+                         "floor": floor_of(exact_grad, dtype, kind), "floor_kind": kind})
+
+    logits_case("one-hot student, bf16, T = 0.05, RKLD: loss / grad (x floor)", one_hot_logits(),
+                0.05, LOW)
+    logits_case("float32 logits, RKLD V=32000: loss / grad (x float32 floor)",
+                make_logits(16, 32000, dtype=torch.float32), 1.0, torch.float32)
+    problem = make_heads(dtype=torch.float32)
+    exact_loss, exact_dx, exact_dw = run_linear(naive_linear_loss, problem, "cpu", torch.float64)
+    for name, fn in {"naive PyTorch (inputs' dtype)": naive_linear_loss,
+                     "ours, torch backend": ours_linear("torch"),
+                     "ours, triton backend": ours_linear("triton")}.items():
+        row = {"table": "beyond", "case": "float32 heads, RKLD: loss / dX (x float32 floor)",
+               "impl": name}
+        why = available(name) if name.startswith("ours") else None
+        if why is not None:
+            rows.append({**row, "skipped": why})
+            continue
+        loss, dx, _ = run_linear(fn, problem, DEVICE, torch.float32)
+        rows.append({**row, "loss_rel": abs(loss.item() - exact_loss.item()) / exact_loss.item(),
+                     "grad_rel": relative(dx, exact_dx),
+                     "floor": relative(exact_dx.float(), exact_dx), "floor_kind": "round"})
+    return rows
+
+
 def _err(rel: float, floor: float) -> str:
     return f"{rel:.2g} ({rel / floor:.3g}x)"
 
 
-def markdown(logit_rows: list[dict], linear_rows: list[dict]) -> str:
+def markdown(logit_rows: list[dict], linear_rows: list[dict],
+             beyond_rows: list[dict] | None = None) -> str:
     out = []
     names = list(dict.fromkeys(r["impl"] for r in logit_rows))
     cases = list(dict.fromkeys((r["vocab"], r["teacher"]) for r in logit_rows))
@@ -296,21 +373,46 @@ def markdown(logit_rows: list[dict], linear_rows: list[dict]) -> str:
                 cells.append(f"{r['loss_rel']:.2g} / {_err(r['dx_rel'], r['dx_floor'])} / "
                              f"{_err(r['dw_rel'], r['dw_floor'])}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if beyond_rows:
+        out += ["", beyond_markdown(beyond_rows)]
+    return "\n".join(out)
+
+
+def beyond_markdown(beyond_rows: list[dict]) -> str:
+    out = []
+    cases = list(dict.fromkeys(r["case"] for r in beyond_rows))
+    out.append("| beyond bf16 at T = 1 | " + " | ".join(cases) + " |")
+    out.append("|---|" + "---:|" * len(cases))
+    for name in list(dict.fromkeys(r["impl"] for r in beyond_rows)):
+        cells = []
+        for case in cases:
+            r = next((r for r in beyond_rows if r["impl"] == name and r["case"] == case),
+                     None)
+            if r is None or "skipped" in r:
+                cells.append((r or {}).get("skipped") or "n/a")
+            else:
+                cells.append(f"{r['loss_rel']:.2g} / {_err(r['grad_rel'], r['floor'])}"
+                             + (" (trunc.)" if r["floor_kind"] == "truncate" else ""))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--beyond-only", action="store_true",
+                        help="only the third table (one-hot students, float32 inputs)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    logit_rows, linear_rows = logits_table(), linear_table()
+    logit_rows, linear_rows = ([], []) if args.beyond_only else (logits_table(), linear_table())
+    beyond_rows = beyond_table()
     print(f"device: {DEVICE}, torch {torch.__version__}")
-    print(markdown(logit_rows, linear_rows))
+    print(markdown(logit_rows, linear_rows, beyond_rows) if logit_rows
+          else beyond_markdown(beyond_rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": DEVICE, "logits": logit_rows, "linear": linear_rows}, f,
-                      indent=1)
+            json.dump({"device": DEVICE, "logits": logit_rows, "linear": linear_rows,
+                       "beyond": beyond_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ or, with ``drop_masked=False``, computed and zeroed without a host sync) are pro
 ``chunk_size`` at a time, and for each chunk
 
 1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``, in float32
-   whatever the input dtype (float64 for float64 inputs; see "Precision");
+   for float16/bfloat16 inputs and in float64 for float32 and float64 inputs (see "Precision");
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
    :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
    :mod:`rkld_kernels.triton_backend` (triton backend);
 3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a float32
    ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (accumulated in place into one
-   ``[V, H]`` accumulator, float32 by default), plus ``db += dlogits.sum(0)``.
+   ``[V, H]`` accumulator, float32 by default, float64 for float32 heads), plus
+   ``db += dlogits.sum(0)``.
 
 Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
 
@@ -24,8 +25,13 @@ accumulate in float32 and write float32 (:func:`gemm_mode`: ``torch.mm(..., out_
 torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs in float32; the
 dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
 that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
-has scaled them, then each is rounded once to its parameter's dtype. The result meets the
-precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
+has scaled them, then each is rounded once to its parameter's dtype. float32 heads get the
+same treatment one level up: GEMMs, vocabulary pass and dX/dW/db in float64 (the weight
+converted once per call), as float32 arithmetic cannot reach the float32 rounding floor (dX
+alone sums V terms that largely cancel). That costs float32 callers float64 GEMMs (on CPU
+about 2x float32's time; on GPUs their float64 rate), float64 vocabulary passes and twice the
+chunk memory, so the default chunk is half as long; the float16/bfloat16 path is unchanged.
+The result meets the precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
 ``tests/test_precision.py``.
 
 When the gradient is computed. With ``reduction="mean"`` or ``"sum"`` the upstream gradient is
@@ -59,6 +65,7 @@ from .torch_backend import (
     accumulation_dtype,
     check_compiled_arg,
     compile_mode,
+    compute_dtype,
     run_rkl_rows,
     teacher_logits,
 )
@@ -66,9 +73,10 @@ from .torch_backend import (
 _FN = "fused_linear_rkl_loss"
 
 # Default chunk size: the [chunk, V] buffers alive at once are kept within a per-device byte
-# budget, counted as float32 rows: the three float32 logits and the float32 gradient during
-# the vocabulary pass, plus one for its temporaries or, in the gradient GEMMs, for the
-# gradient's two low-precision halves (CUDA, float16/bfloat16). Bigger chunks make the GEMMs
+# budget, counted as rows of the compute dtype (float32, float64 for float32/float64 heads):
+# the three logits and the gradient during the vocabulary pass, plus one for its temporaries
+# or, in the gradient GEMMs, for the gradient's two low-precision halves (CUDA,
+# float16/bfloat16). Bigger chunks make the GEMMs
 # more efficient (on CPU the weight-gradient GEMM, whose inner dimension is the chunk, needs a
 # few hundred rows) and cost memory.
 _BUFFERS_PER_ROW = 5
@@ -82,13 +90,16 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 # On CUDA a whole chunk goes in one call, which is what keeps the GPU busy.
 _CPU_PASS_BYTES = 4 << 20
 
-def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
+def default_chunk_size(vocab_size: int, device: torch.device | str,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
     """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
-    buffers (``_BUFFERS_PER_ROW`` float32 rows of V per token) fit the device's budget (1 GiB on
+    buffers (``_BUFFERS_PER_ROW`` rows of V per token in the compute dtype of ``dtype`` heads:
+    float32 for float16/bfloat16, float64 for float32/float64) fit the device's budget (1 GiB on
     CUDA, 160 MiB elsewhere), at least 1."""
     device_type = torch.device(device).type
     budget = _CHUNK_BUDGET_BYTES.get(device_type, _DEFAULT_CHUNK_BUDGET_BYTES)
-    return max(1, budget // (_BUFFERS_PER_ROW * 4 * max(1, vocab_size)))
+    element = _element_size(compute_dtype(dtype))
+    return max(1, budget // (_BUFFERS_PER_ROW * element * max(1, vocab_size)))
 
 
 @dataclass(frozen=True)
@@ -114,11 +125,12 @@ class _Plan:
 def _make_plan(xs, ws, bs, alpha, temperature, reverse, chunk_size, accum_dtype, backend,
                compiled, per_row, need_dx, need_dw, need_db) -> _Plan:
     rows, vocab, device = xs.shape[0], ws.shape[0], xs.device
-    chunk_size = chunk_size or default_chunk_size(vocab, device)
+    chunk_size = chunk_size or default_chunk_size(vocab, device, ws.dtype)
     return _Plan(alpha=alpha, temperature=temperature, reverse=reverse, chunk_size=chunk_size,
                  accum_dtype=accum_dtype, backend=backend,
-                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (4 * vocab)) if device.type == "cpu"
-                                else chunk_size),
+                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (_element_size(compute_dtype(ws.dtype))
+                                                            * vocab))
+                                if device.type == "cpu" else chunk_size),
                  compile=(compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
                           if backend == "torch" else "off"),
                  per_row=per_row, need_dx=need_dx, need_dw=need_dw,
@@ -149,6 +161,10 @@ def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None):
         if dx is not None:
             dx = dx.new_zeros((positions, dx.shape[1])).index_copy(0, kept, dx)
     return loss_rows, dx, dw, db
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -189,12 +205,12 @@ def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, tempe
 
 
 def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db):
-    # _run_chunks keeps dx in the accumulation dtype; backward rounds it once to the hidden's.
-    dx = (xs.new_empty(xs.shape, dtype=accumulation_dtype(xs.dtype)) if need_dx
+    # _run_chunks keeps dx in the compute dtype; backward rounds it once to the hidden's.
+    dx = (xs.new_empty(xs.shape, dtype=compute_dtype(xs.dtype)) if need_dx
           else xs.new_empty(0))
-    dw = (ws.new_empty(ws.shape, dtype=accum_dtype or accumulation_dtype(ws.dtype)) if need_dw
+    dw = (ws.new_empty(ws.shape, dtype=accum_dtype or compute_dtype(ws.dtype)) if need_dw
           else ws.new_empty(0))
-    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or accumulation_dtype(bs.dtype))
+    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or compute_dtype(bs.dtype))
           if need_db and bs is not None else ws.new_empty(0))
     return dx, dw, db
 
@@ -324,11 +340,11 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     student_head, original_head = _Head(xs, ws, bs), _Head(xo, wo, bo)
     strengthened_head = _Head(xg, wg, bg, original_head) if xg is not None else None
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
-    dx = (torch.empty(xs.shape, dtype=accumulation_dtype(xs.dtype), device=device)
+    dx = (torch.empty(xs.shape, dtype=compute_dtype(xs.dtype), device=device)
           if need_dx else None)
-    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or accumulation_dtype(ws.dtype),
+    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or compute_dtype(ws.dtype),
                       device=device) if need_dw else None)
-    db = (torch.zeros(vocab, dtype=plan.accum_dtype or accumulation_dtype(bs.dtype),
+    db = (torch.zeros(vocab, dtype=plan.accum_dtype or compute_dtype(bs.dtype),
                       device=device) if need_db else None)
     for start in range(0, rows, plan.chunk_size):
         stop = min(start + plan.chunk_size, rows)
@@ -360,7 +376,10 @@ def gemm_mode(dtype: torch.dtype, device: torch.device) -> str:
     """How the GEMMs of an lm_head with ``dtype`` weights on ``device`` keep float32 precision
     (logits are never rounded to a low-precision dtype before the softmax):
 
-    - ``"native"``: float32/float64; the GEMMs run in that dtype.
+    - ``"native"``: float64; the GEMMs run in that dtype.
+    - ``"upcast64"``: float32: the weight is converted to float64 once per call and the hidden
+      rows chunk by chunk; GEMMs, vocabulary pass and gradients run in float64 (float32
+      arithmetic cannot reach the float32 rounding floor).
     - ``"fp32_out"``: float16/bfloat16 on CUDA: GEMMs in the input dtype with float32
       accumulation and float32 output (``torch.mm(..., out_dtype=torch.float32)``).
     - ``"upcast"``: float16/bfloat16 elsewhere, or on CUDA with a torch that lacks
@@ -369,6 +388,8 @@ def gemm_mode(dtype: torch.dtype, device: torch.device) -> str:
       what ``"fp32_out"`` computes (a CPU's bf16 GEMMs would round their output to bf16, and
       on AVX2 they run about 10x slower than float32 ones).
     """
+    if dtype == torch.float32:
+        return "upcast64"
     if dtype not in (torch.float16, torch.bfloat16):
         return "native"
     return "fp32_out" if _fp32_out_gemms(torch.device(device)) else "upcast"
@@ -408,18 +429,19 @@ class _Head:
         self.mode = gemm_mode(weight.dtype, weight.device)
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.source = (weight, bias)
-        if self.mode == "upcast":
+        self.compute = compute_dtype(weight.dtype)
+        if self.mode in ("upcast", "upcast64"):
             if sharing is not None and sharing.source[0] is weight:
-                self.weight = sharing.weight      # one float32 copy of a shared lm_head
+                self.weight = sharing.weight      # one wide copy of a shared lm_head
             else:
-                self.weight = weight.float()
+                self.weight = weight.to(self.compute)
             if bias is not None:
                 self.bias = (sharing.bias if sharing is not None and sharing.source[1] is bias
-                             else bias.float())
+                             else bias.to(self.compute))
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         x = self.hidden[start:stop]
-        return x.float() if self.mode == "upcast" else x
+        return x.to(self.compute) if self.mode in ("upcast", "upcast64") else x
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         x, weight, bias = self._rows(start, stop), self.weight, self.bias
@@ -490,20 +512,23 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     ``r`` multiplied by ``row_scale[r]`` (1 when None)."""
     if plan.backend == "triton":
         from .triton_backend import triton_rkl_backward, triton_rkl_forward
+        # The logits' dtype is the compute dtype (float32 for float16/bfloat16 heads).
         hyper = (plan.alpha, plan.temperature, plan.reverse)
-        loss, stats = triton_rkl_forward(student, original, strengthened, None, *hyper)
+        loss, stats = triton_rkl_forward(student, original, strengthened, None, *hyper,
+                                         compute=student.dtype)
         if not need_grad:
             return loss, None
         if row_scale is None:
             row_scale = loss.new_ones(()).expand(loss.shape[0])
         return loss, triton_rkl_backward(student, original, strengthened, None, stats,
-                                         row_scale, *hyper)
+                                         row_scale, *hyper, compute=student.dtype)
     # rkl_rows makes a dozen elementwise passes over its rows; a few rows at a time they stay
     # in the CPU's caches instead of streaming through memory.
+    # The logits come in the compute dtype (float32 for float16/bfloat16 heads, float64 for
+    # float32/float64 ones), which is what rkl_rows computes in.
     rows, vocab = student.shape
-    compute_dtype = accumulation_dtype(student.dtype)
-    loss = torch.empty(rows, dtype=compute_dtype, device=student.device)
-    grad = (torch.empty((rows, vocab), dtype=compute_dtype, device=student.device)
+    loss = torch.empty(rows, dtype=student.dtype, device=student.device)
+    grad = (torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
             if need_grad else None)
     for start in range(0, rows, plan.rows_per_pass):
         part = slice(start, start + plan.rows_per_pass)
@@ -511,7 +536,7 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
                                      strengthened[part] if strengthened is not None else None,
                                      plan.alpha, plan.temperature, plan.reverse, need_grad,
                                      grad_out=grad[part] if grad is not None else None,
-                                     caller=_FN)
+                                     caller=_FN, compute=student.dtype)
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
@@ -609,16 +634,16 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     weight gradient and the ``[tokens, H]`` hidden gradient (both float32 until the backward
     rounds them to the parameters' dtypes), whatever the number of tokens. Off CUDA, each
     float16/bfloat16 lm_head weight is also converted to float32 once per call (``V x H x 4``
-    bytes; see :func:`gemm_mode`).
+    bytes; see :func:`gemm_mode`). float32 heads are computed in float64 throughout: their
+    buffers, gradients and (on every device) one float64 copy of each weight are twice as wide.
 
     Precision contract (torch and triton backends; ``reference`` computes naively in the
     inputs' dtype): for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
     relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller)
-    and never negative; each float16/bfloat16 gradient is within 2x the error of rounding the
-    exact gradient to its dtype (float32 gradients: within a few times the naive float32
-    formula's error); float64 inputs are float64 throughout. Logits are never rounded to a
-    low-precision dtype (see the module docstring). On CUDA, float32 inputs assume TF32 matmuls
-    are off (PyTorch's default): TF32 rounds float32 GEMM operands to 10 mantissa bits.
+    and never negative; each gradient is within 2x the error of rounding the exact gradient to
+    its dtype; float64 inputs are float64 throughout. Logits are never rounded to a
+    low-precision dtype (see the module docstring); float32 inputs are computed in float64
+    (GEMMs included, so TF32 settings do not apply to them).
 
     Args:
         student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
@@ -638,8 +663,8 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             memory budget.
         accum_dtype: dtype of the weight/bias gradient accumulators. None (default): float32
             for a float16/bfloat16 lm_head (the gradient is summed over chunks in float32 and
-            rounded once at the end, as the precision contract needs), the weight's dtype
-            otherwise. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
+            rounded once at the end, as the precision contract needs), float64 for float32 and
+            float64 ones. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
             but rounds after every chunk, so the weight gradient drifts beyond the contract
             when there is more than one chunk.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by

@@ -22,6 +22,7 @@ from .tensor_parallel import is_dtensor, vocab_parallel_rkl_loss
 from .torch_backend import (
     accumulation_dtype,
     check_compiled_arg,
+    compute_dtype,
     host_reads_allowed,
     rkl_loss_and_grad,
     teacher_logits,
@@ -74,8 +75,9 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
         # mean/sum: the gradient is pre-scaled by the presumed upstream gradient (a 0-d tensor:
         # no host read, one compiled graph for all counts) and rounded once to the student's
         # dtype; none: kept in the accumulation dtype until backward's scaling (one rounding).
+        # The scale in the compute dtype: a float32 1/count would add its own rounding.
         scale = None
-        acc_dtype = accumulation_dtype(student.dtype)
+        acc_dtype = compute_dtype(student.dtype)
         if reduction == "mean":
             scale = (1.0 / keep.sum().clamp(min=1).to(acc_dtype) if keep is not None else
                      torch.full((), 1.0 / max(rows, 1), dtype=acc_dtype, device=student.device))
@@ -102,7 +104,7 @@ def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, re
         saved = student.new_empty(0)
     elif backend == "triton":
         from .triton_kernels import STAT_COUNT
-        saved = student.new_empty((STAT_COUNT, rows), dtype=acc_dtype)
+        saved = student.new_empty((STAT_COUNT, rows), dtype=compute_dtype(student.dtype))
     else:   # the torch backend's gradient (see _rkl_loss_impl for its dtype)
         saved = student.new_empty(student.shape,
                                   dtype=acc_dtype if reduction == "none" else student.dtype)
@@ -290,10 +292,11 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
     Precision contract (torch and triton backends; ``reference`` computes naively in the
     inputs' dtype): for float16/bfloat16/float32 inputs the loss is within 1e-3 relative of the
     float64 loss of the same rounded inputs (or 1e-6 absolute when smaller) and never
-    negative; a float16/bfloat16 gradient is within 2x the error of rounding the exact gradient
-    to its dtype (float32 gradients: within a few times the naive float32 formula's error);
-    float64 inputs are float64 throughout. The README lists the measured errors and the one
-    known exception (a student that is one-hot in float32, e.g. at temperature 0.05).
+    negative; the gradient is within 2x the error of rounding the exact gradient to its dtype;
+    float64 inputs are float64 throughout. float16/bfloat16 inputs are computed in float32,
+    float32 inputs in float64 (float32 exp/log cannot reach the float32 floor; this costs the
+    rare float32 caller twice the work memory and, measured on CPU, 3-5x the time of float32
+    math; the 16-bit path nothing). The README lists the measured errors.
     """
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)

@@ -1,7 +1,8 @@
 """Chunked PyTorch backend: the same math as the Triton kernels, for CPUs and as a fallback.
 
-Rows are processed a chunk at a time in float32 (float64 for float64 students), so no
-full-vocabulary work tensor larger than ``chunk_rows x V`` exists besides the gradient itself.
+Rows are processed a chunk at a time in the compute dtype (:func:`compute_dtype`: float32 for
+float16/bfloat16 students, float64 for float32 and float64 ones), so no full-vocabulary work
+tensor larger than ``chunk_rows x V`` exists besides the gradient itself.
 The loss and the gradient of each chunk (optionally pre-multiplied by a scale, so that the usual
 backward needs no further pass) come out of one call, eager or through ``torch.compile``.
 
@@ -12,6 +13,19 @@ Math per row, with s~ = s/T, z~ = z/T, p = softmax(s~), q = softmax(z~):
 
 (the reverse gradient is DESIGN.md's p_j (d_j - E_p[d]) / T, since log p - log q = d - lse_s +
 lse_z and L = E_p[d] - lse_s + lse_z). Entries whose weight is exactly 0 contribute 0.
+
+A row's gradient entries sum to 0 (sum_v p_v = sum_v q_v = 1). Where the student is nearly
+one-hot, the entry at its top token t is a difference of two numbers far larger than itself
+(reverse: p_t (r_t - L) with L ~ r_t; forward: p_t - q_t with both ~ 1) and the compute dtype
+cannot resolve it; every other entry is accurate. So in rows whose top probability exceeds 2/3
+the top entry is taken as minus the sum of the others (see :func:`_top_from_the_others`); in
+closed form, with d = s~ - z~ as above and any upstream scale applied,
+
+    reverse:  dL/ds_t = p_t sum_{v != t} p_v (d_t - d_v) / T
+    forward:  dL/ds_t = -sum_{v != t} (p_v - q_v) / T
+
+(reverse: r_t - L = sum_{v != t} p_v (r_t - r_v), and r_t - r_v = d_t - d_v), sums of terms
+that are each accurate. The strengthened teacher enters only through q (or d).
 """
 from __future__ import annotations
 
@@ -26,8 +40,18 @@ _CHUNK_ELEMENTS = 1 << 18
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for every input dtype except float64, which is kept (gradcheck, ground truths)."""
+    """The dtype of the losses (and of kept gradients) for inputs of ``dtype``: float32 for
+    every input dtype except float64, which is kept (gradcheck, ground truths)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-element math for inputs of ``dtype``: float32 for float16/bfloat16,
+    float64 for float32 and float64. float32 inputs need it for their gradient to be within
+    2x the float32 rounding floor: exp and log in float32 alone are off by ~1e-6 relative on
+    logits of size 10, 16x that floor. (float32 logits is rare in LLM training; the 16-bit
+    path is float32 throughout.)"""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 # Compiled, the per-chunk math is a few fused loops that stream each row, so cache residency
@@ -80,16 +104,18 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.Tensor | None,
              alpha: float, temperature: float, reverse: bool, need_grad: bool,
              grad_out: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None, *,
-             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             compiled: bool = False, compute: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss per row and, if asked, dL_row/d student ([rows, V]).
 
-    The loss is in the compute dtype (float32, or float64 when the student is float64), and
-    never negative: KL >= 0, so a row whose rounded sum falls below 0 (a KL of 1e-10 at
-    temperature 0.05 can) is returned as 0, which is also nearer the exact value. The
-    gradient is written into ``grad_out`` when given (any float dtype, rounded once), else
-    returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d tensor, so that a
-    compiled version does not specialise on its value) when given. Inputs are 2-D
-    ``[rows, V]`` of any float dtype and strides; they are never modified.
+    The math runs in ``compute`` (default :func:`compute_dtype` of the student's dtype; the
+    fused-linear loss passes float32 for the float32 logits of float16/bfloat16 heads). The
+    loss is in that dtype, and never negative: KL >= 0, so a row whose rounded sum falls
+    below 0 (a KL of 1e-10 at temperature 0.05 can) is returned as 0, which is also nearer
+    the exact value. The gradient is written into ``grad_out`` when given (any float dtype,
+    rounded once), else returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d
+    tensor, so that a compiled version does not specialise on its value) when given. Inputs
+    are 2-D ``[rows, V]`` of any float dtype and strides; they are never modified.
 
     Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
     On CPU the chunk is first computed without them: every place where they matter turns the
@@ -100,20 +126,38 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
     ``compiled=True`` runs both paths through ``torch.compile`` (see :func:`run_rkl_rows`).
     """
     impl = _compiled_rkl_rows() if compiled else _rkl_rows
+    compute = compute or compute_dtype(student.dtype)
     if host_reads_allowed(student.device):
         loss, grad = impl(student, original, strengthened, alpha, temperature, reverse,
-                          need_grad, grad_out, grad_scale, exact_non_finite=False)
+                          need_grad, grad_out, grad_scale, False, compute)
         if bool(torch.isfinite(loss).all()):
             return loss, grad
     return impl(student, original, strengthened, alpha, temperature, reverse, need_grad,
-                grad_out, grad_scale, exact_non_finite=True)
+                grad_out, grad_scale, True, compute)
+
+
+# A row whose top probability exceeds this gets its top gradient entry from the others (see
+# the module docstring). Any value in (1/2, 1) is accurate (the others sum to less than the top
+# entry's terms); the triton kernels decide it from the row's student sum with a margin, so
+# both use 2/3.
+ONE_HOT_TOP_PROBABILITY = 2.0 / 3.0
+
+
+def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, at_top: torch.Tensor) -> None:
+    """In rows where the student's top probability ``p_top`` (``[rows, 1]``; ``at_top`` is the
+    bool mask of its column) exceeds 2/3, replace the gradient at the top token by minus the
+    sum of the row's other entries (in place; ``grad`` in the compute dtype, any upstream scale
+    applied): ``top - sum(row)`` is that sum up to one rounding of its size. Above 1/2 the
+    maximum is unique, so the mask has one column. A NaN row is left as it is. (A mask rather
+    than ``max``'s indices: reductions with indices are slow on CPU.)"""
+    total = grad.sum(dim=-1, keepdim=True).masked_fill_(~(p_top > ONE_HOT_TOP_PROBABILITY), 0.0)
+    grad.sub_(at_top * total)
 
 
 def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
-              grad_out, grad_scale, exact_non_finite):
-    compute_dtype = accumulation_dtype(student.dtype)
-    s = student.to(compute_dtype)
-    z = teacher_logits(original, strengthened, alpha, compute_dtype, exact_non_finite)
+              grad_out, grad_scale, exact_non_finite, compute):
+    s = student.to(compute)
+    z = teacher_logits(original, strengthened, alpha, compute, exact_non_finite)
     if temperature != 1.0:
         s = s / temperature
         z = z / temperature
@@ -136,25 +180,50 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
     if not need_grad:
         return row_loss, None
     if reverse:
-        # p_v ((log p_v - log q_v) - L) / T; the last op writes the result (one rounding into
-        # a low-precision grad_out).
+        # p_v ((log p_v - log q_v) - L) / T, in the compute dtype; then the top entry of
+        # near-one-hot rows; one rounding into a low-precision grad_out.
+        p_top = weight.amax(dim=-1, keepdim=True)     # weight is p, unscaled yet
+        at_top = weight == p_top if _may_be_one_hot(p_top) else None
         if grad_scale is not None:
             weight.mul_(grad_scale / temperature)
         elif temperature != 1.0:
             weight.div_(temperature)
-        grad = torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
+        if at_top is None:
+            return row_loss, torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
+        grad = log_ratio.sub_(loss).mul_(weight)
     else:
         # (p_v - q_v) / T. p - q cancels, so both come from the fused softmax (relative error
         # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
         p = torch.softmax(s, dim=-1)
         q = torch.softmax(z, dim=-1)
+        p_top = p.amax(dim=-1, keepdim=True)
+        at_top = p == p_top if _may_be_one_hot(p_top) else None
+        if at_top is None:
+            if grad_scale is not None:
+                return row_loss, torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
+            if temperature != 1.0:
+                return row_loss, torch.div(p.sub_(q), temperature, out=grad_out)
+            return row_loss, torch.sub(p, q, out=grad_out)
+        grad = p.sub_(q)
         if grad_scale is not None:
-            grad = torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
+            grad.mul_(grad_scale / temperature)
         elif temperature != 1.0:
-            grad = torch.div(p.sub_(q), temperature, out=grad_out)
-        else:
-            grad = torch.sub(p, q, out=grad_out)
+            grad.div_(temperature)
+    _top_from_the_others(grad, p_top, at_top)
+    if grad_out is not None:
+        grad_out.copy_(grad)
+        grad = grad_out
     return row_loss, grad
+
+
+def _may_be_one_hot(p_top: torch.Tensor) -> bool:
+    """Whether any row may need :func:`_top_from_the_others`: read on the host when that is
+    free (CPU, eager), so that the common case keeps its single fused pass into the gradient;
+    compiled (the check would break the graph) or off CPU, always (then it costs two fused
+    reductions and a pass)."""
+    if torch.compiler.is_compiling() or not host_reads_allowed(p_top.device):
+        return True
+    return bool((p_top > ONE_HOT_TOP_PROBABILITY).any())
 
 
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
@@ -217,7 +286,7 @@ def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                     mode, student.index_select(0, index), original.index_select(0, index), g,
                     alpha, temperature, reverse, need_grad, grad_scale=grad_scale,
                     caller="fused_rkl_loss")
-                loss.index_copy_(0, index, chunk_loss)
+                loss.index_copy_(0, index, chunk_loss.to(loss.dtype))
                 if grad is not None:
                     grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
                 continue
@@ -281,12 +350,13 @@ def check_compiled_arg(fn: str, compiled) -> None:
 
 def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, temperature: float,
                  reverse: bool, need_grad: bool, grad_out=None, grad_scale=None,
-                 caller: str = "rkld_kernels"):
+                 caller: str = "rkld_kernels", compute: torch.dtype | None = None):
     """:func:`rkl_rows`, through ``torch.compile`` when ``mode`` (see :func:`compile_mode`) says so."""
     args = (student, original, strengthened, alpha, temperature, reverse, need_grad)
     if mode == "on" or (mode == "auto" and not _compile_failed):
         try:
-            return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compiled=True)
+            return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compiled=True,
+                            compute=compute)
         except _compiler_errors() as err:
             if mode == "on":
                 raise
@@ -294,7 +364,7 @@ def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, tempe
             warnings.warn(f"{caller}: torch.compile of the vocabulary pass failed "
                           f"({type(err).__name__}: {err}); using eager PyTorch from now on "
                           f"(compiled=False skips the attempt)", RuntimeWarning, stacklevel=3)
-    return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale)
+    return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compute=compute)
 
 
 # Holds the error once torch.compile has failed in this process (e.g. no C++ compiler for

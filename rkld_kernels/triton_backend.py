@@ -23,11 +23,16 @@ that Triton compiles the kernels outside the capture.
 On CPU tensors the kernels run under Triton's interpreter (for tests), which has to be switched
 on with ``TRITON_INTERPRET=1`` before triton is first imported.
 
-Precision: accumulation is float32 whatever the input dtypes, float64 when the student is
-float64. ``alpha`` and ``temperature`` reach the kernels as float32 scalars (Triton's type for
-Python floats), so the float64 path is exact only for values float32 represents, such as the
-defaults and 2.5; the float32 path multiplies by ``log2(e) / T`` computed in double precision
-on the host and rounded once.
+Precision: the kernels compute in the compute dtype of the student
+(``torch_backend.compute_dtype``): float32 for float16/bfloat16 students, float64 for float32
+and float64 ones, a specialisation selected by the ``ACC`` constexpr (the float32 code is the
+same whether or not the float64 one exists; float32 inputs pay float64 arithmetic, full rate
+on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput). ``alpha``,
+``T`` and ``log2(e) / T`` reach the kernels twice, as float32 scalars (Triton's type for Python
+floats) for the float32 code and as float64 ones for the float64 code, each computed in double
+precision on the host and rounded once. Rows of a nearly one-hot student get their top
+token's gradient from the other entries (``triton_kernels.rkl_grad``; one more small launch,
+``rkl_grad_top_kernel``, per backward).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .torch_backend import accumulation_dtype
+from .torch_backend import accumulation_dtype, compute_dtype
 
 try:
     import triton
@@ -50,6 +55,7 @@ else:
         PARTIAL_COUNT,
         STAT_COUNT,
         rkl_grad_kernel,
+        rkl_grad_top_kernel,
         rkl_stats_combine_kernel,
         rkl_stats_kernel,
     )
@@ -118,18 +124,20 @@ class TileShape:
         return dict(TILE_R=self.tile_r, THREADS=self.threads, TILE_K=self.tile_k)
 
 
-def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2) -> TileShape:
+def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
+                  repeats: int = _TILE_REPEATS) -> TileShape:
     """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
 
     The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
     vector loads per thread, unless ``block_v`` is given (tests force small blocks to exercise
     the loops and tails). Each thread holds 16 bytes of each input per repeat (8 bf16 or 4
-    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats fill the block.
+    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
+    ``repeats``) fill the block.
     """
     if block_v is None:
         per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab),
-                      _TILE_REPEATS * 32 * _NUM_WARPS * per_thread)
+                      repeats * 32 * _NUM_WARPS * per_thread)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
     tile_k = max(1, min(_TILE_BYTES_PER_THREAD // element_size, block_v // 32))
@@ -224,10 +232,20 @@ class KernelLaunch:
         self.kernel[self.grid](*self.args, num_warps=self.num_warps, **self.constexprs)
 
 
-def _common_args(student, original, strengthened, keep, reverse):
+def _repeats(element_size: int, acc_dtype: torch.dtype) -> int:
+    """Tile repeats: ``_TILE_REPEATS``, but a quarter of them for float32 inputs computed in
+    float64, whose 32 columns per thread of float64 work (software exp2 and log2 included)
+    would spill registers."""
+    if acc_dtype == torch.float64 and element_size < 8:
+        return max(1, _TILE_REPEATS // 4)
+    return _TILE_REPEATS
+
+
+def _common_args(student, original, strengthened, keep, reverse, compute=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
-    the student as a placeholder pointer that the kernel never reads (the flags say so)."""
-    acc_dtype = accumulation_dtype(student.dtype)
+    the student as a placeholder pointer that the kernel never reads (the flags say so).
+    ``compute``: the kernels' dtype (default ``compute_dtype`` of the student's)."""
+    acc_dtype = compute or compute_dtype(student.dtype)
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     flags = dict(HAS_STRENGTHENED=strengthened is not None, HAS_KEEP=keep is not None,
                  REVERSE=bool(reverse), ACC=acc)
@@ -237,30 +255,40 @@ def _common_args(student, original, strengthened, keep, reverse):
     return strengthened, keep, flags, inputs, acc_dtype
 
 
+def _scalars(alpha: float, temperature: float) -> tuple[float, float, float]:
+    """The kernels' host scalars ``alpha, T, log2(e) / T`` in double precision; each is passed
+    twice, as a float32 argument for the float32 code and a float64 one for the float64 code."""
+    alpha, temperature = float(alpha), float(temperature)
+    return alpha, temperature, _LOG2E / temperature
+
+
 def plan_forward(student, original, strengthened, keep, alpha: float, temperature: float,
                  reverse: bool, *, splits: int | None = None, block_v: int | None = None,
-                 sm_count: int | None = None, empty=None):
+                 sm_count: int | None = None, empty=None, compute=None):
     """Outputs and launches of the forward pass, without running anything.
 
     ``empty(shape, dtype)`` allocates the outputs (default: ``torch.empty`` on the student's
-    device); ``sm_count`` (None off CUDA) decides the V-split. Returns
-    ``(loss, row_stats, launches)``.
+    device); ``sm_count`` (None off CUDA) decides the V-split; ``compute`` the kernels' dtype
+    (default: ``compute_dtype`` of the student's). Returns ``(loss, row_stats, launches)``:
+    the loss in ``accumulation_dtype`` of the student's dtype, the statistics in the compute
+    dtype.
     """
     if empty is None:
         def empty(shape, dtype):
             return torch.empty(shape, dtype=dtype, device=student.device)
     rows, vocab = student.shape
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
-        student, original, strengthened, keep, reverse)
-    loss = empty((rows,), acc_dtype)
+        student, original, strengthened, keep, reverse, compute)
+    loss = empty((rows,), accumulation_dtype(student.dtype))
     stats = empty((STAT_COUNT, rows), acc_dtype)
     if rows == 0:
         return loss, stats, []
     element_size = max(t.element_size() for t in inputs)
+    repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
-        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
-                              sm_count)
-    tile = launch_config(vocab, block_v, element_size)
+        block_v = split_block(rows, vocab,
+                              launch_config(vocab, None, element_size, repeats).block, sm_count)
+    tile = launch_config(vocab, block_v, element_size, repeats)
     vec = row_alignment(inputs, [t.stride(0) for t in inputs])
     # Tiles of the longest row (a row shifted by its alignment may need one more).
     n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
@@ -271,12 +299,13 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)   # no empty splits
     partial = empty((PARTIAL_COUNT, rows, splits), acc_dtype) if splits > 1 else stats
+    alpha, temperature, scale = _scalars(alpha, temperature)
     launches = [KernelLaunch(
         rkl_stats_kernel, (rows, splits),
         (student, original, strengthened_arg, keep_arg, stats, loss, partial,
          rows, vocab, tiles_per_split, partial.stride(0),
          student.stride(0), original.stride(0), strengthened_arg.stride(0),
-         float(alpha), float(temperature), _LOG2E / float(temperature)),
+         alpha, temperature, scale, alpha, scale),
         dict(FINALIZE=splits == 1, VEC=vec, FLOOR=-torch.finfo(acc_dtype).max,
              **tile.constexprs(), **flags), tile.num_warps)]
     if splits > 1:
@@ -290,9 +319,10 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
 
 def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, alpha: float,
                   temperature: float, reverse: bool, *, block_v: int | None = None,
-                  sm_count: int | None = None, empty=None):
-    """The gradient tensor and the launch that fills it, without running anything (see
-    ``plan_forward``; with few rows the tiles shrink as the stats kernel's splits do).
+                  sm_count: int | None = None, empty=None, compute=None):
+    """The gradient tensor and the launches that fill it, without running anything (see
+    ``plan_forward``; with few rows the tiles shrink as the stats kernel's splits do): the
+    gradient kernel, then ``rkl_grad_top_kernel`` (the one-hot rows' top entries).
     Returns ``(grad, launches)``."""
     if empty is None:
         def empty(shape, dtype):
@@ -301,29 +331,42 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
     grad = empty((rows, vocab), student.dtype)
     if rows == 0:
         return grad, []
-    strengthened_arg, keep_arg, flags, inputs, _ = _common_args(student, original, strengthened,
-                                                                keep, reverse)
+    strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
+        student, original, strengthened, keep, reverse, compute)
     element_size = max(t.element_size() for t in inputs)
+    repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
-        block_v = split_block(rows, vocab, launch_config(vocab, None, element_size).block,
-                              sm_count)
-    tile = launch_config(vocab, block_v, element_size)
+        block_v = split_block(rows, vocab,
+                              launch_config(vocab, None, element_size, repeats).block, sm_count)
+    tile = launch_config(vocab, block_v, element_size, repeats)
     # The gradient is contiguous: its row stride is V.
     vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
+    tiles = triton.cdiv(vocab + vec - 1, tile.block)
+    # Written and read only in one-hot rows (see triton_kernels.rkl_grad).
+    tile_sums = empty((rows, tiles), acc_dtype)
+    top_index = empty((rows,), torch.int32)
+    top_grad = empty((rows,), acc_dtype)
+    alpha, temperature, scale = _scalars(alpha, temperature)
     launch = KernelLaunch(
-        rkl_grad_kernel, (rows, triton.cdiv(vocab + vec - 1, tile.block)),
+        rkl_grad_kernel, (rows, tiles),
         (grad, student, original, strengthened_arg, keep_arg, row_stats, grad_rows,
          rows, vocab,
          student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
-         float(alpha), float(temperature), _LOG2E / float(temperature)),
+         alpha, temperature, scale, alpha, temperature, scale, tile_sums, top_index, top_grad),
         dict(VEC=vec, **tile.constexprs(), **flags), tile.num_warps)
-    return grad, [launch]
+    top = KernelLaunch(
+        rkl_grad_top_kernel, (rows,),
+        (grad, keep_arg, row_stats, tile_sums, top_index, top_grad, rows, vocab, tiles),
+        dict(HAS_KEEP=flags["HAS_KEEP"], VEC=vec, BLOCK=tile.block,
+             SUMS_BLOCK=min(1024, triton.next_power_of_2(tiles))), 1)
+    return grad, [launch, top]
 
 
 def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
                        strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                        alpha: float, temperature: float, reverse: bool, *,
-                       splits: int | None = None, block_v: int | None = None
+                       splits: int | None = None, block_v: int | None = None,
+                       compute: torch.dtype | None = None
                        ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
     """Per-row losses and the statistics the backward needs.
 
@@ -335,12 +378,16 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
 
     ``splits`` forces the number of V-splits per row (default: ``default_stats_splits``) and
     ``block_v`` the block width; both exist so tests can reach every code path on CPU.
+    ``compute`` is the kernels' dtype (default ``compute_dtype`` of the student's; the
+    fused-linear loss passes float32 for the float32 logits of float16/bfloat16 heads); the
+    statistics are in it.
     """
     _check_inputs(student, original, strengthened, keep)
     keep = keep.contiguous() if keep is not None else None
     loss, stats, launches = plan_forward(student, original, strengthened, keep, alpha,
                                          temperature, reverse, splits=splits, block_v=block_v,
-                                         sm_count=device_sm_count(student.device))
+                                         sm_count=device_sm_count(student.device),
+                                         compute=compute)
     for launch in launches:
         launch()
     # KL >= 0: a row whose rounded sum fell below 0 (a KL of 1e-10 at temperature 0.05 can) is
@@ -352,7 +399,8 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
 def triton_rkl_backward(student: torch.Tensor, original: torch.Tensor,
                         strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                         stats, grad_rows: torch.Tensor, alpha: float, temperature: float,
-                        reverse: bool, *, block_v: int | None = None) -> torch.Tensor:
+                        reverse: bool, *, block_v: int | None = None,
+                        compute: torch.dtype | None = None) -> torch.Tensor:
     """``grad[r] = grad_rows[r] * dL_r / d student[r]`` as a contiguous tensor of the student's
     dtype and shape, zero at masked rows. ``stats`` is what ``triton_rkl_forward`` returned;
     ``grad_rows`` may have any stride (autograd hands over expanded scalars)."""
@@ -361,7 +409,7 @@ def triton_rkl_backward(student: torch.Tensor, original: torch.Tensor,
     (row_stats,) = stats
     grad, launches = plan_backward(student, original, strengthened, keep, row_stats, grad_rows,
                                    alpha, temperature, reverse, block_v=block_v,
-                                   sm_count=device_sm_count(student.device))
+                                   sm_count=device_sm_count(student.device), compute=compute)
     for launch in launches:
         launch()
     return grad

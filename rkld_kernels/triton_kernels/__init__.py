@@ -8,8 +8,8 @@ Launch configuration and the PyTorch-facing entry points live in ``rkld_kernels.
 Importing this package imports triton; whether the kernels run compiled or under the
 interpreter is fixed at that moment by ``TRITON_INTERPRET``.
 """
-from .rkl_grad import rkl_grad_kernel
+from .rkl_grad import rkl_grad_kernel, rkl_grad_top_kernel
 from .rkl_stats import PARTIAL_COUNT, STAT_COUNT, rkl_stats_combine_kernel, rkl_stats_kernel
 
-__all__ = ["rkl_stats_kernel", "rkl_stats_combine_kernel", "rkl_grad_kernel", "STAT_COUNT",
-           "PARTIAL_COUNT"]
+__all__ = ["rkl_stats_kernel", "rkl_stats_combine_kernel", "rkl_grad_kernel",
+           "rkl_grad_top_kernel", "STAT_COUNT", "PARTIAL_COUNT"]

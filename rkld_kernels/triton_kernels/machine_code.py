@@ -472,15 +472,19 @@ def case_launches(case: Case, sm_count: int = H100_SMS):
     strengthened = fake_tensor(shape, dtype) if case.strengthened else None
     keep = fake_tensor((case.rows,), torch.bool) if case.keep else None
     hyper = (8.0 if case.strengthened else 0.0, case.temperature, case.reverse)
+    # The fused-linear loss's chunk logits are in the compute dtype of its heads (float32 for
+    # float16/bfloat16 heads), and it says so.
+    compute = dtype if case.fused_linear else None
     loss, stats, forward = backend.plan_forward(student, original, strengthened, keep, *hyper,
-                                                sm_count=sm_count, empty=fake_empty)
+                                                sm_count=sm_count, empty=fake_empty,
+                                                compute=compute)
     if case.fused_linear:
         grad_rows = fake_tensor((), loss.dtype).expand(case.rows)
     else:
         grad_rows = fake_tensor((case.rows,), loss.dtype)
     _, backward = backend.plan_backward(student, original, strengthened, keep, stats,
                                         grad_rows, *hyper, sm_count=sm_count,
-                                        empty=fake_empty)
+                                        empty=fake_empty, compute=compute)
     return [("forward", launch) for launch in forward] + [("backward", launch)
                                                           for launch in backward]
 

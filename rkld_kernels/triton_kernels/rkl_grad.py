@@ -12,6 +12,16 @@ which is DESIGN.md's p (d - E_p[d]) / T with the maxima taken out (0 where p_v =
 ``E_p[x_s - x_z]`` is the statistics' ``a / l_w``. The
 upstream per-row gradient, ln 2 and 1/T fold into one per-row factor; masked rows get zeros
 without loading their logits.
+
+Nearly one-hot students. A row's gradient entries sum to 0. Where the student's top
+probability p_t is close to 1, the entry at t is a difference of two numbers far larger than
+itself (reverse: ``(x_s - x_z) - E_p[x_s - x_z]`` at t; forward: ``p_t - q_t``), below the
+accumulation dtype's resolution of them, while every other entry is accurate. So in rows where
+``p_t > 2/3`` (read from the statistics: ``p_t ~ 1 / l_s``, i.e. ``log2 l_s < log2 1.5``), every
+program also writes its tile's sum of the unrounded gradient, and the program holding the top
+token (the one entry with ``p > 1/2``) its column and unrounded entry; ``rkl_grad_top_kernel``
+then writes ``entry - sum of the row``, which is minus the sum of the other entries up to one
+rounding of its size. Other rows take the plain code (one compare and branch more per program).
 """
 import triton
 import triton.language as tl
@@ -24,16 +34,33 @@ from .rkl_stats import (
     STAT_LOG_SUM_TEACHER,
     STAT_MAX_STUDENT,
     STAT_MAX_TEACHER,
+    acc_scalar,
     log2_scale,
 )
+
+# Rows whose log2 of the student's sum (relative to its maximum) lies in this range have a top
+# probability above 2/3 (p_t = 2^(x_t) / l_s with x_t = 0 up to the rounding of the maximum).
+# The lower bound keeps out rows without a finite student logit (l_s = 0), which have no top.
+ONE_HOT_LOG2_SUM = tl.constexpr(0.5849625007211562)      # log2(1.5)
+NO_TOP_LOG2_SUM = tl.constexpr(-1.0)
+
+
+@triton.jit
+def one_hot_row(log_l_s):
+    """Whether a row takes the one-hot path (see the module docstring); the same test in both
+    kernels, on the same statistic."""
+    return (log_l_s < ONE_HOT_LOG2_SUM) & (log_l_s > NO_TOP_LOG2_SUM)
 
 
 @triton.jit
 def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, lead, vocab,
-              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
-              HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr, MASKED: tl.constexpr,
-              ACC: tl.constexpr):
-    """Write one tile of the gradient (``shift`` and ``factor`` are the per-row constants)."""
+              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_ptr,
+              top_grad_ptr, HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
+              MASKED: tl.constexpr, ONE_HOT: tl.constexpr, ACC: tl.constexpr):
+    """Write one tile of the gradient (``shift`` and ``factor`` are the per-row constants).
+    With ``ONE_HOT``, also record the top token's column and unrounded entry where this tile
+    holds it (``top_*_ptr`` point at the row's slots) and return the tile's sum of the
+    unrounded gradient; else return 0."""
     s = to_acc(load_tile(student_row, offsets, lead, vocab, MASKED), ACC)
     z = to_acc(load_tile(original_row, offsets, lead, vocab, MASKED), ACC)
     if HAS_STRENGTHENED:
@@ -46,11 +73,47 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
         grad = tl.where(p == 0, 0.0, p * ((x_s - x_z) - shift)) * factor
     else:
         grad = (p - tl.exp2(x_z - log_l_z)) * factor
-    grad = grad.to(grad_row.dtype.element_ty)
+    total = 0.0
+    if ONE_HOT:
+        # Columns outside the row hold p = 0 and gradient 0 (their logits load as -inf).
+        # At most one entry of a row has p > 1/2: reduce it to scalars (cheaper in registers
+        # than a masked store per column) and store them from the program that holds it.
+        total = tl.sum(grad, axis=0)
+        is_top = p > 0.5
+        top_column = tl.max(tl.where(is_top, offsets - lead, -1), axis=0)
+        top_entry = tl.sum(tl.where(is_top, grad, 0.0), axis=0)
+        if top_column >= 0:
+            tl.store(top_index_ptr, top_column.to(tl.int32))
+            tl.store(top_grad_ptr, top_entry)
+    rounded = grad.to(grad_row.dtype.element_ty)
     if MASKED:
-        tl.store(grad_row + offsets, grad, mask=(offsets >= lead) & (offsets < vocab + lead))
+        tl.store(grad_row + offsets, rounded, mask=(offsets >= lead) & (offsets < vocab + lead))
     else:
-        tl.store(grad_row + offsets, grad)
+        tl.store(grad_row + offsets, rounded)
+    return total
+
+
+@triton.jit
+def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                      alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_ptr,
+                      top_grad_ptr, HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
+                      ONE_HOT: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
+                      TILE_K: tl.constexpr, ACC: tl.constexpr):
+    """``grad_tile`` for a partial tile: its masked (scalar) loads go one repeat at a time,
+    which keeps their registers to a repeat's worth. Returns the sum of the tile's unrounded
+    gradient with ``ONE_HOT``, else 0."""
+    sub_offsets = tile_offsets(1, THREADS, TILE_K)
+    total = tl.zeros([], ACC)
+    for sub in range(0, TILE_R):
+        sub_step = sub * (THREADS * TILE_K)
+        part = grad_tile(grad_row + sub_step, student_row + sub_step, original_row + sub_step,
+                         strengthened_row + sub_step, sub_offsets, tile_lead - sub_step,
+                         vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                         top_index_ptr, top_grad_ptr, HAS_STRENGTHENED, REVERSE, True,
+                         ONE_HOT, ACC)
+        if ONE_HOT:
+            total += part
+    return total
 
 
 @triton.jit
@@ -58,14 +121,17 @@ def rkl_grad_kernel(
     grad_ptr, student_ptr, original_ptr, strengthened_ptr, keep_ptr, stats_ptr, grad_rows_ptr,
     rows, vocab,
     stride_student, stride_original, stride_strengthened, stride_grad_rows,
-    alpha, temperature, scale_f32,
+    alpha, temperature, scale_f32, alpha_f64: tl.float64, temperature_f64: tl.float64,
+    scale_f64: tl.float64, tile_sums_ptr, top_index_ptr, top_grad_ptr,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Grid ``(rows, tiles)``: program (r, b) writes tile b of row r of the contiguous
     ``[rows, V]`` gradient, in the gradient's dtype (tiles as in ``logits.row_geometry``; the
-    gradient shares the inputs' row alignment modulo ``VEC``, the launcher checks)."""
+    gradient shares the inputs' row alignment modulo ``VEC``, the launcher checks). In one-hot
+    rows it also writes ``tile_sums[r, b]`` (a ``[rows, tiles]`` accumulation-dtype buffer) and,
+    from the program holding the top token, ``top_index[r]`` and ``top_grad[r]``."""
     BLOCK: tl.constexpr = TILE_R * THREADS * TILE_K
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -84,33 +150,71 @@ def rkl_grad_kernel(
             original_row = original_ptr + tl.multiple_of(row * stride_original - lead, VEC) + step
             strengthened_row = (strengthened_ptr
                                 + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
-            scale = log2_scale(temperature, scale_f32, ACC)
+            scale = log2_scale(scale_f32, scale_f64, ACC)
+            alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
+            temperature_acc = acc_scalar(temperature, temperature_f64, ACC)
             m_s = tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)
             log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
             m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
             log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
-            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature
+            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature_acc
             if REVERSE:
                 shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
                 factor = factor * tl.full([], LN2, ACC)
             else:
                 shift = 0.0
-            if (tile >= full_lo) & (tile < full_hi):
+            full = (tile >= full_lo) & (tile < full_hi)
+            top_index_row = top_index_ptr + row
+            top_grad_row = top_grad_ptr + row
+            if one_hot_row(log_l_s):
+                # One repeat at a time, with masked loads, as partial tiles go: the extra sums
+                # keep a whole tile's gradient alive otherwise, and its registers would be the
+                # whole kernel's (the plain path's occupancy with them).
+                total = partial_grad_tile(
+                    grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                    alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_row,
+                    top_grad_row, HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K,
+                    ACC)
+                tl.store(tile_sums_ptr + row * tl.num_programs(1) + tile, total)
+            elif full:
                 grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
-                          tile_lead, vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift,
-                          factor, HAS_STRENGTHENED, REVERSE, False, ACC)
+                          tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift,
+                          factor, top_index_row, top_grad_row, HAS_STRENGTHENED, REVERSE, False,
+                          False, ACC)
             else:
-                # A partial tile loads masked (scalar) columns: one repeat at a time keeps its
-                # registers to a repeat's worth.
-                sub_offsets = tile_offsets(1, THREADS, TILE_K)
-                for sub in range(0, TILE_R):
-                    sub_step = sub * (THREADS * TILE_K)
-                    grad_tile(grad_row + sub_step, student_row + sub_step,
-                              original_row + sub_step, strengthened_row + sub_step,
-                              sub_offsets, tile_lead - sub_step, vocab, alpha, scale, m_s,
-                              log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE,
-                              True, ACC)
+                partial_grad_tile(grad_row, student_row, original_row, strengthened_row,
+                                  tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z,
+                                  shift, factor, top_index_row, top_grad_row, HAS_STRENGTHENED,
+                                  REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
         else:
             zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
             tl.store(grad_row + offsets, zeros,
                      mask=(offsets >= tile_lead) & (offsets < vocab + tile_lead))
+
+
+@triton.jit
+def rkl_grad_top_kernel(
+    grad_ptr, keep_ptr, stats_ptr, tile_sums_ptr, top_index_ptr, top_grad_ptr, rows, vocab,
+    tiles, HAS_KEEP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    SUMS_BLOCK: tl.constexpr,
+):
+    """Grid ``(rows,)``: in each kept one-hot row (the same test on the same statistic as
+    ``rkl_grad_kernel``), overwrite the top token's gradient with its unrounded entry minus
+    the row's sum (the sum of ``tile_sums[r, :n_tiles]``), i.e. minus the sum of the others.
+    Other rows read nothing but their statistic."""
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_KEEP:
+        kept = tl.load(keep_ptr + row) != 0
+    else:
+        kept = True
+    log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
+    if kept & one_hot_row(log_l_s):
+        _, _, _, _, n_tiles = row_geometry(row, vocab, vocab, VEC, BLOCK)
+        total = tl.zeros([], tile_sums_ptr.dtype.element_ty)
+        for start in range(0, n_tiles, SUMS_BLOCK):
+            k = start + tl.arange(0, SUMS_BLOCK)
+            total += tl.sum(tl.load(tile_sums_ptr + row * tiles + k, mask=k < n_tiles,
+                                    other=0.0), axis=0)
+        column = tl.load(top_index_ptr + row)
+        entry = tl.load(top_grad_ptr + row) - total
+        tl.store(grad_ptr + row * vocab + column, entry.to(grad_ptr.dtype.element_ty))

@@ -148,13 +148,22 @@ def store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a,
 
 
 @triton.jit
-def log2_scale(temperature, scale_f32, ACC: tl.constexpr):
-    """``log2(e) / T`` in the accumulation dtype, never divided per element: the host's
-    correctly rounded float32 value, or one float64 division per program for float64."""
+def log2_scale(scale_f32, scale_f64, ACC: tl.constexpr):
+    """``log2(e) / T`` in the accumulation dtype, never divided per element: the host's value,
+    rounded to float32 or to float64."""
+    return acc_scalar(scale_f32, scale_f64, ACC)
+
+
+@triton.jit
+def acc_scalar(value_f32, value_f64, ACC: tl.constexpr):
+    """A host scalar (``alpha``, ``T``) in the accumulation dtype: its float32 rounding, or, for
+    the float64 path, its float64 value (a float32 T = 0.05 is off by 1.5e-9 relative, which
+    moves float32 inputs' gradients by more than their rounding floor). ``tl.full`` keeps the
+    interpreter, which hands kernels Python floats, from rounding it to a float32 literal."""
     if ACC == tl.float64:
-        return tl.full([], LOG2E, ACC) / temperature
+        return tl.full([], value_f64, tl.float64)
     else:
-        return scale_f32
+        return value_f32
 
 
 @triton.jit
@@ -163,7 +172,7 @@ def rkl_stats_kernel(
     stats_ptr, loss_ptr, partial_ptr,
     rows, vocab, tiles_per_split, partial_plane_stride,
     stride_student, stride_original, stride_strengthened,
-    alpha, temperature, scale_f32,
+    alpha, temperature, scale_f32, alpha_f64: tl.float64, scale_f64: tl.float64,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     FINALIZE: tl.constexpr, VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
     TILE_K: tl.constexpr, FLOOR: tl.constexpr, ACC: tl.constexpr,
@@ -193,7 +202,8 @@ def rkl_stats_kernel(
     tile_end = tl.minimum(n_tiles, tile_begin + tiles_per_split)
     tile_end = tl.where(kept, tile_end, tile_begin)
     offsets = tile_offsets(TILE_R, THREADS, TILE_K)
-    scale = log2_scale(temperature, scale_f32, ACC)
+    scale = log2_scale(scale_f32, scale_f64, ACC)
+    alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
 
     # Running references start at the lowest finite value (see rebase_finite).
     m_w = tl.full([THREADS], FLOOR, ACC)
@@ -207,7 +217,7 @@ def rkl_stats_kernel(
         step = tile * BLOCK
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
-            strengthened_row + step, offsets, lead, vocab, alpha, scale, HAS_STRENGTHENED,
+            strengthened_row + step, offsets, lead, vocab, alpha_acc, scale, HAS_STRENGTHENED,
             REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
     # The partial tiles, masked: the first (the row starts inside it) and the last (the row
     # ends inside it), each when this split holds it, and the last only if it is not the first.
@@ -221,7 +231,7 @@ def rkl_stats_kernel(
         step = tile * BLOCK + (i % TILE_R) * (THREADS * TILE_K)
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
-            strengthened_row + step, sub_offsets, lead - step, vocab, alpha, scale,
+            strengthened_row + step, sub_offsets, lead - step, vocab, alpha_acc, scale,
             HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC)
 
     # A NaN among the strengthened logits makes the row NaN, as it does in the reference.
