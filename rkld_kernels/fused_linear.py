@@ -177,19 +177,40 @@ def _linear_rkl_loss_impl(
         wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
         alpha: float, temperature: float, reverse: bool, chunk_size: int,
         accum_dtype: torch.dtype | None, backend: str, compiled: str, per_row: bool,
-        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool
+        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool,
+        dx_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of 2-D hidden states ``[positions, H]``: per position (``per_row``; 0 where ``keep``
     is False) or the sum over kept positions (0-d), and, unless ``per_row``, the gradient of
     that sum: ``dx`` ``[positions, H_s]`` in the hidden dtype, ``dw`` ``[V, H_s]`` and ``db``
     ``[V]`` in ``accum_dtype`` (or the weight's); empty tensors for those not asked for.
-    ``chunk_size`` 0 picks :func:`default_chunk_size`."""
+    ``chunk_size`` 0 picks :func:`default_chunk_size`. ``dx_dtype``: the dtype ``dx`` is kept
+    in until backward (None: the compute dtype of ``xs``); the public function resolves it and
+    ``accum_dtype`` before the call, so that a compiled graph names the dtypes of the gradient
+    buffers it reads (torch.compile's caches key a graph by its operator calls and arguments,
+    not by what the fake implementation returns)."""
     options = (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled,
                per_row, need_dx, need_dw, need_db)
     inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
     loss_rows, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=not per_row)
     loss = loss_rows if per_row else loss_rows.sum()
-    return loss, _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
+    return loss, *_as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db)
+
+
+def _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype):
+    """The dtypes of the (dx, dw, db) buffers: dx in ``dx_dtype`` (None: the compute dtype of
+    the hidden states; backward rounds it once to theirs), dw and db in ``accum_dtype`` (None:
+    the compute dtype of the weight / bias)."""
+    return (dx_dtype or compute_dtype(xs.dtype), accum_dtype or compute_dtype(ws.dtype),
+            accum_dtype or compute_dtype(bs.dtype) if bs is not None else None)
+
+
+def _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db):
+    """The gradient buffers in the dtypes the fake implementation promises (a no-op unless a
+    caller passed dtypes other than those the chunks compute in); empty tensors for None."""
+    dtypes = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype)
+    return tuple(like.new_empty(0) if t is None else t if t.dtype == dtype else t.to(dtype)
+                 for t, like, dtype in zip((dx, dw, db), (xs, ws, ws), dtypes))
 
 
 linear_rkl_loss_op = custom_op("linear_rkl_loss", _linear_rkl_loss_impl)
@@ -198,20 +219,18 @@ linear_rkl_loss_op = custom_op("linear_rkl_loss", _linear_rkl_loss_impl)
 @linear_rkl_loss_op.register_fake
 def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, temperature, reverse,
                           chunk_size, accum_dtype, backend, compiled, per_row, need_dx, need_dw,
-                          need_db, drop_masked):
+                          need_db, drop_masked, dx_dtype=None):
     loss = xs.new_empty((xs.shape[0],) if per_row else (), dtype=accumulation_dtype(ws.dtype))
     return (loss, *_fake_grads(xs, ws, bs, accum_dtype, not per_row and need_dx,
-                               not per_row and need_dw, not per_row and need_db))
+                               not per_row and need_dw, not per_row and need_db, dx_dtype))
 
 
-def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db):
-    # _run_chunks keeps dx in the compute dtype; backward rounds it once to the hidden's.
-    dx = (xs.new_empty(xs.shape, dtype=compute_dtype(xs.dtype)) if need_dx
-          else xs.new_empty(0))
-    dw = (ws.new_empty(ws.shape, dtype=accum_dtype or compute_dtype(ws.dtype)) if need_dw
+def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype=None):
+    dx_type, dw_type, db_type = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype)
+    dx = xs.new_empty(xs.shape, dtype=dx_type) if need_dx else xs.new_empty(0)
+    dw = ws.new_empty(ws.shape, dtype=dw_type) if need_dw else ws.new_empty(0)
+    db = (ws.new_empty(ws.shape[:1], dtype=db_type) if need_db and bs is not None
           else ws.new_empty(0))
-    db = (ws.new_empty(ws.shape[:1], dtype=accum_dtype or compute_dtype(bs.dtype))
-          if need_db and bs is not None else ws.new_empty(0))
     return dx, dw, db
 
 
@@ -221,7 +240,8 @@ def _linear_rkl_loss_backward_impl(
         wg: torch.Tensor | None, bg: torch.Tensor | None, keep: torch.Tensor | None,
         grad_rows: torch.Tensor, alpha: float, temperature: float, reverse: bool,
         chunk_size: int, accum_dtype: torch.dtype | None, backend: str, compiled: str,
-        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool
+        need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool,
+        dx_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i grad_rows[i] * loss_i`` (``reduction="none"``): the chunks are
     recomputed with each row of dL/dlogits scaled by its upstream gradient."""
@@ -230,7 +250,7 @@ def _linear_rkl_loss_backward_impl(
     inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
     _, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=True,
                                 row_scale=grad_rows)
-    return _or_empty(dx, xs), _or_empty(dw, ws), _or_empty(db, ws)
+    return _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db)
 
 
 linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
@@ -240,8 +260,9 @@ linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
 @linear_rkl_loss_backward_op.register_fake
 def _linear_rkl_loss_backward_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_rows, alpha,
                                    temperature, reverse, chunk_size, accum_dtype, backend,
-                                   compiled, need_dx, need_dw, need_db, drop_masked):
-    return _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db)
+                                   compiled, need_dx, need_dw, need_db, drop_masked,
+                                   dx_dtype=None):
+    return _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -260,8 +281,8 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
     xs, ws, bs, xo, wo, bo, xg, wg, bg, keep = ctx.saved_tensors
     (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled, per_row,
-     need_dx, need_dw, need_db, drop_masked) = ctx.options
-    none = (None,) * 19                        # the mask and the options
+     need_dx, need_dw, need_db, drop_masked, dx_dtype) = ctx.options
+    none = (None,) * 20                        # the mask and the options
     want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_db = bs is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (want_dx or want_dw or want_db):
@@ -273,7 +294,8 @@ def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
     elif per_row:
         dx, dw, db = linear_rkl_loss_backward_op(
             xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_loss, alpha, temperature, reverse,
-            chunk_size, accum_dtype, backend, compiled, want_dx, want_dw, want_db, drop_masked)
+            chunk_size, accum_dtype, backend, compiled, want_dx, want_dw, want_db, drop_masked,
+            dx_dtype)
     else:
         if ctx.grads is None:
             raise RuntimeError(
@@ -764,11 +786,12 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     grad_enabled = torch.is_grad_enabled() and not functorch
     args = (xs, student_weight, student_bias, xo, original_weight, original_bias, xg,
             strengthened_weight, strengthened_bias, keep, float(alpha), float(temperature),
-            direction == "reverse", chunk_size or 0, accum_dtype, backend,
+            direction == "reverse", chunk_size or 0,
+            accum_dtype or compute_dtype(student_weight.dtype), backend,
             COMPILED_CODES[compiled], reduction == "none", grad_enabled and xs.requires_grad,
             grad_enabled and student_weight.requires_grad,
             grad_enabled and student_bias is not None and student_bias.requires_grad,
-            drop_masked)
+            drop_masked, compute_dtype(xs.dtype))
     loss = (_LinearRKLFunction.apply(*args) if functorch else linear_rkl_loss_op(*args))[0]
     if reduction == "none":
         return loss.reshape(leading_shape)

@@ -55,7 +55,8 @@ def _triton_available() -> bool:
 def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
                    strengthened: torch.Tensor | None, keep: torch.Tensor | None, alpha: float,
                    temperature: float, reverse: bool, reduction: str, backend: str,
-                   compiled: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   compiled: str, need_grad: bool,
+                   saved_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of ``[rows, V]`` logits after ``reduction`` (0-d, or ``[rows]`` for ``none``) and
     ``saved``: what the backward needs when ``need_grad``, else an empty tensor.
 
@@ -63,7 +64,9 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     already scaled for the reduction (1/count for ``mean``), so the usual ``loss.backward()``
     costs no further pass over ``[rows, V]``. triton backend: ``saved`` is the kernels' per-row
     statistics; the gradient kernel runs in backward. ``compiled``: "auto", "always" or "never"
-    (the losses' ``compiled=None/True/False``).
+    (the losses' ``compiled=None/True/False``). ``saved_dtype``: the dtype of ``saved``
+    (:func:`saved_dtype_of`, which None means); the public function passes it explicitly so
+    that a compiled graph names it (see :func:`saved_dtype_of`).
     """
     rows = student.shape[0]
     if backend == "triton":
@@ -88,7 +91,24 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
                                             compiled=COMPILED_FROM_CODE[compiled],
                                             grad_scale=scale)
         saved = grad if grad is not None else student.new_empty(0)
+    wanted = saved_dtype or saved_dtype_of(student.dtype, reduction, backend)
+    if need_grad and saved.dtype != wanted:
+        saved = saved.to(wanted)
     return reduce_rows(loss_rows, keep, reduction, (rows,)), saved
+
+
+def saved_dtype_of(student_dtype: torch.dtype, reduction: str, backend: str) -> torch.dtype:
+    """The dtype of ``rkld::rkl_loss``'s second output: the triton kernels' statistics are in
+    the compute dtype; the torch backend's gradient is pre-scaled and rounded to the student's
+    dtype (mean/sum) or kept in the accumulation dtype until backward (none).
+
+    The public function passes this as an operator argument: torch.compile's caches key a
+    graph by its operator calls and their arguments, not by what the fake implementation
+    returns, so a rule that lived only in the fake could change under a cached compiled
+    backward, which would then read the buffer as another dtype."""
+    if backend == "triton":
+        return compute_dtype(student_dtype)
+    return accumulation_dtype(student_dtype) if reduction == "none" else student_dtype
 
 
 rkl_loss_op = custom_op("rkl_loss", _rkl_loss_impl)
@@ -96,18 +116,18 @@ rkl_loss_op = custom_op("rkl_loss", _rkl_loss_impl)
 
 @rkl_loss_op.register_fake
 def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, reverse,
-                   reduction, backend, compiled, need_grad):
+                   reduction, backend, compiled, need_grad, saved_dtype=None):
     rows = student.shape[0]
     acc_dtype = accumulation_dtype(student.dtype)
     loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc_dtype)
+    dtype = saved_dtype or saved_dtype_of(student.dtype, reduction, backend)
     if not need_grad:
         saved = student.new_empty(0)
     elif backend == "triton":
         from .triton_kernels import STAT_COUNT
-        saved = student.new_empty((STAT_COUNT, rows), dtype=compute_dtype(student.dtype))
-    else:   # the torch backend's gradient (see _rkl_loss_impl for its dtype)
-        saved = student.new_empty(student.shape,
-                                  dtype=acc_dtype if reduction == "none" else student.dtype)
+        saved = student.new_empty((STAT_COUNT, rows), dtype=dtype)
+    else:   # the torch backend's gradient
+        saved = student.new_empty(student.shape, dtype=dtype)
     return loss, saved
 
 
@@ -134,7 +154,7 @@ def _rkl_loss_triton_backward_fake(student, original, strengthened, keep, stats,
 
 def _rkl_setup_context(ctx, inputs, output):
     (student, original, strengthened, keep, alpha, temperature, reverse, reduction, backend,
-     compiled, need_grad) = inputs
+     compiled, need_grad, *_) = inputs
     _, saved = output
     ctx.mark_non_differentiable(saved)
     # No zero-filled incoming gradient for ``saved`` (as large as the logits, and never used).
@@ -149,7 +169,7 @@ def _rkl_setup_context(ctx, inputs, output):
 
 
 def _rkl_backward(ctx, grad_loss, _grad_saved):
-    none = (None,) * 10
+    none = (None,) * 11
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None, *none)
     student, original, strengthened, keep, stats = ctx.saved_tensors
@@ -337,7 +357,8 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
     functorch = functorch_active()
     need_grad = torch.is_grad_enabled() and student.requires_grad and not functorch
     args = (student, original, strengthened, keep, float(alpha), float(temperature),
-            direction == "reverse", reduction, backend, COMPILED_CODES[compiled], need_grad)
+            direction == "reverse", reduction, backend, COMPILED_CODES[compiled], need_grad,
+            saved_dtype_of(student.dtype, reduction, backend))
     loss, _ = _RKLLossFunction.apply(*args) if functorch else rkl_loss_op(*args)
     return loss.reshape(leading_shape) if reduction == "none" else loss
 

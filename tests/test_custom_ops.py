@@ -156,6 +156,32 @@ def test_inductor_compiles_the_linear_loss():
         torch.testing.assert_close(leaf.grad, want)
 
 
+def test_compiled_graphs_name_the_dtypes_of_the_gradient_buffers():
+    """The operators' gradient buffers (float64 for float32 inputs) have their dtypes as
+    operator arguments in the traced graph. torch.compile's caches key a graph by its calls and
+    their arguments, not by the fake implementations' outputs: a dtype rule that lived only in
+    a fake once changed under a cached compiled backward, which then read float64 buffers as
+    float32 (wrong gradients, no error)."""
+    torch._dynamo.reset()
+    calls = []
+
+    def backend(graph, example_inputs):
+        calls.extend(node.args for node in graph.graph.nodes if "rkld" in str(node.target))
+        return graph.forward
+
+    (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
+    torch.compile(lambda xs, ws: fused_linear_rkl_loss(xs, ws, xo, wo, xg, labels=labels,
+                                                       backend="torch"),
+                  fullgraph=True, backend=backend)(xs, ws)
+    student, original, strengthened, labels = logits_problem(torch.float32)
+    torch.compile(lambda s: fused_rkl_loss(s, original, strengthened, labels=labels,
+                                           reduction="none", backend="torch"),
+                  fullgraph=True, backend=backend)(student)
+    linear_args, logits_args = calls
+    assert linear_args[14] == torch.float64 and linear_args[-1] == torch.float64   # dw, dx
+    assert logits_args[-1] == torch.float32        # the kept gradient of reduction="none"
+
+
 # --- opcheck ----------------------------------------------------------------------------------
 
 def _flat_logits():
