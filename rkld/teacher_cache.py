@@ -16,6 +16,8 @@ Layout of a cache folder:
                               with ``row_lse``, also "lse": [n] float32, the logsumexp of each
                               row's logits (for ``--teacher-boost logprobs``)
     {teacher}.head.pt         {"weight": [V, H], "bias": [V] or None}
+    .{teacher}.rank{r}.building   while building only: the file-backed buffer the states are
+                              written into batch by batch, removed once the part is saved
 
 Rows are stored in the order ``rkld.models.supervised_positions`` yields them: position t of
 an example holds the state that predicts token t + 1 (already shifted to the labels).
@@ -56,6 +58,16 @@ from .teacher_boost import row_logsumexp
 
 META = "meta.json"
 _REBUILD = "delete the teacher_cache folder, or resume, which rebuilds it"
+
+
+def _file_backed(shape: tuple, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    """An uninitialised tensor whose memory is the file ``path`` (created or overwritten):
+    its pages are written back to disk and can be dropped from RAM, unlike ``torch.empty``."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    path.unlink(missing_ok=True)
+    return torch.from_file(str(path), shared=True, size=count, dtype=dtype).view(shape)
 
 
 def supervised_count(example: dict) -> int:
@@ -148,7 +160,10 @@ class TeacherCache:
             model = shard_frozen(load(), info)
             model.eval()
             weight, bias = output_head(model)
-            store = torch.empty((offsets[-1], full_shape(weight)[1]), dtype=weight.dtype)
+            # The states go straight to a file-backed buffer as each batch is computed, so a
+            # process never holds all its rows in RAM (long documents: tokens x H per teacher).
+            scratch = folder / f".{name}.rank{info.rank}.building"
+            store = _file_backed((offsets[-1], full_shape(weight)[1]), weight.dtype, scratch)
             batches = range(n_batches)
             if progress and info.is_main:
                 from tqdm.auto import tqdm
@@ -178,7 +193,8 @@ class TeacherCache:
                     {"weight": weight.detach().cpu().clone(),
                      "bias": None if bias is None else bias.detach().cpu().clone()},
                     folder / f"{name}.head.pt")
-            del model, weight, bias, store      # frees the teacher (modules hold no cycles)
+            del model, weight, bias, store, part    # frees the teacher (modules hold no cycles)
+            scratch.unlink(missing_ok=True)
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
         checksums = {}

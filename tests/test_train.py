@@ -95,6 +95,28 @@ def test_teacher_cache_holds_the_live_states(models, tmp_path):
                                                     batch["attention_mask"]), batch["labels"])
     torch.testing.assert_close(cache.rows("strengthened", picked), rows, rtol=1e-5, atol=1e-5)
     assert torch.equal(cache.head("strengthened")[0], model.lm_head.weight)
+    # The states were written through file-backed buffers, gone once the parts are saved.
+    assert not list((out / "teacher_cache" / "forget").glob(".*.building"))
+
+
+def test_teacher_states_are_built_in_a_file_backed_buffer(models, tmp_path, monkeypatch):
+    """A process's cached rows ([rows, H] per teacher, large for long documents) are never one
+    RAM tensor: the build writes them into a buffer mapped on a file in the cache folder."""
+    import rkld.teacher_cache as teacher_cache
+    buffers = []
+    build_buffer = teacher_cache._file_backed
+
+    def recording(shape, dtype, path):
+        store = build_buffer(shape, dtype, path)
+        buffers.append((path, store.untyped_storage().filename, shape))
+        return store
+
+    monkeypatch.setattr(teacher_cache, "_file_backed", recording)
+    out, _ = unlearn(_unlearn_cfg(models, tmp_path / "u", epochs=1))
+    assert [path.name for path, _, _ in buffers] == [".original.rank0.building",
+                                                     ".strengthened.rank0.building"]
+    for path, filename, shape in buffers:
+        assert filename == str(path) and shape[0] > 0 and not path.exists()
 
 
 def test_cached_and_live_teachers_train_the_same(models, tmp_path):
