@@ -439,6 +439,7 @@ def register_demo(subparsers) -> None:
             run_corpus_demo(CorpusDemoConfig(
                 out=args.out if args.out != "rkld_demo" else "rkld_corpus_demo",
                 data=None if args.data == "synthetic" else args.data, seed=args.seed,
+                data_seed=args.data_seed,
                 threads=args.threads, progress=not args.no_progress))
             return 0
         from .demo import DemoConfig, run_demo

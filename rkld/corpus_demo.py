@@ -36,7 +36,8 @@ DEMO_RECORD = "demo.json"
 class CorpusDemoConfig:
     out: str = "rkld_corpus_demo"
     data: str | None = None             # None: generated books; else a .txt / .jsonl corpus
-    seed: int = 0                       # data seed of the books and model seed
+    seed: int = 0                       # model seed: initialisation and example order
+    data_seed: int = 0                  # which books are generated
     threads: int = 1
     progress: bool = True
     books: dict = field(default_factory=lambda: {"n_forget": 1, "n_retain": 2, "n_holdout": 1,
@@ -64,8 +65,8 @@ def run_corpus_demo(cfg: CorpusDemoConfig) -> dict:
     """Run the corpus demo; return ``results`` (also in ``OUT/results.json``)."""
     started = time.time()
     out = _prepare_output(Path(cfg.out))
-    data = cfg.data or str(write_books(out / "books.jsonl", seed=cfg.seed, **cfg.books))
-    benchmark = load_benchmark(data, seed=cfg.seed)
+    data = cfg.data or str(write_books(out / "books.jsonl", seed=cfg.data_seed, **cfg.books))
+    benchmark = load_benchmark(data, seed=cfg.data_seed)
     if "retain" not in benchmark.splits:
         raise ValueError(f"{data}: the corpus demo needs retain documents too (.jsonl lines "
                          f"with \"split\": \"retain\") to train the retain model")
@@ -77,7 +78,7 @@ def run_corpus_demo(cfg: CorpusDemoConfig) -> dict:
     try:
         from .train import finetune, strengthen, unlearn
         record = {"config": asdict(cfg), "data": data, "stages": {}}
-        common = {"data": data, "seed": cfg.seed, "max_length": cfg.max_length,
+        common = {"data": data, "seed": cfg.seed, "data_seed": cfg.data_seed, "max_length": cfg.max_length,
                   "progress": cfg.progress, "overwrite": True}
         models = out / "models"
         wall = {}
@@ -166,7 +167,8 @@ def _report(cfg: CorpusDemoConfig, record: dict, table: str) -> str:
     e = cfg.eval
     return "\n".join([
         "# rkld corpus demo", "",
-        f"Corpus `{record['data']}`, seed {cfg.seed}; a Llama with {cfg.tiny} trained from "
+        f"Corpus `{record['data']}`, data seed {cfg.data_seed}, model seed {cfg.seed}; "
+        f"a Llama with {cfg.tiny} trained from "
         f"scratch. Continuations: {e['prefix_tokens']}-token prefixes of {e['passages']} "
         f"passages per split, {e['continuation_tokens']} greedy tokens scored against the true "
         f"text (ROUGE-L recall, sentence BLEU); perplexity on {e['perplexity_tokens']}-token "
