@@ -38,9 +38,10 @@ Assumptions (each one a place where a real run can differ):
 - Backward of one layer needs, on top of what is saved, its MLP's input gradients (2 N I a),
   its hidden-size gradients (2 N H a) and the layer's weight gradients.
 - The fused loss holds the student's supervised rows and their gradient ``[N, H]``, the lm_head
-  weight gradient ``[V, H]`` (full fine-tuning; both gradients in float32 until its backward)
-  and one chunk's ``[chunk, V]`` working set,
-  bounded by ``rkld_kernels``' per-device budget. The naive loss holds, at its peak, seven
+  weight gradient ``[V, H]`` (full fine-tuning; both gradients in its compute dtype until its
+  backward: float32 for 16-bit heads, float64 for float32 heads) and one chunk's ``[chunk, V]``
+  working set, bounded by ``rkld_kernels``' per-device budget, plus, for float32 heads or off
+  CUDA, a copy of each of the three heads in the compute dtype for the call. The naive loss holds, at its peak, seven
   ``[N, V]`` tensors: the student logits, the teacher, both log-softmaxes, ``exp(log p)``,
   ``log p - log q`` and their product (or their gradients in backward).
 - Live teachers: two frozen models replicated on every GPU, run one layer at a time under
@@ -255,6 +256,8 @@ def layer_activation_bytes(model: ModelShape, tokens: int, act: int, lora_rank: 
 
 def estimate(model: ModelShape, run: RunShape) -> dict:
     """Per-GPU peak memory of one training step in each scenario, as ``{scenario: Estimate}``."""
+    import torch
+
     from rkld_kernels.fused_linear import _BUFFERS_PER_ROW, default_chunk_size
 
     b = _bytes_per_element(run.precision)
@@ -287,11 +290,18 @@ def estimate(model: ModelShape, run: RunShape) -> dict:
     teacher_forward = 3 * act * n * model.intermediate + (2 * act + 8) * n * h
     lm_head_grad = 0 if run.lora else model.head_params * b["grad"]
 
-    chunk = min(n, default_chunk_size(v, run.device))
-    # Student rows, and dL/drows and dW, which the fused loss keeps in float32 until its backward
-    # rounds them to the parameters' dtype (its precision contract).
-    fused_persistent = act * n * h + 4 * n * h + (0 if run.lora else 4 * model.head_params)
-    fused_chunk = _BUFFERS_PER_ROW * 4 * chunk * v
+    # The fused loss computes in float32 for 16-bit heads and in float64 for float32 heads (its
+    # precision contract): that is the width of its chunk buffers, of dL/drows and dW (kept
+    # until its backward rounds them to the parameters' dtype) and of the head copies it makes
+    # for the call (every head, off CUDA or for float32; on CUDA 16-bit GEMMs write float32).
+    head_dtype = torch.float32 if run.precision == "fp32" else torch.bfloat16
+    compute = 8 if run.precision == "fp32" else 4
+    chunk = min(n, default_chunk_size(v, run.device, head_dtype))
+    fused_persistent = (act * n * h + compute * n * h
+                        + (0 if run.lora else compute * model.head_params))
+    head_copies = (3 * compute * model.head_params
+                   if run.precision == "fp32" or run.device != "cuda" else 0)
+    fused_chunk = _BUFFERS_PER_ROW * compute * chunk * v + head_copies
     naive_loss = max(7 * act * n * v, act * n * v + lm_head_grad + act * n * h)
 
     scenarios = {
