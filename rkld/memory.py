@@ -41,9 +41,10 @@ Assumptions (each one a place where a real run can differ):
   weight gradient ``[V, H]`` (full fine-tuning; both gradients in its compute dtype until its
   backward: float32 for 16-bit heads, float64 for float32 heads) and one chunk's ``[chunk, V]``
   working set, bounded by ``rkld_kernels``' per-device budget, plus, for float32 heads or off
-  CUDA, a copy of each of the three heads in the compute dtype for the call. The naive loss holds, at its peak, seven
-  ``[N, V]`` tensors: the student logits, the teacher, both log-softmaxes, ``exp(log p)``,
-  ``log p - log q`` and their product (or their gradients in backward).
+  CUDA, a copy of each of the three heads in the compute dtype for the call. The naive loss
+  holds, at its peak, seven ``[N, V]`` tensors: the student logits, the teacher, both
+  log-softmaxes, ``exp(log p)``, ``log p - log q`` and their product (or their gradients in
+  backward).
 - Live teachers: two frozen models replicated on every GPU, run one layer at a time under
   ``no_grad``; the cache: two lm_head weights plus the micro-batch's cached rows.
 - Several GPUs: full fine-tuning shards weights, gradients and optimizer states with FSDP2
