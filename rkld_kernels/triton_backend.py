@@ -241,6 +241,18 @@ def _repeats(element_size: int, acc_dtype: torch.dtype) -> int:
     return _TILE_REPEATS
 
 
+def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count):
+    """The launch configuration of both passes: tile width from the widest input's element
+    size and the compute dtype's repeats, split over the vocabulary (``block_v`` None) so that
+    a few rows still fill the GPU."""
+    element_size = max(t.element_size() for t in inputs)
+    repeats = _repeats(element_size, acc_dtype)
+    if block_v is None:
+        block_v = split_block(rows, vocab,
+                              launch_config(vocab, None, element_size, repeats).block, sm_count)
+    return launch_config(vocab, block_v, element_size, repeats)
+
+
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
     the student as a placeholder pointer that the kernel never reads (the flags say so).
@@ -283,12 +295,7 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     stats = empty((STAT_COUNT, rows), acc_dtype)
     if rows == 0:
         return loss, stats, []
-    element_size = max(t.element_size() for t in inputs)
-    repeats = _repeats(element_size, acc_dtype)
-    if block_v is None:
-        block_v = split_block(rows, vocab,
-                              launch_config(vocab, None, element_size, repeats).block, sm_count)
-    tile = launch_config(vocab, block_v, element_size, repeats)
+    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
     vec = row_alignment(inputs, [t.stride(0) for t in inputs])
     # Tiles of the longest row (a row shifted by its alignment may need one more).
     n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
@@ -333,12 +340,7 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
         return grad, []
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
         student, original, strengthened, keep, reverse, compute)
-    element_size = max(t.element_size() for t in inputs)
-    repeats = _repeats(element_size, acc_dtype)
-    if block_v is None:
-        block_v = split_block(rows, vocab,
-                              launch_config(vocab, None, element_size, repeats).block, sm_count)
-    tile = launch_config(vocab, block_v, element_size, repeats)
+    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
     # The gradient is contiguous: its row stride is V.
     vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
     tiles = triton.cdiv(vocab + vec - 1, tile.block)
