@@ -26,8 +26,46 @@ from .config import (
 )
 
 # Errors a user can act on: printed as one line, without a traceback (exit code 2). A run
-# stopped by a non-finite loss or gradient (rkld.train.TrainingDiverged) exits with 1.
+# stopped by a non-finite loss or gradient (rkld.train.TrainingDiverged) exits with 1, one
+# stopped by Ctrl-C with 130. A bad option value is one line too (``_Parser.error``).
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, OSError)
+INTERRUPTED_EXIT = 130     # the shell's code for a process ended by SIGINT
+
+
+def one_line(message) -> str:
+    """``message`` on one line: a library's multi-line text joined with '; '."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option said in one line (no usage block above it) that names the
+    option, what was expected and what was given; ``--help`` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {value}")
+    return value
 
 
 def _default(config_class, name):
@@ -55,30 +93,30 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     g.add_argument("--data-seed", type=int, default=d("data_seed"),
                    help="which synthetic benchmark is generated; no effect on other data "
                         "(default: %(default)s)")
-    g.add_argument("--max-authors", type=int, default=None,
+    g.add_argument("--max-authors", type=positive_int, default=None,
                    help="keep this many authors (TOFU layout), e.g. to fit TOFU on a CPU")
-    g.add_argument("--max-length", type=int, default=d("max_length"), help="tokens per example")
+    g.add_argument("--max-length", type=positive_int, default=d("max_length"), help="tokens per example")
     g.add_argument("--template", default=d("template"),
                    help="prompt format: auto (chat template if any, else plain), chat, llama2, "
                         "phi, plain, or a string with {question}")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="load the model in this dtype (default: as saved)")
-    g.add_argument("--tiny-vocab", type=int, default=None, help="--model tiny: vocabulary size")
-    g.add_argument("--tiny-hidden", type=int, default=None, help="--model tiny: hidden size")
-    g.add_argument("--tiny-layers", type=int, default=None, help="--model tiny: layers")
-    g.add_argument("--tiny-intermediate", type=int, default=None,
+    g.add_argument("--tiny-vocab", type=positive_int, default=None, help="--model tiny: vocabulary size")
+    g.add_argument("--tiny-hidden", type=positive_int, default=None, help="--model tiny: hidden size")
+    g.add_argument("--tiny-layers", type=positive_int, default=None, help="--model tiny: layers")
+    g.add_argument("--tiny-intermediate", type=positive_int, default=None,
                    help="--model tiny: MLP width (intermediate_size)")
     t = parser.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=d("epochs"), help="(default: %(default)s)")
+    t.add_argument("--epochs", type=positive_int, default=d("epochs"), help="(default: %(default)s)")
     t.add_argument("--lr", type=float, default=d("lr"), help="peak learning rate "
                    "(default: %(default)s; tiny models want ~1e-3)")
     t.add_argument("--weight-decay", type=float, default=d("weight_decay"))
     t.add_argument("--warmup-epochs", type=float, default=d("warmup_epochs"))
     t.add_argument("--max-grad-norm", type=float, default=d("max_grad_norm"),
                    help="gradient clipping (0: off)")
-    t.add_argument("--batch-size", type=int, default=d("batch_size"),
+    t.add_argument("--batch-size", type=positive_int, default=d("batch_size"),
                    help="effective batch: examples per optimizer step over all processes")
-    t.add_argument("--micro-batch-size", type=int, default=d("micro_batch_size"),
+    t.add_argument("--micro-batch-size", type=positive_int, default=d("micro_batch_size"),
                    help="examples per forward pass on one process (gradient accumulation "
                         "makes up the rest)")
     t.add_argument("--gradient-checkpointing", action="store_true")
@@ -87,10 +125,10 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
                         "documents restart their positions and never attend to each other")
     t.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of "
                    "all weights; the saved model has them merged")
-    t.add_argument("--lora-rank", type=int, default=d("lora_rank"))
+    t.add_argument("--lora-rank", type=positive_int, default=d("lora_rank"))
     t.add_argument("--lora-alpha", type=float, default=d("lora_alpha"))
     r = parser.add_argument_group("run control")
-    r.add_argument("--save-every", type=int, default=d("save_every"),
+    r.add_argument("--save-every", type=non_negative_int, default=d("save_every"),
                    help="checkpoint every N optimizer steps (always at epoch ends)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (refused if a "
@@ -157,8 +195,12 @@ def _subparsers(parser: argparse.ArgumentParser):
 
 
 def _report(out, stats) -> int:
+    from .runs import _json_numbers
     if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
-        print(json.dumps({"out": str(out), **stats}, indent=1, default=str))
+        # Valid JSON: a figure with no value (e.g. the speed of a resumed run with no step
+        # left) is null, never NaN.
+        print(json.dumps(_json_numbers({"out": str(out), **stats}), indent=1, default=str,
+                         allow_nan=False))
     return 0
 
 
@@ -210,7 +252,7 @@ def register_unlearn(subparsers) -> None:
                    help="stop at the first check where the forget questions' answer "
                         "probability falls to that of the held-out authors (holdoutNN), which "
                         "no model trained on; never looks at the retain model")
-    u.add_argument("--stop-check-every", type=int,
+    u.add_argument("--stop-check-every", type=non_negative_int,
                    default=_default(UnlearnConfig, "stop_check_every"),
                    help="with --stop-at-holdout: check every N optimizer steps as well as at "
                         "epoch ends (default: %(default)s = epoch ends only)")
@@ -230,7 +272,7 @@ def register_unlearn(subparsers) -> None:
     u.add_argument("--live-teachers", action="store_true",
                    help="keep both teachers in memory and run them every step instead of "
                         "caching their hidden states once")
-    u.add_argument("--chunk-size", type=int, default=None,
+    u.add_argument("--chunk-size", type=positive_int, default=None,
                    help="tokens per chunk in the fused loss (default: from a memory budget)")
     u.add_argument("--backend", default=_default(UnlearnConfig, "backend"),
                    choices=["auto", "triton", "torch"], help="fused loss backend")
@@ -254,7 +296,7 @@ def _add_epoch_eval(parser: argparse.ArgumentParser) -> None:
                    help="the retain model's TOFU_EVAL.json for this forget split (from rkld eval)")
     e.add_argument("--eval-generation", action="store_true",
                    help="also generate every epoch (ROUGE, hence model utility); slower")
-    e.add_argument("--eval-max-new-tokens", type=int, default=200)
+    e.add_argument("--eval-max-new-tokens", type=positive_int, default=200)
 
 
 def _epoch_evaluator(args, cfg):
@@ -299,14 +341,14 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
                         help="which synthetic benchmark (the --data-seed of the runs; --seed is "
                              "an older name for it) (default: %(default)s)")
-    parser.add_argument("--max-authors", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=200,
+    parser.add_argument("--max-authors", type=positive_int, default=None)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200,
                         help="greedy generation length for ROUGE (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=positive_int, default=512)
     parser.add_argument("--template", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="sequences per likelihood forward pass")
-    parser.add_argument("--generation-batch-size", type=int, default=32)
+    parser.add_argument("--generation-batch-size", type=positive_int, default=32)
     parser.add_argument("--no-generation", action="store_true",
                         help="likelihood metrics only (no ROUGE, so no model utility)")
     parser.add_argument("--overwrite", action="store_true",
@@ -316,15 +358,15 @@ def register_eval(subparsers) -> None:
         "corpus evaluation (--data books, a .txt or a .jsonl corpus): continuations of forget "
         "and retain passages scored by ROUGE-L and BLEU, perplexity on forget, retain and "
         "held-out text; see rkld/corpus_eval.py")
-    c.add_argument("--prefix-tokens", type=int, default=200,
+    c.add_argument("--prefix-tokens", type=positive_int, default=200,
                    help="tokens of true text the model continues (default: %(default)s)")
-    c.add_argument("--continuation-tokens", type=int, default=200,
+    c.add_argument("--continuation-tokens", type=positive_int, default=200,
                    help="greedy tokens generated and scored (default: %(default)s)")
-    c.add_argument("--passages", type=int, default=20,
+    c.add_argument("--passages", type=positive_int, default=20,
                    help="passages per split (default: %(default)s)")
-    c.add_argument("--perplexity-tokens", type=int, default=512,
+    c.add_argument("--perplexity-tokens", type=positive_int, default=512,
                    help="tokens per perplexity window (default: %(default)s)")
-    c.add_argument("--perplexity-windows", type=int, default=20,
+    c.add_argument("--perplexity-windows", type=positive_int, default=20,
                    help="perplexity windows per split (default: %(default)s)")
     c.add_argument("--passage-seed", type=int, default=0, help="which passages are drawn")
 
@@ -378,17 +420,17 @@ def register_inspect_teacher(subparsers) -> None:
     parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
     parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
                         help="which synthetic benchmark (the models' --data-seed)")
-    parser.add_argument("--max-authors", type=int, default=None)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-authors", type=positive_int, default=None)
+    parser.add_argument("--max-length", type=positive_int, default=512)
     parser.add_argument("--template", default="auto")
     parser.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
     parser.add_argument("--teacher-boost", default="both", choices=[*TEACHER_BOOSTS, "both"],
                         help="logits (the paper), logprobs (an extension of the paper) or both, "
                              "side by side (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=5,
+    parser.add_argument("--top-k", type=positive_int, default=5,
                         help="most pushed-down tokens kept per position (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--report-examples", type=int, default=10,
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--report-examples", type=non_negative_int, default=10,
                         help="examples shown token by token in the Markdown report")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -424,7 +466,7 @@ def register_demo(subparsers) -> None:
                         help="which synthetic benchmark (default: %(default)s)")
     parser.add_argument("--max-authors", type=int, default=None,
                         help="authors to keep (default: all for synthetic, 10 for a folder)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
@@ -460,7 +502,7 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
                    "the same command are not run again)")
     p.add_argument("--data", default=d("data"), help="(default: %(default)s)")
     p.add_argument("--data-seed", type=int, default=None, help="which synthetic benchmark")
-    p.add_argument("--max-authors", type=int, default=d("max_authors"),
+    p.add_argument("--max-authors", type=positive_int, default=d("max_authors"),
                    help="authors (default: %(default)s: forget10 holds 10 of them, 100 questions)")
     p.add_argument("--forget", default=d("forget"), help="(default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds")
@@ -478,10 +520,10 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)r)")
     p.add_argument("--strengthen-args", default=d("strengthen_args"),
                    help="(default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=d("max_new_tokens"),
+    p.add_argument("--max-new-tokens", type=positive_int, default=d("max_new_tokens"),
                    help="greedy generation length for ROUGE (default: %(default)s; the "
                         "synthetic answers are under 30 tokens)")
-    p.add_argument("--threads", type=int, default=d("threads"))
+    p.add_argument("--threads", type=positive_int, default=d("threads"))
     p.add_argument("--allow-weak", action="store_true",
                    help="go on when the untouched target already passes FQ > 0.05 (the "
                         "tables are flagged)")
@@ -566,7 +608,7 @@ def register_memory(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rkld", description="RKLD unlearning of language models: finetune -> strengthen "
                                  "-> unlearn (teacher cache + fused reverse-KL loss).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -590,14 +632,21 @@ def main(argv=None) -> int:
         return args.handler(args)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"rkld {args.command}: error: {message}", file=sys.stderr)
+        print(f"rkld {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         from .train import TrainingDiverged
         if not isinstance(err, TrainingDiverged):
             raise
-        print(f"rkld {args.command}: failed: {err}", file=sys.stderr)
+        print(f"rkld {args.command}: failed: {one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # A training run has recorded status "interrupted" in its run.json (rkld.runs).
+        out = getattr(args, "out", None)
+        where = f"; continue the run in {out} with --resume" if args.command in (
+            "finetune", "strengthen", "unlearn") and out else ""
+        print(f"rkld {args.command}: interrupted (Ctrl-C){where}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     finally:
         if restore_bars is not None:
             restore_bars()

@@ -8,7 +8,8 @@ A run never loses or mixes results:
   the overwritten run kept in ``.replaced/`` until the new one has finished, ``resume``
   refused when a setting or input that shapes the result changed, and ``run.json`` with the
   full configuration, content fingerprints of models and data, and the status (``running``,
-  ``finished``, or ``failed`` after :class:`TrainingDiverged`);
+  ``finished``, ``failed`` after :class:`TrainingDiverged` or another error, ``interrupted``
+  after Ctrl-C);
 - ``save_checkpoint`` / ``load_checkpoint`` write ``checkpoints/step-N`` atomically with a
   ``manifest.json`` of checksums (verified on load, over all processes) and name the newest
   in ``checkpoints/latest.json`` (``read_pointer``: missing or unreadable is an error); the
@@ -38,8 +39,10 @@ from .storage import (
     check_separate,
     fsync_path,
     load_torch,
+    local_path,
     read_json,
     sha256_file,
+    write_error,
 )
 
 RUN_RECORD = "run.json"
@@ -103,13 +106,55 @@ def _refuse_output(out: Path, cfg: RunConfig, stage: str) -> None:
                                 f"start one")
 
 
+# Settings that name files or folders. ``out`` is the folder being resumed, wherever it is
+# now (a run may be moved); the models are identified by content fingerprints (run.json
+# "models"), so another spelling or place of the same files is the same model; ``data`` is
+# compared as a resolved path (its splits' content is fingerprinted too).
+PATH_SETTINGS = ("out", "model", "strengthened", "data")
+
+
+def resolved_paths(cfg: RunConfig) -> dict:
+    """``{setting: absolute path}`` of the path settings that name a local file or folder."""
+    paths = {}
+    for name in PATH_SETTINGS:
+        path = local_path(getattr(cfg, name, None))
+        if path is not None:
+            paths[name] = str(path)
+    return paths
+
+
+def _same_path_setting(name: str, old, new, previous: dict) -> bool:
+    if old == new:
+        return True
+    if name == "out":
+        return True
+    if name in ("model", "strengthened") and (previous.get("models") or {}).get(name):
+        return True     # the content fingerprints below decide
+    new_path = local_path(new)
+    if new_path is None:
+        return False    # a name (synthetic, tofu, a hub id) that differs
+    recorded = (previous.get("paths") or {}).get(name)
+    old_path = Path(recorded) if recorded else local_path(old)
+    if old_path is None:
+        # Recorded as a path that is gone (the run and its inputs were moved): the content
+        # fingerprints decide. A name that is not a path (e.g. synthetic) differs.
+        return os.sep in str(old) or str(old).startswith((".", "~"))
+    return old_path == new_path or not old_path.exists()
+
+
 def resume_differences(previous: dict, cfg: RunConfig, data: dict, models: dict) -> list:
-    """``name old -> new`` for every setting or input that differs from the recorded run."""
+    """``name old -> new`` for every setting or input that differs from the recorded run.
+    Paths compare as resolved folders (a moved run resumes); models and data by content."""
     old_config = previous.get("config") or {}
     new_config = cfg.to_dict()
-    changes = [f"{name} {old_config.get(name)!r} -> {new_config.get(name)!r}"
-               for name in sorted(set(old_config) | set(new_config))
-               if name not in RESUMABLE_SETTINGS and old_config.get(name) != new_config.get(name)]
+    changes = []
+    for name in sorted(set(old_config) | set(new_config)):
+        old, new = old_config.get(name), new_config.get(name)
+        if name in RESUMABLE_SETTINGS or old == new:
+            continue
+        if name in PATH_SETTINGS and _same_path_setting(name, old, new, previous):
+            continue
+        changes.append(f"{name} {old!r} -> {new!r}")
     old_data = previous.get("data") or {}
     changes += [f"data split {name} (its content changed)" for name in sorted(set(old_data)
                 | set(data)) if old_data.get(name) != data.get(name)]
@@ -150,8 +195,11 @@ class RunFolder:
     On entry (main process): take the lock; with ``overwrite``, move the old run into
     ``.replaced/``; with ``resume``, refuse any change of what shapes the result and a missing
     or unreadable checkpoint pointer; write ``run.json``. On exit: status ``finished`` (and the
-    replaced run deleted) after :meth:`finish`, ``failed`` after ``TrainingDiverged``,
-    unchanged (``running``, resumable) after any other interruption; the lock is released.
+    replaced run deleted) after :meth:`finish`; ``failed`` (with the error) after
+    ``TrainingDiverged``, a failed write (a full disk) or another error of the run;
+    ``interrupted`` after Ctrl-C; unchanged (``running``) after a foreign exception, as after a
+    kill (:func:`run_status`). Every status but ``finished`` can be resumed. The lock is
+    released.
     """
 
     def __init__(self, out: Path, cfg: RunConfig, stage: str, info: DistInfo, data: dict,
@@ -191,12 +239,19 @@ class RunFolder:
                                  f"or inputs: {'; '.join(changes)}. Resume with the original "
                                  f"ones, or start over with --overwrite")
             pointer = read_pointer(out)
+            previous.pop("error", None)
             previous.update(status="running", resumed=previous.get("resumed", []) + [_now()])
+            # Where the run and its inputs are now (they may have moved or be spelled anew).
+            new_config = cfg.to_dict()
+            previous.setdefault("config", {}).update(
+                {name: new_config[name] for name in PATH_SETTINGS if name in new_config})
+            previous["paths"] = resolved_paths(cfg)
             atomic_write_json(record, previous)
         else:
             atomic_write_json(record, {
                 "stage": self.stage, "status": "running", "config": cfg.to_dict(),
                 "versions": _versions(), "data": self.data, "models": self.models,
+                "paths": resolved_paths(cfg),
                 "world_size": self.info.world_size, "strategy": self.info.strategy,
                 "started": _now()})
         return pointer
@@ -232,12 +287,36 @@ class RunFolder:
         if not self.info.is_main:
             return
         try:
-            if isinstance(error, TrainingDiverged):
+            status = run_status(error)
+            if status is not None:
                 record = read_json(self.out / RUN_RECORD, "the run record")
-                record.update(status="failed", error=str(error), failed=_now())
-                atomic_write_json(self.out / RUN_RECORD, record)
+                record.update(status=status, error=_first_line(error) or status, ended=_now())
+                if status == "failed":
+                    record["failed"] = record["ended"]
+                try:
+                    atomic_write_json(self.out / RUN_RECORD, record)
+                except OSError:
+                    pass    # a full disk: the error being raised already says so
         finally:
             self.lock.release()
+
+
+def run_status(error) -> str | None:
+    """The status a run stopped by ``error`` records: ``interrupted`` after Ctrl-C, ``failed``
+    after a non-finite loss, a write that failed (a full disk) or another error of the run
+    (OSError, ValueError, RuntimeError); None for any other exception, e.g. one raised by a
+    caller's callback: like a process killed outright, the run stays ``running`` and can be
+    resumed (so can an interrupted or failed one)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, (OSError, ValueError, RuntimeError)):
+        return "failed"
+    return None
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _json_numbers(value):
@@ -317,10 +396,25 @@ def save_checkpoint(out: Path, strategy, model, optimizer, step: int,
                      epoch_end: int | None = None, callbacks_pending: bool = False) -> None:
     """Write checkpoints/step-N atomically: into a temporary folder, with a manifest of
     checksums, fsynced and renamed when complete; ``latest.json`` is replaced last, so a crash
-    at any point leaves the previous one usable."""
+    at any point leaves the previous one usable. A write that fails (a full disk) or Ctrl-C
+    removes the temporary folder; the error names the checkpoint in one line."""
+    tmp = out / CHECKPOINTS / f".tmp-step-{step}"
+    try:
+        _write_checkpoint(out, tmp, strategy, model, optimizer, step, epoch_end,
+                          callbacks_pending)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save reports a full disk as a RuntimeError ("enforce fail"), safetensors as
+        # its own error: both become one OSError line naming the checkpoint.
+        if isinstance(err, (OSError, RuntimeError)) and not str(err).startswith("could not "):
+            raise write_error(tmp, err) from err
+        raise
+
+
+def _write_checkpoint(out: Path, tmp: Path, strategy, model, optimizer, step: int,
+                      epoch_end, callbacks_pending: bool) -> None:
     info = strategy.info
     root = out / CHECKPOINTS
-    tmp = root / f".tmp-step-{step}"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -114,6 +114,7 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     strategy = strategy_for(info)
     strategy.check(cfg, on_epoch_end)
     strategy.check_student_options(cfg)
+    _check_backend(cfg, info)
     inputs = {"the original model (--model)": cfg.model,
               "the strengthened model (--strengthened)": cfg.strengthened,
               "the data (--data)": cfg.data}
@@ -154,6 +155,11 @@ def unlearn(cfg: UnlearnConfig, on_epoch_end=None, on_step=None):
     if retain_split is not None:
         fingerprints[retain_split] = bench.fingerprint(retain_split)
     models = _model_fingerprints(cfg, info)
+    if cfg.method == "rkld" and models.get("strengthened") == models["model"]:
+        raise ValueError(f"--strengthened {cfg.strengthened} holds the same files as --model "
+                         f"{cfg.model}: the teacher o - alpha * relu(g - o) would be the original "
+                         f"model itself, so the loss and its gradient are 0 and nothing is "
+                         f"unlearned; expected the model `rkld strengthen` trained from --model")
 
     with RunFolder(out, cfg, "unlearn", info, fingerprints, models) as run:
         teachers = retain_teachers = None
@@ -377,6 +383,21 @@ def _nll_stage(cfg: RunConfig, stage: str, split: str, on_epoch_end, on_step):
         stats = _train(cfg, stage, model, tokenizer, examples, None, _NLLObjective(), strategy,
                        run, on_epoch_end, on_step)
     return out, stats
+
+
+def _check_backend(cfg: UnlearnConfig, info: DistInfo) -> None:
+    """Refuse ``--backend triton`` where the kernels cannot run (a CPU without Triton's
+    interpreter, no triton package) before any model is loaded or teacher cached."""
+    uses_fused_loss = cfg.method == "rkld" or cfg.effective_retain_term == "kl"
+    if cfg.backend != "triton" or not uses_fused_loss:
+        return
+    from rkld_kernels.triton_backend import check_triton_usable
+    try:
+        check_triton_usable(info.device)
+    except RuntimeError as err:
+        reason = str(err).removeprefix("fused_rkl_loss(backend='triton') ").replace(
+            "backend='torch'", "--backend torch")
+        raise ValueError(f"--backend triton on {info.device}: {reason}") from None
 
 
 def _check_strategy(cfg: RunConfig, info: DistInfo, on_epoch_end) -> None:
@@ -750,8 +771,12 @@ def _train(cfg: RunConfig, stage: str, model, tokenizer, examples, retain_exampl
                      stop_checks=stopper.checks)
     try:
         strategy.save_final(model, tokenizer, out)
-    except OSError as err:
-        raise write_error(out, err) from err
+    except Exception as err:
+        # A full disk surfaces as OSError, as safetensors' own error or as torch's
+        # RuntimeError: one line naming the folder (the run records status "failed").
+        if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError":
+            raise write_error(out, err) from err
+        raise
     barrier(info)
     run.finish(stats)
     stats = broadcast_object(stats, info)
