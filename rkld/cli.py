@@ -294,6 +294,9 @@ def _add_epoch_eval(parser: argparse.ArgumentParser) -> None:
                         "peaks in OUT/peak")
     e.add_argument("--reference", default=None,
                    help="the retain model's TOFU_EVAL.json for this forget split (from rkld eval)")
+    e.add_argument("--unverified-reference", action="store_true",
+                   help="accept a --reference without its EVAL_META.json (e.g. a published "
+                        "log): only its example count is checked, not its data and settings")
     e.add_argument("--eval-generation", action="store_true",
                    help="also generate every epoch (ROUGE, hence model utility); slower")
     e.add_argument("--eval-max-new-tokens", type=positive_int, default=200)
@@ -316,7 +319,8 @@ def _epoch_evaluator(args, cfg):
     config = EvalConfig(forget_split=cfg.forget, generation=args.eval_generation,
                         max_new_tokens=args.eval_max_new_tokens, max_length=cfg.max_length,
                         template=cfg.template, progress=cfg.progress)
-    return EpochEvaluator(cfg.out, benchmark, config, args.reference, resume=cfg.resume)
+    return EpochEvaluator(cfg.out, benchmark, config, args.reference, resume=cfg.resume,
+                          unverified_reference=args.unverified_reference)
 
 
 def register_eval(subparsers) -> None:
@@ -336,7 +340,11 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--forget", default="forget10", help="forget split (default: %(default)s)")
     parser.add_argument("--reference", default=None,
                         help="the retain model's TOFU_EVAL.json; without it forget quality is "
-                             "reported as unavailable")
+                             "reported as unavailable. Its EVAL_META.json must show the same "
+                             "data, forget split, --max-length and --template")
+    parser.add_argument("--unverified-reference", action="store_true",
+                        help="accept a --reference without its EVAL_META.json (e.g. a "
+                             "published log): only its example count is checked")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
                         help="which synthetic benchmark (the --data-seed of the runs; --seed is "
@@ -397,7 +405,8 @@ def register_eval(subparsers) -> None:
                             progress=not args.no_progress)
         summary = run_eval(args.model, args.data, args.out, config=config,
                            reference=args.reference, seed=args.data_seed,
-                           max_authors=args.max_authors, overwrite=args.overwrite)
+                           max_authors=args.max_authors, overwrite=args.overwrite,
+                           unverified_reference=args.unverified_reference)
         if int(os.environ.get("RANK", "0")) == 0:    # one report for a multi-process run
             print(json.dumps({"out": args.out, **summary}, indent=1))
         return 0

@@ -111,6 +111,9 @@ class RunConfig:
                              "in the output folder, overwrite deletes it")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.model == "tiny":
+            from .models import check_tiny_settings
+            check_tiny_settings(self.tiny)
 
     def to_dict(self) -> dict:
         return asdict(self)

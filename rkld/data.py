@@ -240,10 +240,20 @@ def _with_eval_fields(rows: list, source: str) -> list:
     return [{k: v for k, v in row.items() if k != "train_answers"} for row in rows]
 
 
+def read_text_file(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is one error naming it and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: expected UTF-8 text; byte 0x{err.object[err.start]:02x} at "
+                         f"offset {err.start} is not UTF-8 (convert the file, e.g. with iconv "
+                         f"-t UTF-8)") from None
+
+
 def read_json_rows(path: Path) -> list:
     """Rows of a JSON file in any layout TOFU uses: one array, JSON lines of objects, or
     several lines each holding an array (as ``full.json`` does)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -273,10 +283,13 @@ def _folder_benchmark(folder: Path, max_authors: int | None) -> Benchmark:
         raise FileNotFoundError(f"{folder}: expected TOFU-format .json files (full.json, "
                                 f"forget10_perturbed.json, ...); found none")
     raw = {p.stem: read_json_rows(p) for p in files}
-    for name, rows in raw.items():
-        if rows and not {"question", "answer"} <= set(rows[0]):
-            raise ValueError(f"{folder / name}.json: rows must have 'question' and 'answer'; "
-                             f"got keys {sorted(rows[0])}")
+    for file in files:
+        for number, row in enumerate(raw[file.stem]):
+            missing = [key for key in ("question", "answer") if not isinstance(row.get(key), str)]
+            if missing:
+                raise ValueError(f"{file}: row {number} lacks {' and '.join(map(repr, missing))}"
+                                 f" (a string); every row needs 'question' and 'answer', got "
+                                 f"keys {sorted(row)}")
     if max_authors is not None:
         return _tofu_author_subset(raw, max_authors, str(folder))
     splits = dict(raw)
@@ -354,9 +367,9 @@ CORPUS_SPLITS = ("forget", "retain", "holdout")
 def _corpus_benchmark(path: Path) -> Benchmark:
     docs = []      # (split, text)
     if path.suffix == ".txt":
-        docs = [("forget", path.read_text(encoding="utf-8"))]
+        docs = [("forget", read_text_file(path))]
     else:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_text_file(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:

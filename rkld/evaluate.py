@@ -39,6 +39,7 @@ per-example value is computed on exactly the same batch as in a single-process r
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 from . import metrics
 from .data import collate, encode_prompt, encode_qa
 from .models import model_fingerprint, unwrap_model  # noqa: F401  (re-exported)
-from .storage import atomic_write_json, check_separate, read_json
+from .storage import atomic_write_json, check_separate, locked_output, read_json
 
 EVAL_LOG = "TOFU_EVAL.json"
 SUMMARY_LOG = "TOFU_SUMMARY.json"
@@ -416,12 +417,14 @@ def eval_fingerprint(model_id: str, benchmark, config: EvalConfig) -> dict:
 
 
 def eval_command(model_path, data: str, out_dir, config: EvalConfig, reference=None,
-                 seed: int = 0, max_authors: int | None = None) -> str:
+                 seed: int = 0, max_authors: int | None = None,
+                 unverified_reference: bool = False) -> str:
     """The ``rkld eval`` command line that computes these results."""
     from .cli import command_line
     return command_line("eval", {
         "model": str(model_path), "data": str(data), "forget": config.forget_split,
         "reference": None if reference is None else str(reference), "out": str(out_dir),
+        "unverified_reference": unverified_reference,
         "seed": seed, "max_authors": max_authors, "max_new_tokens": config.max_new_tokens,
         "max_length": config.max_length, "template": config.template,
         "batch_size": config.batch_size, "generation_batch_size": config.generation_batch_size,
@@ -522,14 +525,23 @@ EPOCH_CURVE = "epoch_curve.json"
 PEAK_CHECKPOINT = "peak"
 
 
-def check_reference(reference, benchmark, forget_split: str, log=print) -> str:
+# EvalConfig fields that change the truth ratios (hence forget quality): a reference computed
+# with other values is not comparable. Batch sizes and generation only change the last bits
+# or the ROUGE metrics.
+REFERENCE_SETTINGS = ("max_length", "template")
+
+
+def check_reference(reference, benchmark, forget_split: str, log=print,
+                    config: EvalConfig | None = None, unverified: bool = False) -> str:
     """Validate a retain-model log for ``forget_split`` before any work starts; return its path.
 
-    It must exist, hold ``forget_truth_ratio.value_by_index`` and have one truth ratio per
-    example of the forget split. When ``rkld eval`` wrote it, its ``EVAL_META.json`` must name
-    the same forget split and the same evaluation data (benchmark, seed, authors) as this
-    evaluation; a log without that metadata (e.g. a published one) is checked by its example
-    count only, which is said in one line.
+    It must exist, be readable JSON, hold ``forget_truth_ratio.value_by_index`` and have one
+    truth ratio per example of the forget split. Its ``EVAL_META.json`` (written by
+    ``rkld eval``) must name the same forget split and evaluation data (benchmark, seed,
+    authors) and, given ``config``, the same settings that shape the truth ratios
+    (``REFERENCE_SETTINGS``: max length and prompt template). A log without that metadata
+    (e.g. a published one) is refused unless ``unverified`` (``--unverified-reference``): then
+    only its example count is checked, which is said in one line.
     """
     if reference is None:
         raise ValueError(f"evaluating forget quality needs the retain model's log: pass "
@@ -540,7 +552,8 @@ def check_reference(reference, benchmark, forget_split: str, log=print) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"--reference {reference}: no such file; expected the retain "
                                 f"model's TOFU_EVAL.json (run `rkld eval` on the retain model)")
-    ratios = metrics.forget_truth_ratios(path, "reference")
+    ratios = metrics.forget_truth_ratios(read_json(path, "the retain model's log (--reference)"),
+                                         f"--reference {reference}")
     expected = len(benchmark.split(f"{forget_split}_perturbed"))
     if len(ratios) != expected:
         raise ValueError(f"--reference {reference} holds {len(ratios)} forget-set truth ratios but "
@@ -548,8 +561,15 @@ def check_reference(reference, benchmark, forget_split: str, log=print) -> str:
                          f"forget split?")
     meta_path = path.parent / META_FILE
     if not meta_path.exists():
-        log(f"[eval] --reference {reference} has no {META_FILE} beside it, so only its example "
-            f"count could be checked against {forget_split}")
+        if not unverified:
+            raise FileNotFoundError(
+                f"--reference {reference} has no {META_FILE} beside it, so the data and settings "
+                f"it was computed with (benchmark, forget split, max length, prompt template) "
+                f"cannot be checked against this evaluation's; evaluate the retain model with "
+                f"`rkld eval`, or pass --unverified-reference to use it anyway (only its "
+                f"example count is checked)")
+        log(f"[eval] --unverified-reference: {reference} has no {META_FILE} beside it, so only "
+            f"its example count could be checked against {forget_split}")
         return str(path)
     fingerprint = read_json(meta_path, "the reference's evaluation metadata").get(
         "fingerprint", {})
@@ -563,6 +583,15 @@ def check_reference(reference, benchmark, forget_split: str, log=print) -> str:
         raise ValueError(f"--reference {reference} was computed on other evaluation data "
                          f"(differs in: {', '.join(changed)}): another benchmark, seed or "
                          f"author count; evaluate the retain model on this data")
+    if config is not None:
+        recorded = fingerprint.get("config") or {}
+        ours = config.fingerprint_fields()
+        changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} there, {ours[name]!r} "
+                   f"here" for name in REFERENCE_SETTINGS if recorded.get(name) != ours[name]]
+        if changed:
+            raise ValueError(f"--reference {reference} was computed with other evaluation "
+                             f"settings ({'; '.join(changed)}), which change the truth ratios; "
+                             f"evaluate the retain model with the same settings ({meta_path})")
     return str(path)
 
 
@@ -582,14 +611,15 @@ class EpochEvaluator:
     """
 
     def __init__(self, out_dir, benchmark, config: EvalConfig, reference, keep_peak: bool = True,
-                 resume: bool = False):
+                 resume: bool = False, unverified_reference: bool = False):
         self.out = Path(out_dir)
         self.benchmark = benchmark
         self.config = config
         is_path = not isinstance(reference, (list, tuple, np.ndarray))
         if is_path and reference is not None:
             check_separate(self.out, {"the reference log (--reference)": reference})
-        self.reference = check_reference(reference, benchmark, config.forget_split) \
+        self.reference = check_reference(reference, benchmark, config.forget_split,
+                                         config=config, unverified=unverified_reference) \
             if is_path else list(reference)
         _eval_splits(benchmark, config.forget_split)   # fail now, not after the first epoch
         self.keep_peak = keep_peak
@@ -661,13 +691,28 @@ def _save_model(model, tokenizer, path: Path, shards: _Shards) -> None:
 
 def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None = None,
              reference=None, seed: int = 0, max_authors: int | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, unverified_reference: bool = False) -> dict:
     """``rkld eval``: evaluate a saved model and write the outputs to ``out_dir``.
 
     Results already in ``out_dir`` are reused when they were computed for the same model files,
     data and configuration (only forget quality is recomputed, against ``reference``); results
-    for anything else are refused unless ``overwrite``. Returns the summary.
+    for anything else are refused unless ``overwrite``. ``out_dir`` is locked
+    (``.rkld.lock``) meanwhile: a second evaluation into it is refused. A reference without
+    its EVAL_META.json needs ``unverified_reference`` (:func:`check_reference`). Returns the
+    summary.
     """
+    check_separate(Path(out_dir), {"the model (--model)": model_path, "the data (--data)": data,
+                                   "the reference log (--reference)": reference})
+    main = int(os.environ.get("RANK", "0")) == 0    # the process that writes the outputs
+    with locked_output(out_dir, enabled=main):
+        return _run_eval(model_path, data, out_dir, config=config, reference=reference,
+                         seed=seed, max_authors=max_authors, overwrite=overwrite,
+                         unverified_reference=unverified_reference)
+
+
+def _run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None, reference,
+              seed: int, max_authors: int | None, overwrite: bool,
+              unverified_reference: bool) -> dict:
     from .data import load_benchmark
     from .models import load_model
     from .parallel import init_distributed
@@ -677,7 +722,8 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
                          "the reference log (--reference)": reference})
     benchmark = load_benchmark(data, seed=seed, max_authors=max_authors)
     if reference is not None:
-        reference = check_reference(reference, benchmark, config.forget_split)
+        reference = check_reference(reference, benchmark, config.forget_split, config=config,
+                                    unverified=unverified_reference)
     fingerprint = eval_fingerprint(model_fingerprint(model_path), benchmark, config)
     info = init_distributed("auto")   # joins the process group of a multi-process launch
     shards = _Shards()
@@ -698,8 +744,9 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
         if shards.is_main:
             meta = read_json(meta_path, "the evaluation metadata")
             meta["reference"] = reference
+            meta["reference_verified"] = _reference_verified(reference)
             meta["command"] = eval_command(model_path, data, out, config, reference, seed,
-                                           max_authors)
+                                           max_authors, unverified_reference)
             print(f"[eval] reusing results in {out} (same model, data and configuration)")
             return write_outputs(out, logs, meta=meta, reference_logs=reference,
                                  title=Path(model_path).name)
@@ -713,8 +760,9 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
     model.to(info.device)
     logs = evaluate_model(model, tokenizer, benchmark, config, reference)
     meta = {"fingerprint": fingerprint, "model_path": str(model_path), "data": str(data),
-            "reference": reference,
-            "command": eval_command(model_path, data, out, config, reference, seed, max_authors),
+            "reference": reference, "reference_verified": _reference_verified(reference),
+            "command": eval_command(model_path, data, out, config, reference, seed, max_authors,
+                                    unverified_reference),
             "processes": shards.world, "wall_seconds": time.time() - start,
             "versions": _versions()}
     summary = summarize(logs)
@@ -722,6 +770,13 @@ def run_eval(model_path: str, data: str, out_dir, *, config: EvalConfig | None =
         summary = write_outputs(out, logs, meta=meta, reference_logs=reference,
                                 title=Path(model_path).name)
     return summary
+
+
+def _reference_verified(reference) -> bool | None:
+    """Whether the reference's EVAL_META.json was checked (None: no reference)."""
+    if reference is None:
+        return None
+    return (Path(reference).parent / META_FILE).exists()
 
 
 def _versions() -> dict:

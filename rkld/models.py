@@ -43,6 +43,39 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "output_multiplier_scale", "logit_softcapping")
 
 
+# The command-line options of the tiny model's settings (rkld finetune --model tiny).
+TINY_FLAGS = {"vocab_size": "--tiny-vocab", "hidden_size": "--tiny-hidden",
+              "num_hidden_layers": "--tiny-layers", "intermediate_size": "--tiny-intermediate"}
+# The byte-level tokenizer's base alphabet (256 bytes) and its special tokens.
+MIN_TINY_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def check_tiny_settings(tiny: dict) -> None:
+    """Refuse tiny-model settings a Llama cannot be built with, naming the option: sizes must
+    be positive integers, the hidden size a multiple of the attention heads, and the vocabulary
+    at least the byte alphabet plus the special tokens."""
+    settings = {**TINY_DEFAULTS, "vocab_size": 1024, **tiny}
+
+    def name(key):
+        return f"{TINY_FLAGS[key]} ({key})" if key in TINY_FLAGS else key
+
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                "num_attention_heads"):
+        value = settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tiny model: {name(key)} must be a positive integer; got "
+                             f"{value!r}")
+    if settings["vocab_size"] < MIN_TINY_VOCAB:
+        raise ValueError(f"tiny model: {name('vocab_size')} must be at least {MIN_TINY_VOCAB} "
+                         f"(the tokenizer's 256 byte tokens and {', '.join(SPECIAL_TOKENS)}); "
+                         f"got {settings['vocab_size']}")
+    heads = settings["num_attention_heads"]
+    if settings["hidden_size"] % heads or (settings["hidden_size"] // heads) % 2:
+        raise ValueError(f"tiny model: {name('hidden_size')} must be a multiple of "
+                         f"{2 * heads} ({heads} attention heads of an even width, for rotary "
+                         f"positions); got {settings['hidden_size']}")
+
+
 def train_tokenizer(texts, vocab_size: int = 1024):
     """Train a byte-level BPE tokenizer on ``texts`` (any string is encodable: bytes are the
     base alphabet). ``<bos>`` is prepended to every encoded text with special tokens."""
@@ -75,6 +108,7 @@ def build_tiny_model(texts, out_dir=None, seed: int = 0, vocab_size: int = 1024,
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    check_tiny_settings({"vocab_size": vocab_size, **config})
     tokenizer = train_tokenizer(texts, vocab_size)
     settings = {**TINY_DEFAULTS, **config}
     settings.setdefault("num_key_value_heads", settings["num_attention_heads"])
@@ -101,6 +135,48 @@ def remote_code_refused(what) -> ValueError:
                       f"transformers implements")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return (name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece"))
+            or name.endswith((".model", ".tiktoken")) or name == "merges.txt")
+
+
+def check_model_folder(folder, what: str = "the model", weights: bool = True) -> None:
+    """Refuse a local model folder that cannot load, naming the file: no config.json, no
+    tokenizer files, no weights, or a weights file whose safetensors header is corrupt or
+    truncated (read from the header alone, without loading any tensor)."""
+    from .storage import CorruptFileError
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {folder}: expected a Hugging Face model folder with "
+                                f"config.json (from save_pretrained); it has none")
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if not any(_is_tokenizer_file(name) for name in names):
+        raise FileNotFoundError(f"{what} {folder}: expected the model's tokenizer files "
+                                f"(tokenizer.json, tokenizer_config.json, ...) beside "
+                                f"config.json; found none (save the tokenizer into the folder "
+                                f"with tokenizer.save_pretrained)")
+    if not weights:
+        return
+    shards = sorted(folder / name for name in names if name.endswith(".safetensors"))
+    if not shards and not any(name.endswith(".bin") for name in names):
+        raise FileNotFoundError(f"{what} {folder}: expected its weights (model.safetensors, "
+                                f"shards or pytorch_model.bin); found none")
+    from safetensors import safe_open
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                f.keys()
+        except Exception as err:    # safetensors' own error: header unreadable or cut short
+            raise CorruptFileError(f"{shard}: the weights of {what} are corrupt or truncated "
+                                   f"({_first_line(err)}); save or download the model "
+                                   f"again") from None
+
+
 def load_model(path_or_name, dtype=None):
     """Load ``(model, tokenizer)`` from a local folder or a hub name (hub needs network).
 
@@ -113,9 +189,7 @@ def load_model(path_or_name, dtype=None):
     source = str(path_or_name)
     local = Path(source).expanduser()
     if local.exists():
-        if not (local / "config.json").exists():
-            raise FileNotFoundError(f"{local}: expected a Hugging Face model folder with "
-                                    f"config.json (from save_pretrained); it has none")
+        check_model_folder(local)
         source = str(local)
     try:
         # Never run code shipped with a model (config.auto_map), nor ask on a terminal whether to.
@@ -123,13 +197,19 @@ def load_model(path_or_name, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto",
                                                      trust_remote_code=False)
     except ValueError as err:
-        if "custom code" not in str(err):
+        if "custom code" in str(err):
+            raise remote_code_refused(source) from None
+        if not local.exists():
             raise
-        raise remote_code_refused(source) from None
+        raise ValueError(f"could not load model {source}: {_first_line(err)}") from None
     except OSError as err:
         where = "the local folder" if local.exists() else \
             "the hub (no such local folder; the hub needs network access)"
         raise OSError(f"could not load model {source!r} from {where}: {err}") from err
+    except Exception as err:    # e.g. safetensors' error for a shard the index names
+        if not local.exists():
+            raise
+        raise ValueError(f"could not load model {source}: {_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -18,11 +18,13 @@ Public API:
         truncated or altered file raises CorruptFileError naming it
     CorruptFileError                       (a ValueError)
     RunLock(folder)                        an exclusive lock file holding the owner's pid
+    locked_output(folder)                  RunLock held for a with block (rkld eval's --out)
     check_separate(out, inputs, what_out)  refuse an output folder that is, contains or lies
                                            inside one of the inputs
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -248,6 +250,35 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextlib.contextmanager
+def locked_output(folder, enabled: bool = True):
+    """Hold :class:`RunLock` on an output folder (created if needed) for the ``with`` block; a
+    folder this call created and that is still empty at the end (the work was refused) is
+    removed again. ``enabled=False`` (the other processes of a launch) does nothing."""
+    if not enabled:
+        yield
+        return
+    folder = Path(str(folder)).expanduser()
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+        yield
+    finally:
+        lock.release()
+        if created:
+            remove_if_empty(folder)
+
+
+def remove_if_empty(folder) -> None:
+    """Remove ``folder`` if it holds nothing (e.g. made for work that was then refused)."""
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- paths

@@ -60,6 +60,7 @@ from .data import FORGET_SPLITS, collate, encode_records, load_benchmark, retain
 from .models import (
     build_tiny_model,
     check_config_logits,
+    check_model_folder,
     check_same_vocabulary,
     final_hidden,
     model_fingerprint,
@@ -469,8 +470,8 @@ def _paired_retain(retain_examples: list, count: int, seed: int) -> list:
 def _load_tokenizer(path: str, what: str = "model"):
     from transformers import AutoTokenizer
     local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").exists():
-        raise FileNotFoundError(f"{what} {local}: expected a model folder with config.json")
+    if local.exists():
+        check_model_folder(local, what)
     if not local.exists() and (os.sep in str(path) or str(path).startswith(".")):
         raise FileNotFoundError(f"{what} folder {path} does not exist")
     try:
@@ -478,7 +479,8 @@ def _load_tokenizer(path: str, what: str = "model"):
                                                   trust_remote_code=False)
     except ValueError as err:
         if "custom code" not in str(err):
-            raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "ValueError"
+            raise ValueError(f"could not load the tokenizer of {what} {path}: {first}") from None
         raise ValueError(f"{what} {path}: its tokenizer needs its own code (auto_map), and rkld "
                          f"never runs code shipped with a model") from None
     except OSError as err:

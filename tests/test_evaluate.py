@@ -296,10 +296,13 @@ def test_reference_is_checked_against_its_own_metadata(cli_eval, bench_data, tmp
     (ref / "EVAL_META.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="computed for forget split 'forget05', not 'forget10'"):
         evaluate.check_reference(log, bench_data, "forget10")
-    # A log without metadata (e.g. a published one): its example count only, said in one line.
+    # A log without metadata (e.g. a published one): refused unless accepted deliberately,
+    # then its example count only, said in one line.
     (ref / "EVAL_META.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no EVAL_META.json .*--unverified-reference"):
+        evaluate.check_reference(log, bench_data, "forget10")
     capsys.readouterr()
-    evaluate.check_reference(log, bench_data, "forget10")
+    evaluate.check_reference(log, bench_data, "forget10", unverified=True)
     assert "only its example count could be checked" in capsys.readouterr().out
 
 
