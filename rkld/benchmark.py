@@ -114,6 +114,7 @@ class Runner:
         self.eval_commands: dict = {}
         self.seconds: dict = {}
         self._logs: dict = {}
+        self._checking = False      # True while check_stages checks the stages' commands
 
     def say(self, message: str) -> None:
         if self.p.log:
@@ -150,11 +151,54 @@ class Runner:
             lines.append(self.eval_commands[model_key])
         return lines
 
-    def _stage(self, model: Path, argv: list, parents: tuple = ()) -> None:
-        """Run ``rkld argv`` unless ``model`` holds a finished run of the same command."""
+    def check_stages(self, seeds: list, methods: list, settings: list) -> None:
+        """Parse and validate the command of every stage the run will need (retain, target,
+        strengthened and unlearned models, each method x setting) before any stage trains; a
+        bad flag or value raises ValueError naming the stage and where the flag came from
+        (--finetune-args, --unlearn-args, --method-args, --grid, ...)."""
+        self._checking = True
+        try:
+            for seed in self.p.retain_seeds:
+                self.retain(seed)
+            for seed in seeds:
+                for method in methods:
+                    for setting in settings:
+                        extra = [part for pair in setting for part in pair]
+                        self.unlearned(seed, method, _setting_name(method, setting), extra)
+        finally:
+            self._checking = False
+            self.own.clear()
+            self.parents.clear()
+
+    def _check(self, model: Path, argv: list, sources: list) -> None:
+        """Check mode of :meth:`_stage`: each source of flags alone, then the whole command."""
+        from .cli import check_command
+        base = argv[:len(argv) - sum(len(tokens) for _, tokens in sources)]
+        stage = f"the {argv[0]} stage of {self._key(model)}"
+        for origin, tokens in sources:
+            if not tokens:
+                continue
+            try:
+                check_command([*base, *tokens])
+            except ValueError as err:
+                raise ValueError(f"{stage}: {origin} {shlex.join(tokens)!r}: {err}") from None
+        try:
+            check_command(argv)
+        except ValueError as err:
+            origins = ", ".join(origin for origin, tokens in sources if tokens)
+            raise ValueError(f"{stage} (flags from {origins}): {err}") from None
+
+    def _stage(self, model: Path, argv: list, parents: tuple = (),
+               sources: tuple = ()) -> None:
+        """Run ``rkld argv`` unless ``model`` holds a finished run of the same command.
+        ``sources`` are ``(origin, tokens)`` of the flags that end ``argv``, in order: where
+        they came from (--unlearn-args, --grid, ...), for the messages of check mode."""
         from .cli import _config, build_parser
         from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
         from .train import finetune, strengthen, unlearn
+        if self._checking:
+            self._check(model, argv, list(sources))
+            return
         key = self._key(model)
         self.own[key] = "rkld " + shlex.join(argv)
         self.parents[key] = [self._key(p) for p in parents]
@@ -176,9 +220,10 @@ class Runner:
     def finetuned(self, name: str, split: str, seed: int) -> Path:
         model = self.model_dir(name)
         common, tiny = self._common(seed)
+        finetune_args = shlex.split(self.p.finetune_args)
         self._stage(model, ["finetune", "--model", "tiny", "--split", f"{split},{GENERAL_KNOWLEDGE}",
-                            "--out", str(model), *common, *tiny,
-                            *shlex.split(self.p.finetune_args)])
+                            "--out", str(model), *common, *tiny, *finetune_args],
+                    sources=[("--finetune-args", finetune_args)])
         return model
 
     def retain(self, retain_seed: int) -> Path:
@@ -193,9 +238,10 @@ class Runner:
         target = self.target(seed)
         model = self.model_dir(f"seed-{seed}", "strengthened")
         common, _ = self._common(seed)
+        strengthen_args = shlex.split(self.p.strengthen_args)
         self._stage(model, ["strengthen", "--model", str(target), "--forget", self.p.forget,
-                            "--out", str(model), *common, *shlex.split(self.p.strengthen_args)],
-                    parents=(target,))
+                            "--out", str(model), *common, *strengthen_args],
+                    parents=(target,), sources=[("--strengthen-args", strengthen_args)])
         return model
 
     def unlearned(self, seed: int, method: str, run: str | None = None,
@@ -205,11 +251,14 @@ class Runner:
         target, strengthened = self.target(seed), self.strengthened(seed)
         model = self.model_dir(f"seed-{seed}", run or method)
         common, _ = self._common(seed)
+        sources = [("--unlearn-args", shlex.split(self.p.unlearn_args)),
+                   (f"method {method}'s own flags", list(arguments)),
+                   (f"--method-args {method}=", shlex.split(self.p.method_args.get(method, ""))),
+                   ("--grid", list(extra or []))]
         argv = ["unlearn", "--model", str(target), "--strengthened", str(strengthened),
                 "--forget", self.p.forget, "--out", str(model), *common,
-                *shlex.split(self.p.unlearn_args), *arguments,
-                *shlex.split(self.p.method_args.get(method, "")), *(extra or [])]
-        self._stage(model, argv, parents=(target, strengthened))
+                *[token for _, tokens in sources for token in tokens]]
+        self._stage(model, argv, parents=(target, strengthened), sources=sources)
         return model
 
     def evaluate(self, model: Path) -> tuple:
@@ -515,6 +564,7 @@ def run_sweep(protocol: Protocol, seeds: list, methods: list, grid: list) -> dic
     try:
         runner = Runner(protocol)
         settings = parse_grid(grid)
+        runner.check_stages(seeds, methods, settings)   # before any stage trains
         references = runner.references()
         rows = []
         for seed in seeds:
@@ -574,6 +624,7 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
     restore = _threads(protocol)
     try:
         runner = Runner(protocol)
+        runner.check_stages(seeds, methods, [[]])   # before any stage trains
         references = runner.references()
         noise = retain_pairs(references)
         targets = {seed: runner.check_target(seed, references) for seed in seeds}

@@ -46,6 +46,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+class _RaisingParser(_Parser):
+    """A parser whose errors raise ValueError (for commands checked before they run)."""
+
+    def error(self, message):
+        raise ValueError(one_line(message))
+
+
+def check_command(argv: list):
+    """Parse ``rkld ARGV`` and validate the stage configuration it fills, raising ValueError
+    (never exiting) with argparse's or the configuration's message; returns the parsed
+    arguments. Used to check every stage of rkld sweep / benchmark before the first trains."""
+    args = build_parser(_RaisingParser).parse_args(argv)
+    config_class = {"finetune": FinetuneConfig, "strengthen": StrengthenConfig,
+                    "unlearn": UnlearnConfig}.get(args.command)
+    if config_class is not None:
+        _config(config_class, args).validate()
+    return args
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -616,8 +635,8 @@ def register_memory(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser(parser_class=None) -> argparse.ArgumentParser:
+    parser = (parser_class or _Parser)(
         prog="rkld", description="RKLD unlearning of language models: finetune -> strengthen "
                                  "-> unlearn (teacher cache + fused reverse-KL loss).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

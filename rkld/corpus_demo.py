@@ -15,6 +15,7 @@ Steps (every model a small Llama with a tokenizer trained on the corpus):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .books import write_books
 from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
 from .corpus_eval import CorpusEvalConfig, corpus_fingerprint, evaluate_corpus, write_outputs
 from .data import load_benchmark
-from .demo import _prepare_output
+from .demo import _prepare_output, check_threads
 from .models import load_model, model_fingerprint
 
 MODELS = ("target", "retain", "rkld", "fkld")
@@ -64,12 +65,19 @@ class CorpusDemoConfig:
 def run_corpus_demo(cfg: CorpusDemoConfig) -> dict:
     """Run the corpus demo; return ``results`` (also in ``OUT/results.json``)."""
     started = time.time()
+    check_threads(cfg.threads)
+    created = not Path(cfg.out).exists()
     out = _prepare_output(Path(cfg.out))
-    data = cfg.data or str(write_books(out / "books.jsonl", seed=cfg.data_seed, **cfg.books))
-    benchmark = load_benchmark(data, seed=cfg.data_seed)
-    if "retain" not in benchmark.splits:
-        raise ValueError(f"{data}: the corpus demo needs retain documents too (.jsonl lines "
-                         f"with \"split\": \"retain\") to train the retain model")
+    try:
+        data = cfg.data or str(write_books(out / "books.jsonl", seed=cfg.data_seed, **cfg.books))
+        benchmark = load_benchmark(data, seed=cfg.data_seed)
+        if "retain" not in benchmark.splits:
+            raise ValueError(f"{data}: the corpus demo needs retain documents too (.jsonl lines "
+                             f"with \"split\": \"retain\") to train the retain model")
+    except BaseException:
+        if created:     # a refused demo leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     from transformers.utils import logging as hf_logging

@@ -288,7 +288,7 @@ def _folder_benchmark(folder: Path, max_authors: int | None) -> Benchmark:
             missing = [key for key in ("question", "answer") if not isinstance(row.get(key), str)]
             if missing:
                 raise ValueError(f"{file}: row {number} lacks {' and '.join(map(repr, missing))}"
-                                 f" (a string); every row needs 'question' and 'answer', got "
+                                 f" (a string): rows must have 'question' and 'answer'; got "
                                  f"keys {sorted(row)}")
     if max_authors is not None:
         return _tofu_author_subset(raw, max_authors, str(folder))

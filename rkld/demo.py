@@ -89,11 +89,13 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; return ``results`` (also written to ``OUT/results.json``)."""
     started = time.time()
-    out = _prepare_output(Path(cfg.out))
+    check_threads(cfg.threads)
+    out = _prepare_output(Path(cfg.out), create=False)
     max_authors = cfg.max_authors
     if max_authors is None and cfg.data != "synthetic":
         max_authors = FOLDER_MAX_AUTHORS
     benchmark = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=max_authors)
+    out.mkdir(parents=True, exist_ok=True)      # only once nothing refuses the demo
     retain_split = retain_split_for(cfg.forget)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -205,14 +207,21 @@ def run_demo(cfg: DemoConfig) -> dict:
             hf_logging.enable_progress_bar()
 
 
-def _prepare_output(out: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier demo's; an earlier demo is replaced."""
+def check_threads(threads) -> None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be a positive integer; got {threads!r}")
+
+
+def _prepare_output(out: Path, create: bool = True) -> Path:
+    """Refuse a non-empty folder that is not an earlier demo's; an earlier demo is replaced.
+    With ``create=False`` the caller creates the folder once its other checks passed."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; expected a folder")
     if out.exists() and any(out.iterdir()) and not (out / DEMO_RECORD).exists():
         raise FileExistsError(f"--out {out} is not empty and holds no earlier demo "
                               f"({DEMO_RECORD}); choose a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -43,6 +43,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "output_multiplier_scale", "logit_softcapping")
 
 
+# The longest run of non-whitespace characters that the tiny tokenizer keeps as one pre-token.
+PRE_TOKEN_CHARS = 32
 # The command-line options of the tiny model's settings (rkld finetune --model tiny).
 TINY_FLAGS = {"vocab_size": "--tiny-vocab", "hidden_size": "--tiny-hidden",
               "num_hidden_layers": "--tiny-layers", "intermediate_size": "--tiny-intermediate"}
@@ -79,14 +81,19 @@ def check_tiny_settings(tiny: dict) -> None:
 def train_tokenizer(texts, vocab_size: int = 1024):
     """Train a byte-level BPE tokenizer on ``texts`` (any string is encodable: bytes are the
     base alphabet). ``<bos>`` is prepended to every encoded text with special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("train_tokenizer needs at least one non-empty text")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Runs of more than PRE_TOKEN_CHARS characters without whitespace are cut into pieces
+    # first: BPE training is superlinear in the length of a pre-token, and text without spaces
+    # (some scripts, code, identifiers) would otherwise be one pre-token of its whole length.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\S{{{PRE_TOKEN_CHARS}}}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

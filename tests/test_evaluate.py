@@ -243,7 +243,7 @@ def test_eval_under_accelerate_launch_with_two_processes(tiny, cli_eval, tmp_pat
 def test_unlearn_with_evaluation_every_epoch(tiny, cli_eval, tmp_path, capsys):
     common = ["unlearn", "--model", str(tiny["path"]), "--method", "ga", "--data", "synthetic",
               "--max-authors", "10", "--forget", "forget10", "--epochs", "2", "--lr", "1e-3",
-              "--batch-size", "5", "--micro-batch-size", "5", "--max-length", "96",
+              "--batch-size", "5", "--micro-batch-size", "5", "--max-length", "512",
               "--no-progress", "--eval-every-epoch"]
     assert main([*common, "--out", str(tmp_path / "no_ref")]) == 2
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "no_ref").exists()

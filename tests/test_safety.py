@@ -1,6 +1,7 @@
 """A run is never lost or corrupted: output folders apart from inputs, overwrite that keeps the
 old run until the new one finished, resume that refuses what changed, locks, checksums,
 weights-only loading, no remote code, non-finite stops, and one-line errors naming the file."""
+import errno
 import json
 import os
 import shutil
@@ -367,3 +368,190 @@ def test_atomic_writes_fsync_the_file_and_its_folder(tmp_path, monkeypatch):
     atomic_torch_save({"a": torch.zeros(3)}, tmp_path / "x.pt")
     assert synced == [str(tmp_path / "run.json.tmp"), str(tmp_path),
                       str(tmp_path / "x.pt.tmp"), str(tmp_path)]
+
+
+# --------------------------------------------------------------------------- paths, stops, writes
+
+def test_resume_compares_folders_not_spellings_and_a_moved_run_resumes(pair, tmp_path,
+                                                                        monkeypatch):
+    out = _killed_run(pair, tmp_path / "u")
+    # The same folders spelled otherwise: relative, with a trailing '/', from another directory.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Killed):
+        unlearn(_cfg(pair, "u/", resume=True, model=str(pair / "original") + "/"),
+                on_step=_kill_after(5))
+    # The run folder and the models moved elsewhere: same files, so the run resumes.
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    models = _copy_model(pair, tmp_path / "models")
+    monkeypatch.chdir(moved.parent)
+    with pytest.raises(ValueError, match="data 'synthetic' -> "):     # still refused
+        unlearn(_cfg(models, "run", resume=True, data="synthetic:phrasings=2"))
+    _, stats = unlearn(_cfg(models, "run", resume=True))
+    assert stats["resumed_from_step"] == 4
+    record = json.loads((moved / "run.json").read_text())
+    assert record["status"] == "finished" and record["paths"]["out"] == str(moved)
+    assert record["config"]["model"] == str(models / "original")
+
+
+def test_strengthened_model_equal_to_the_model_is_refused(pair, tmp_path):
+    copy = _copy_model(pair / "original", tmp_path / "copy")
+    for strengthened in (pair / "original", copy):
+        with pytest.raises(ValueError, match="holds the same files as --model .*nothing is "
+                                             "unlearned"):
+            unlearn(_cfg(pair, tmp_path / "u", strengthened=str(strengthened)))
+    assert not (tmp_path / "u").exists()
+
+
+def _unlearn_args(pair, out, *extra):
+    return ["unlearn", "--model", str(pair / "original"), "--strengthened",
+            str(pair / "strengthened"), "--out", str(out), "--forget", "forget10", "--epochs",
+            "2", "--batch-size", "8", "--micro-batch-size", "8", "--max-length", "48", "--lr",
+            "2e-3", "--save-every", "2", "--no-progress", *extra]
+
+
+def _error_lines(capsys, command="unlearn"):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith(f"rkld {command}")]
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_recorded(pair, tmp_path, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "u"
+    real_save = torch.save
+
+    def full_disk_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(f, Path) and f.parent.name == ".tmp-step-4":
+            real_save(obj, f, *args, **kwargs)      # a partial file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_4)
+    assert main(_unlearn_args(pair, out)) == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and "the disk is full" in errors[0] and ".tmp-step-4" in errors[0]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and "the disk is full" in record["error"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json", "step-3"]
+    assert not (out / storage.LOCK_FILE).exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(_unlearn_args(pair, out, "--resume")) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 3
+
+
+def test_full_disk_during_the_final_save_then_a_resume_with_nothing_left(pair, tmp_path, capsys,
+                                                                        monkeypatch):
+    from transformers import PreTrainedModel
+    out = tmp_path / "u"
+    real = PreTrainedModel.save_pretrained
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    assert main(_unlearn_args(pair, out)) == 2
+    errors = _error_lines(capsys)
+    assert len(errors) == 1 and f"could not write {out}: the disk is full" in errors[0]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    # Every step was done: the resume only saves the model. Its report is JSON (no NaN).
+    assert main(_unlearn_args(pair, out, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert "NaN" not in printed
+    report = json.loads(printed, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert report["resumed_from_step"] == 6 and report["tokens_per_s"] is None
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_is_one_line_and_recorded(pair, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "u"
+
+    def ctrl_c_after_5(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(_cfg(pair, out), on_step=ctrl_c_after_5)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert not (out / storage.LOCK_FILE).exists()
+    # Ctrl-C while a checkpoint is written: its temporary folder is removed.
+    real_save = torch.save
+
+    def ctrl_c_in_checkpoint(obj, f, *args, **kwargs):
+        if isinstance(f, Path) and f.parent.name == ".tmp-step-6":
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", ctrl_c_in_checkpoint)
+    capsys.readouterr()
+    assert main(_unlearn_args(pair, out, "--resume")) == 130
+    errors = _error_lines(capsys)
+    assert errors == [f"rkld unlearn: interrupted (Ctrl-C); continue the run in {out} with "
+                      f"--resume"]
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(torch, "save", real_save)
+    _, stats = unlearn(_cfg(pair, out, resume=True))
+    assert stats["resumed_from_step"] == 4
+
+
+def test_backend_triton_that_cannot_run_is_refused_before_the_teacher_cache(pair, tmp_path,
+                                                                           monkeypatch):
+    import rkld_kernels.triton_backend as triton_backend
+    monkeypatch.setattr(triton_backend, "interpreter_enabled", lambda: False)
+    with pytest.raises(ValueError, match="--backend triton on cpu: .*interpreter is off.*"
+                                         "--backend torch"):
+        unlearn(_cfg(pair, tmp_path / "u", backend="triton"))
+    assert not (tmp_path / "u").exists()
+
+
+def test_damaged_model_folders_are_named_in_one_line(pair, tmp_path, capsys):
+    truncated = _copy_model(pair / "original", tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    header = _copy_model(pair / "strengthened", tmp_path / "header")
+    (header / "model.safetensors").write_bytes(b"\x05\x00")
+    no_tokenizer = _copy_model(pair / "original", tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    cases = [(truncated, weights, "corrupt or truncated", "model"),
+             (header, header / "model.safetensors", "corrupt or truncated", "strengthened"),
+             (no_tokenizer, no_tokenizer, "tokenizer files", "model")]
+    for damaged, named, what, role in cases:
+        with pytest.raises((ValueError, FileNotFoundError)) as caught:
+            unlearn(_cfg(pair, tmp_path / "u", **{role: str(damaged)}))
+        assert str(named) in str(caught.value) and what in str(caught.value)
+        assert main(["eval", "--model", str(damaged), "--out", str(tmp_path / "e"),
+                     "--no-generation", "--no-progress"]) == 2
+        errors = _error_lines(capsys, "eval")
+        assert len(errors) == 1 and str(named) in errors[0] and what in errors[0]
+    assert not (tmp_path / "u").exists() and not (tmp_path / "e").exists()
+
+
+def test_bad_data_files_are_named(tmp_path):
+    rows = load_benchmark("synthetic").split("full")
+    folder = tmp_path / "tofu"
+    folder.mkdir()
+    (folder / "full.json").write_bytes(b'[{"question": "Qui est l\xe0?", "answer": "a"}]')
+    with pytest.raises(ValueError, match=r"full.json: expected UTF-8 text; byte 0xe0 at offset"):
+        load_benchmark(folder)
+    broken = [dict(row) for row in rows[:5]]
+    del broken[3]["answer"]
+    (folder / "full.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"full.json: row 3 lacks 'answer'"):
+        load_benchmark(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(ValueError, match=r"corpus.txt: expected UTF-8 text"):
+        load_benchmark(corpus)
+
+
+def test_truncated_reference_is_named(tmp_path):
+    from rkld.evaluate import check_reference
+    reference = tmp_path / "TOFU_EVAL.json"
+    reference.write_text('{"forget_truth_ratio": {"value_by_index": {"0": {"sco')
+    with pytest.raises(CorruptFileError, match=f"{reference}: the retain model's log "
+                                               r"\(--reference\) is not valid JSON"):
+        check_reference(reference, load_benchmark("synthetic"), "forget10")
