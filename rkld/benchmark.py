@@ -175,6 +175,10 @@ class Runner:
         from .cli import check_command
         base = argv[:len(argv) - sum(len(tokens) for _, tokens in sources)]
         stage = f"the {argv[0]} stage of {self._key(model)}"
+        try:
+            check_command(base)     # the protocol's own flags (data, sizes, seeds)
+        except ValueError as err:
+            raise ValueError(f"{stage}: {err}") from None
         for origin, tokens in sources:
             if not tokens:
                 continue

@@ -353,3 +353,39 @@ def test_benchmark_cli_refuses_bad_arguments(tmp_path, capsys):
     assert "unknown methods" in capsys.readouterr().err
     assert main(["sweep", "--out", str(tmp_path), "--grid", "lr"]) == 2
     assert "FLAG=V1,V2" in capsys.readouterr().err
+
+
+def test_sweep_and_benchmark_check_every_stage_before_training(tmp_path, capsys):
+    from rkld.cli import main
+    out = tmp_path / "bench"
+    cases = [
+        (lambda: run_sweep(_protocol(out), [0], ["rkld"], ["nonsense=1"]),
+         r"the unlearn stage of models/data-3/seed-0/rkld_nonsense1: --grid '--nonsense 1': "
+         r"unrecognized arguments: --nonsense 1"),
+        (lambda: run_sweep(_protocol(out), [0], ["rkld"], ["lr=1e-3,abc"]),
+         r"rkld_lrabc: --grid '--lr abc': argument --lr: invalid float value: 'abc'"),
+        (lambda: run_sweep(_protocol(out), [0], ["ga", "rkld"], ["alpha=-1"]),
+         r"--grid '--alpha -1': alpha must be >= 0; got -1.0"),
+        (lambda: run_benchmark(_protocol(out, unlearn_args="--epochs 0"), [1], ["rkld"]),
+         r"seed-1/rkld: --unlearn-args '--epochs 0': argument --epochs: expected a positive "
+         r"integer; got 0"),
+        (lambda: run_benchmark(_protocol(out, method_args={"npo": "--npo-beta 0"}), [1],
+                               ["rkld", "npo"]),
+         r"seed-1/npo: --method-args npo= '--npo-beta 0': npo_beta must be > 0"),
+        (lambda: run_benchmark(_protocol(out, finetune_args="--lr x"), [1], ["rkld"]),
+         r"the finetune stage of models/data-3/retain-11: --finetune-args '--lr x'"),
+        (lambda: run_benchmark(_protocol(out, tiny={"hidden": 30, "layers": 1,
+                                                    "intermediate": 64, "vocab": 300}),
+                               [1], ["rkld"]),
+         r"the finetune stage of models/data-3/retain-11: tiny model: --tiny-hidden "
+         r"\(hidden_size\) must be a multiple of 8"),
+    ]
+    for run, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert not (out / "models").exists()        # refused before any stage trained
+    # From the command line: one line naming the stage and the flag's origin.
+    assert main(["sweep", "--out", str(out), "--grid", "nonsense=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--grid '--nonsense 1': unrecognized arguments" in err
+    assert err.startswith("rkld sweep: error: the unlearn stage of ")

@@ -107,3 +107,35 @@ def test_python_dash_m_help():
     assert result.returncode == 0
     for option in ("--live-teachers", "--retain-term", "--direction", "--resume", "--lora"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--model", "m", "--out", "o", "--batch-size", "0"],
+     "argument --batch-size: expected a positive integer; got 0"),
+    (["demo", "--threads", "0"], "argument --threads: expected a positive integer; got 0"),
+    (["unlearn", "--model", "m", "--out", "o", "--save-every", "-1"],
+     "argument --save-every: expected an integer >= 0; got -1"),
+    (["finetune", "--model", "tiny", "--out", "o", "--epochs", "two"],
+     "argument --epochs: expected a positive integer; got 'two'"),
+    (["unlearn", "--model", "m", "--out", "o", "--nonsense", "1"],
+     "unrecognized arguments: --nonsense 1"),
+])
+def test_bad_option_values_are_one_line(argv, named, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and err.startswith("rkld")
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--tiny-hidden", "3", "--tiny-hidden (hidden_size) must be a multiple of 8"),
+    ("--tiny-vocab", "1", "--tiny-vocab (vocab_size) must be at least 259"),
+])
+def test_tiny_settings_a_model_cannot_have_are_refused(option, value, named, tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["finetune", "--model", "tiny", "--out", str(out), option, value,
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and f"got {value}" in err
+    assert not out.exists()

@@ -94,6 +94,22 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("argv", [["--data", "no-such-folder"], ["--threads", "0"],
+                                  ["--corpus", "--data", "no-such.jsonl"]])
+def test_a_refused_demo_leaves_no_folder(argv, tmp_path, capsys):
+    from rkld.cli import main
+    out = tmp_path / "demo"
+    try:
+        code = main(["demo", "--out", str(out), "--no-progress", *argv])
+    except SystemExit as stop:      # an option value argparse refuses
+        code = stop.code
+    assert code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--threads must be a positive integer; got 0"):
+        run_demo(_reduced(out, threads=0))
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not (TOFU / "full.json").exists(),
                     reason="TOFU data folder (shared/data/tofu beside the repository) is absent")
 def test_demo_on_a_subset_of_tofu_authors(tmp_path):

@@ -331,3 +331,56 @@ def test_eval_out_apart_from_its_inputs(tiny, cli_eval):
     with pytest.raises(ValueError, match="contains the reference log"):
         evaluate.run_eval(str(tiny["path"]), "synthetic", cli_eval, config=CONFIG,
                           reference=cli_eval / "TOFU_EVAL.json")
+
+
+def test_reference_from_other_evaluation_settings_is_refused(tiny, cli_eval, bench_data,
+                                                              tmp_path, capsys):
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    for name in ("TOFU_EVAL.json", "EVAL_META.json"):
+        shutil.copy(cli_eval / name, ref / name)
+    log = ref / "TOFU_EVAL.json"
+    same = EvalConfig(forget_split="forget10", generation=False, batch_size=7)
+    assert evaluate.check_reference(log, bench_data, "forget10", config=same) == str(log)
+    with pytest.raises(ValueError, match=r"other evaluation settings \(--max-length 512 there, "
+                                         r"48 here\), which change the truth ratios"):
+        evaluate.check_reference(log, bench_data, "forget10",
+                                 config=EvalConfig(forget_split="forget10", max_length=48))
+    with pytest.raises(ValueError, match=r"--template 'auto' there, 'plain' here"):
+        evaluate.check_reference(log, bench_data, "forget10",
+                                 config=EvalConfig(forget_split="forget10", template="plain"))
+    # From the command line: refused in one line before any evaluation.
+    out = tmp_path / "e"
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(out), "--reference",
+                 str(log), *EVAL_ARGS, "--max-length", "48"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-length 512 there, 48 here" in err
+    assert not out.exists()
+    # Without its EVAL_META.json: refused unless --unverified-reference, which is recorded.
+    (ref / "EVAL_META.json").unlink()
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(out), "--reference",
+                 str(log), *EVAL_ARGS]) == 2
+    assert "--unverified-reference" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "--model", str(tiny["path"]), "--out", str(out), "--reference",
+                 str(log), "--unverified-reference", *EVAL_ARGS, "--no-generation"]) == 0
+    meta = json.loads((out / "EVAL_META.json").read_text())
+    assert meta["reference_verified"] is False and "--unverified-reference" in meta["command"]
+
+
+def test_eval_output_folder_is_locked(tiny, cli_eval, tmp_path):
+    from rkld.storage import LOCK_FILE
+    assert not (cli_eval / LOCK_FILE).exists()        # released after an evaluation
+    out = tmp_path / "e"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid,
+                                                 "host": socket.gethostname()}))
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=f"in use by process {sleeper.pid}"):
+                evaluate.run_eval(str(tiny["path"]), "synthetic", out, overwrite=overwrite,
+                                  max_authors=10, config=EvalConfig(generation=False))
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

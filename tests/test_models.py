@@ -92,3 +92,20 @@ def test_vocabulary_and_loading_errors(tiny, tmp_path):
         check_same_vocabulary(tokenizer, other, "original model", "strengthened model")
     with pytest.raises(FileNotFoundError, match="expected a Hugging Face model folder"):
         load_model(tmp_path)
+
+
+def test_tiny_tokenizer_cuts_long_runs_without_whitespace():
+    """BPE training is superlinear in a pre-token's length: a text without whitespace is cut
+    into runs of at most PRE_TOKEN_CHARS characters (the time is measured in the report of
+    this change, not here); encoding still round-trips."""
+    from rkld.models import PRE_TOKEN_CHARS
+    text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(5000))
+    tokenizer = train_tokenizer([text, "plain words here"], vocab_size=300)
+    pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+    assert len(pieces) == -(-len(text) // PRE_TOKEN_CHARS)
+    assert max(len(piece) for piece, _ in pieces) == PRE_TOKEN_CHARS
+    sample = "plain words " + text[:100]
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == sample
+    short = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("plain words here")
+    assert [piece for piece, _ in short] == ["plain", "Ġwords", "Ġhere"]
