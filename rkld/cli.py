@@ -449,15 +449,15 @@ def register_inspect_teacher(subparsers) -> None:
     parser.add_argument("--data-seed", "--seed", dest="data_seed", type=int, default=0,
                         help="which synthetic benchmark (the models' --data-seed)")
     parser.add_argument("--max-authors", type=positive_int, default=None)
-    parser.add_argument("--max-length", type=positive_int, default=512)
+    parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--template", default="auto")
     parser.add_argument("--alpha", type=float, default=_default(UnlearnConfig, "alpha"))
     parser.add_argument("--teacher-boost", default="both", choices=[*TEACHER_BOOSTS, "both"],
                         help="logits (the paper), logprobs (an extension of the paper) or both, "
                              "side by side (default: %(default)s)")
-    parser.add_argument("--top-k", type=positive_int, default=5,
+    parser.add_argument("--top-k", type=int, default=5,
                         help="most pushed-down tokens kept per position (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--report-examples", type=non_negative_int, default=10,
                         help="examples shown token by token in the Markdown report")
     parser.add_argument("--no-progress", action="store_true")
