@@ -1,6 +1,6 @@
 """Configuration of the pipeline's stages as dataclasses (one per stage; the CLI fills them).
 
-Defaults follow the paper and TOFU's protocol (DESIGN.md section 1): AdamW, weight decay 0.01,
+Defaults follow the paper and TOFU's protocol (docs/design.md#method): AdamW, weight decay 0.01,
 one warm-up epoch then linear decay, effective batch 32 (reached by gradient accumulation),
 learning rate 1e-5, strengthening for 10 epochs, alpha 8. Tiny CPU models want a far larger
 learning rate (around 1e-3).

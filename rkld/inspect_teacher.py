@@ -2,7 +2,7 @@
 
 For every forget example and every supervised answer position (the answer's tokens and the EOS
 that ends it) the original model gives logits ``o`` and the strengthened model ``g``. The
-teacher (DESIGN.md section 1) is ``z = o - alpha * relu(d)`` with the boost ``d = g - o``
+teacher (docs/design.md#method) is ``z = o - alpha * relu(d)`` with the boost ``d = g - o``
 (``logits``, the paper) or ``d = log_softmax(g) - log_softmax(o)`` (``logprobs``, an extension
 of the paper, :mod:`rkld.teacher_boost`). This module reports, per position: which vocabulary
 entries the teacher pushes down most (``alpha * relu(d)``, in logits), how many entries rose at

@@ -1,6 +1,6 @@
 """How the unlearning teacher measures what strengthening raised (``--teacher-boost``).
 
-The paper's teacher (DESIGN.md section 1) pushes down every logit that rose under strengthening,
+The paper's teacher (docs/design.md#method) pushes down every logit that rose under strengthening,
 measured on raw logits:
 
     logits   (the paper):    z = o - alpha * relu(g - o)
