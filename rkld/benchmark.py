@@ -1,4 +1,5 @@
-"""``rkld sweep`` and ``rkld benchmark``: the unlearning benchmark protocol (DESIGN.md section 7).
+"""``rkld sweep`` and ``rkld benchmark``: the unlearning benchmark protocol
+(docs/design.md#benchmark-protocol).
 
 One protocol, two commands:
 
