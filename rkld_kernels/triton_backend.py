@@ -129,14 +129,15 @@ def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
     """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
 
     The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
-    vector loads per thread, unless ``block_v`` is given (tests force small blocks to exercise
-    the loops and tails). Each thread holds 16 bytes of each input per repeat (8 bf16 or 4
-    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
+    vector loads per thread, and never narrower than one 16-byte vector (8 bf16 or 4 float32
+    columns: the row alignment's unit, see ``tile_alignment``), unless ``block_v`` is given
+    (tests force small blocks to exercise the loops and tails). Each thread holds 16 bytes of
+    each input per repeat; threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
     ``repeats``) fill the block.
     """
     if block_v is None:
         per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab),
+        block_v = min(MAX_BLOCK_V, max(per_thread, triton.next_power_of_2(vocab)),
                       repeats * 32 * _NUM_WARPS * per_thread)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
@@ -217,6 +218,15 @@ def row_alignment(tensors, row_strides) -> int:
     return vec
 
 
+def tile_alignment(tile: TileShape, tensors, row_strides) -> int:
+    """``VEC`` of the kernels: ``row_alignment``, but never more than the tile's width. A row
+    starts ``lead = (row * stride) % VEC`` columns after its aligned address and tile 0 absorbs
+    that lead; a tile narrower than VEC (a forced small ``block_v``) could not, and the "full"
+    tiles after it would start in the previous row. Alignment to a smaller power of two still
+    holds where VEC's does."""
+    return min(row_alignment(tensors, row_strides), tile.block)
+
+
 @dataclass
 class KernelLaunch:
     """One kernel launch: ``kernel[grid](*args, num_warps=num_warps, **constexprs)``. The
@@ -274,6 +284,13 @@ def _scalars(alpha: float, temperature: float) -> tuple[float, float, float]:
     return alpha, temperature, _LOG2E / temperature
 
 
+def _alpha_zero(strengthened, alpha: float) -> bool:
+    """Whether the teacher is the original logits themselves (strengthened logits at
+    ``alpha = 0``): the kernels then skip ``o - 0 * relu(g - o)``, which is NaN where
+    ``o = -inf`` (see ``triton_kernels.logits.teacher_logits``)."""
+    return strengthened is not None and alpha == 0.0
+
+
 def plan_forward(student, original, strengthened, keep, alpha: float, temperature: float,
                  reverse: bool, *, splits: int | None = None, block_v: int | None = None,
                  sm_count: int | None = None, empty=None, compute=None):
@@ -296,7 +313,7 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     if rows == 0:
         return loss, stats, []
     tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
-    vec = row_alignment(inputs, [t.stride(0) for t in inputs])
+    vec = tile_alignment(tile, inputs, [t.stride(0) for t in inputs])
     # Tiles of the longest row (a row shifted by its alignment may need one more).
     n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
     if splits is None:
@@ -314,7 +331,8 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
          student.stride(0), original.stride(0), strengthened_arg.stride(0),
          alpha, temperature, scale, alpha, scale),
         dict(FINALIZE=splits == 1, VEC=vec, FLOOR=-torch.finfo(acc_dtype).max,
-             **tile.constexprs(), **flags), tile.num_warps)]
+             ALPHA_ZERO=_alpha_zero(strengthened, alpha), **tile.constexprs(), **flags),
+        tile.num_warps)]
     if splits > 1:
         launches.append(KernelLaunch(
             rkl_stats_combine_kernel, (rows,),
@@ -342,12 +360,13 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
         student, original, strengthened, keep, reverse, compute)
     tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
     # The gradient is contiguous: its row stride is V.
-    vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
+    vec = tile_alignment(tile, inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
     tiles = triton.cdiv(vocab + vec - 1, tile.block)
-    # Written and read only in one-hot rows (see triton_kernels.rkl_grad).
+    # Per row and tile, written (every slot of the row) and read only in one-hot rows (see
+    # triton_kernels.rkl_grad).
     tile_sums = empty((rows, tiles), acc_dtype)
-    top_index = empty((rows,), torch.int32)
-    top_grad = empty((rows,), acc_dtype)
+    top_index = empty((rows, tiles), torch.int32)
+    top_grad = empty((rows, tiles), acc_dtype)
     alpha, temperature, scale = _scalars(alpha, temperature)
     launch = KernelLaunch(
         rkl_grad_kernel, (rows, tiles),
@@ -355,7 +374,8 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
          rows, vocab,
          student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
          alpha, temperature, scale, alpha, temperature, scale, tile_sums, top_index, top_grad),
-        dict(VEC=vec, **tile.constexprs(), **flags), tile.num_warps)
+        dict(VEC=vec, ALPHA_ZERO=_alpha_zero(strengthened, alpha), **tile.constexprs(), **flags),
+        tile.num_warps)
     top = KernelLaunch(
         rkl_grad_top_kernel, (rows,),
         (grad, keep_arg, row_stats, tile_sums, top_index, top_grad, rows, vocab, tiles),
