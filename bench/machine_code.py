@@ -220,8 +220,9 @@ def _blocks(instructions, labels):
     return bounds, successors
 
 
-def _shortest_path_through(instructions, labels, wanted):
-    """Instruction indices on the cheapest path entry -> a block with ``wanted`` -> exit."""
+def _shortest_path_through(instructions, labels, wanted, most: bool = False):
+    """Instruction indices on the cheapest path entry -> a block with ``wanted`` -> exit
+    (with ``most``, a block with the most ``wanted`` instructions)."""
     import heapq
     bounds, successors = _blocks(instructions, labels)
     weight = [e - s for s, e in bounds]
@@ -242,9 +243,12 @@ def _shortest_path_through(instructions, labels, wanted):
                     heapq.heappush(heap, (nd, n))
         return dist, prev
 
-    targets = [b for b, (s, e) in enumerate(bounds) if any(wanted(i) for i in instructions[s:e])]
+    counts = {b: sum(map(wanted, instructions[s:e])) for b, (s, e) in enumerate(bounds)}
+    targets = [b for b, n in counts.items() if n]
     if not targets:
         return []
+    if most:
+        targets = [b for b in targets if counts[b] == max(counts.values())]
     dist, prev = dijkstra([0])
     target = min((b for b in targets if b in dist), key=lambda b: dist[b])
     path = [target]
@@ -326,16 +330,32 @@ def _streaming_region(instructions, labels):
         rest = [loop for loop in loops if loop is not full]
         return min(rest, key=len) if rest else []
 
-    # 1. A loop of unpredicated widest loads: the full-tile loop (the stats kernel).
-    free_loops = holding(lambda x: full_tile_load(x) and _load_width(x) == widest)
-    if free_loops:
+    def free_wide(x):
+        return full_tile_load(x) and _load_width(x) == widest
+
+    in_loops = {j for loop in loops for j in loop}
+    outside = sum(free_wide(ins) for j, ins in enumerate(instructions) if j not in in_loops)
+    free_loops = holding(free_wide)
+    most_in_a_loop = max((sum(free_wide(instructions[j]) for j in loop) for loop in free_loops),
+                         default=0)
+    # 1. A loop of unpredicated widest loads holding more of them than the code outside
+    #    loops: the full-tile loop (the stats kernel).
+    if free_loops and most_in_a_loop >= outside:
         full = min(free_loops, key=len)
         return "loop", full, smallest_other(full)
-    # 2. Unpredicated widest loads outside loops: one tile per program (the gradient kernel).
-    if any(full_tile_load(x) and _load_width(x) == widest for x in loads):
-        partial = (min(loops, key=len) if loops
+    # 2. Unpredicated widest loads outside loops: one tile per program (the gradient kernel,
+    #    whose loops go one repeat at a time through partial tiles and one-hot rows); its
+    #    partial tile is the smallest loop of predicated loads.
+    if outside:
+        masked_loops = holding(masked_load)
+        partial = (min(masked_loops or loops, key=len) if loops
                    else _shortest_path_through(instructions, labels, masked_load))
-        return "path", _shortest_path_through(instructions, labels, full_tile_load), partial
+        outside_ids = {id(ins) for j, ins in enumerate(instructions) if j not in in_loops}
+        # The block with the most of them: the compiler may peel a one-repeat loop's first
+        # iteration (the one-hot rows'), whose few loads lie outside loops too.
+        path = _shortest_path_through(instructions, labels,
+                                      lambda x: free_wide(x) and id(x) in outside_ids, most=True)
+        return "path", path, partial
     # 3. Masked loads everywhere (Liger's kernels): the smallest loop of the widest loads.
     wide_loops = holding(wide_load)
     if wide_loops:

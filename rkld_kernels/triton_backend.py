@@ -74,6 +74,8 @@ _TILE_BYTES_PER_THREAD = 16
 # use smaller tiles (down to _MIN_SPLIT_BLOCK columns) so that short rows still fill the GPU.
 _PROGRAMS_PER_SM = 4
 _MIN_SPLIT_BLOCK = 256
+# The gradient kernel's threads hold at least this many repeats (see launch_config).
+_GRAD_MIN_REPEATS = 2
 _LOG2E = 1.4426950408889634
 
 
@@ -125,7 +127,7 @@ class TileShape:
 
 
 def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
-                  repeats: int = _TILE_REPEATS) -> TileShape:
+                  repeats: int = _TILE_REPEATS, min_repeats: int = 1) -> TileShape:
     """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
 
     The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
@@ -133,7 +135,10 @@ def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
     columns: the row alignment's unit, see ``tile_alignment``), unless ``block_v`` is given
     (tests force small blocks to exercise the loops and tails). Each thread holds 16 bytes of
     each input per repeat; threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
-    ``repeats``) fill the block.
+    ``repeats``) fill the block. ``min_repeats``: fewer warps (down to one) until each thread
+    holds that many repeats, for the gradient kernel, whose programs run one tile each: its
+    per-program set-up (about 130 instructions a thread) would otherwise cost more than the
+    tile's columns in the V-split's small blocks.
     """
     if block_v is None:
         per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
@@ -143,6 +148,8 @@ def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
     tile_k = max(1, min(_TILE_BYTES_PER_THREAD // element_size, block_v // 32))
     threads = max(1, min(32 * _NUM_WARPS, block_v // tile_k))
+    while threads > 32 and block_v // (threads * tile_k) < min_repeats:
+        threads //= 2
     return TileShape(block=block_v, tile_r=block_v // (threads * tile_k), threads=threads,
                      tile_k=tile_k, num_warps=max(1, threads // 32))
 
@@ -251,16 +258,18 @@ def _repeats(element_size: int, acc_dtype: torch.dtype) -> int:
     return _TILE_REPEATS
 
 
-def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count):
+def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count,
+              min_repeats: int = 1):
     """The launch configuration of both passes: tile width from the widest input's element
     size and the compute dtype's repeats, split over the vocabulary (``block_v`` None) so that
-    a few rows still fill the GPU."""
+    a few rows still fill the GPU. Both passes get the same block (so the same tiles of a
+    row); ``min_repeats`` only changes how many threads share it (see ``launch_config``)."""
     element_size = max(t.element_size() for t in inputs)
     repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
         block_v = split_block(rows, vocab,
                               launch_config(vocab, None, element_size, repeats).block, sm_count)
-    return launch_config(vocab, block_v, element_size, repeats)
+    return launch_config(vocab, block_v, element_size, repeats, min_repeats)
 
 
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
@@ -358,7 +367,8 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
         return grad, []
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
         student, original, strengthened, keep, reverse, compute)
-    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
+    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count,
+                     min_repeats=_GRAD_MIN_REPEATS)
     # The gradient is contiguous: its row stride is V.
     vec = tile_alignment(tile, inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
     tiles = triton.cdiv(vocab + vec - 1, tile.block)
@@ -373,7 +383,8 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
         (grad, student, original, strengthened_arg, keep_arg, row_stats, grad_rows,
          rows, vocab,
          student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
-         alpha, temperature, scale, alpha, temperature, scale, tile_sums, top_index, top_grad),
+         alpha, 1.0 / temperature, scale, alpha, 1.0 / temperature, scale, tile_sums, top_index,
+         top_grad),
         dict(VEC=vec, ALPHA_ZERO=_alpha_zero(strengthened, alpha), **tile.constexprs(), **flags),
         tile.num_warps)
     top = KernelLaunch(

@@ -105,11 +105,13 @@ def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, til
                       alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
                       HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
                       ONE_HOT: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
-                      TILE_K: tl.constexpr, ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr):
-    """``grad_tile`` for a partial tile: its masked (scalar) loads go one repeat at a time,
-    which keeps their registers to a repeat's worth. With ``ONE_HOT`` returns the tile's sum of
-    the unrounded gradient, the top token's column (-1 if the tile does not hold it) and its
-    entry (0 if not), combined across threads once, after the loop; else zeros."""
+                      TILE_K: tl.constexpr, ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr,
+                      MASKED: tl.constexpr = True):
+    """``grad_tile`` one repeat at a time: for a partial tile (``MASKED``), whose masked
+    (scalar) loads keep their registers to a repeat's worth that way, and for the one-hot rows'
+    tiles (full ones without masks). With ``ONE_HOT`` returns the tile's sum of the unrounded
+    gradient, the top token's column (-1 if the tile does not hold it) and its entry (0 if
+    not), combined across threads once, after the loop; else zeros."""
     sub_offsets = tile_offsets(1, THREADS, TILE_K)
     total = tl.zeros([THREADS], ACC)
     top_column = tl.full([THREADS], -1, tl.int32)
@@ -119,7 +121,7 @@ def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, til
         part, column, entry = grad_tile(
             grad_row + sub_step, student_row + sub_step, original_row + sub_step,
             strengthened_row + sub_step, sub_offsets, tile_lead - sub_step, vocab, alpha,
-            scale, m_s, log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, True,
+            scale, m_s, log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, MASKED,
             ONE_HOT, THREADS, TILE_K, ACC, ALPHA_ZERO)
         if ONE_HOT:
             total += part
@@ -133,8 +135,9 @@ def rkl_grad_kernel(
     grad_ptr, student_ptr, original_ptr, strengthened_ptr, keep_ptr, stats_ptr, grad_rows_ptr,
     rows, vocab,
     stride_student, stride_original, stride_strengthened, stride_grad_rows,
-    alpha, temperature, scale_f32, alpha_f64: tl.float64, temperature_f64: tl.float64,
-    scale_f64: tl.float64, tile_sums_ptr, top_index_ptr, top_grad_ptr,
+    alpha, inv_temperature, scale_f32, alpha_f64: tl.float64,
+    inv_temperature_f64: tl.float64, scale_f64: tl.float64, tile_sums_ptr, top_index_ptr,
+    top_grad_ptr,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
     ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr = False,
@@ -166,12 +169,14 @@ def rkl_grad_kernel(
                                 + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
             scale = log2_scale(scale_f32, scale_f64, ACC)
             alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
-            temperature_acc = acc_scalar(temperature, temperature_f64, ACC)
+            # 1 / T from the host (rounded once): a division would cost a program more
+            # instructions than a V-split tile has columns per thread.
+            inv_temperature_acc = acc_scalar(inv_temperature, inv_temperature_f64, ACC)
             m_s = tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)
             log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
             m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
             log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
-            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature_acc
+            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) * inv_temperature_acc
             if REVERSE:
                 shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
                 factor = factor * tl.full([], LN2, ACC)
@@ -179,13 +184,22 @@ def rkl_grad_kernel(
                 shift = 0.0
             full = (tile >= full_lo) & (tile < full_hi)
             if one_hot_row(log_l_s):
-                # One repeat at a time, with masked loads, as partial tiles go: the extra sums
-                # keep a whole tile's gradient alive otherwise, and its registers would be the
-                # whole kernel's (the plain path's occupancy with them).
-                total, top_column, top_entry = partial_grad_tile(
-                    grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                    alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
-                    HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC, ALPHA_ZERO)
+                # One repeat at a time, as partial tiles go: the extra sums keep a whole tile's
+                # gradient alive otherwise, and its registers would be the whole kernel's (the
+                # plain path's occupancy with them). Full tiles load without masks (16 bytes a
+                # load also in rows off the 16-byte grid).
+                if full:
+                    total, top_column, top_entry = partial_grad_tile(
+                        grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
+                        ALPHA_ZERO, False)
+                else:
+                    total, top_column, top_entry = partial_grad_tile(
+                        grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
+                        ALPHA_ZERO, True)
                 slot = row * tl.num_programs(1) + tile
                 tl.store(tile_sums_ptr + slot, total)
                 tl.store(top_index_ptr + slot, top_column)
