@@ -12,11 +12,7 @@ smaller; the whole file takes well under a minute.
 
 Also here: the reproducers of the tiny-vocabulary, alpha = 0 and huge-logit bugs.
 """
-import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -56,9 +52,22 @@ def draw_case(rng: random.Random, backend: str) -> dict:
         reduction=rng.choice(["none", "none", "mean", "sum"]), seed=rng.randrange(1 << 30))
 
 
-def sample(backend: str, count: int, seed: int) -> list[dict]:
+def interpreted_programs(case: dict) -> int:
+    """About how many programs the triton backend launches for ``case`` (stats, gradient tiles,
+    top token per row): Triton's interpreter runs them one after the other, ~10 ms each."""
+    vocab = case["vocab"]
+    block = min(case["max_block"], max(8, triton.next_power_of_2(vocab)))
+    return case["rows"] * (2 + triton.cdiv(vocab + 7, block))
+
+
+def sample(backend: str, count: int, seed: int, max_programs: int | None = None) -> list[dict]:
     rng = random.Random(seed)
     cases = [draw_case(rng, backend) for _ in range(count)]
+    if max_programs is not None:
+        # Keep the interpreter's time bounded: fewer rows where a case has many small tiles.
+        for case in cases:
+            while case["rows"] > 1 and interpreted_programs(case) > max_programs:
+                case["rows"] -= 1
     # Every dtype meets V = 1, 2 and 3 with several rows (the reported failures).
     for i, dtype in enumerate(DTYPES):
         cases[i].update(dtype=dtype, vocab=1 + i % 3, rows=rng.randint(5, 33))
@@ -66,7 +75,7 @@ def sample(backend: str, count: int, seed: int) -> list[dict]:
     forced = [dict(alpha=0.0, strengthened=True, neg_inf="teacher"),
               dict(neg_inf="both", strengthened=True), dict(neg_inf="student"),
               dict(max_block=4, dtype=torch.bfloat16), dict(max_block=8), dict(max_block=16),
-              dict(rows=1), dict(rows=33, vocab=40), dict(direction="forward"),
+              dict(rows=1), dict(rows=33, vocab=40, max_block=4096), dict(direction="forward"),
               dict(direction="reverse")]
     for case, update in zip(cases[len(DTYPES):], forced):
         case.update(update)
@@ -159,7 +168,7 @@ def check_case(case: dict, monkeypatch) -> None:
 
 
 TORCH_CASES = sample("torch", 60, seed=20)
-TRITON_CASES = sample("triton", 36, seed=22)
+TRITON_CASES = sample("triton", 26, seed=22, max_programs=80)
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
@@ -207,35 +216,17 @@ def test_tiny_vocabularies_stay_in_their_rows(dtype, vocab):
                                atol=2 ** -6 * ref_student.grad.abs().max().item() + 1e-30)
 
 
-def test_one_entry_vocabulary_has_zero_loss_and_gradient():
-    loss = fused_rkl_loss(torch.randn(8, 1), torch.randn(8, 1), backend="triton",
-                          reduction="none")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_entry_vocabulary_has_zero_loss_and_gradient(dtype):
+    """The KL of a one-entry vocabulary is 0 (it was nonzero on 4 of 8 rows); its backward
+    stored the top token's entry at an index read from an uninitialised buffer (a segfault in
+    5 of 5 runs at 64 rows)."""
+    loss = fused_rkl_loss(torch.randn(8, 1).to(dtype), torch.randn(8, 1).to(dtype),
+                          backend="triton", reduction="none")
     assert (loss == 0).all(), loss
-    s = torch.randn(64, 1).requires_grad_()
-    fused_rkl_loss(s, torch.randn(64, 1), backend="triton").backward()
+    s = torch.randn(24, 1).to(dtype).requires_grad_()
+    fused_rkl_loss(s, torch.randn(24, 1).to(dtype), backend="triton").backward()
     assert (s.grad == 0).all()
-
-
-def test_one_entry_vocabulary_backward_in_a_fresh_process():
-    """The top-token kernel stored at an index read from an uninitialised buffer (a segfault
-    in 5 of 5 runs at V = 1); in its own process so that a crash fails only this test."""
-    code = textwrap.dedent("""
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
-        import torch
-        from rkld_kernels import fused_rkl_loss
-        for dtype in (torch.float32, torch.bfloat16):
-            s = torch.randn(64, 1).to(dtype).requires_grad_()
-            fused_rkl_loss(s, torch.randn(64, 1).to(dtype), backend="triton").backward()
-            assert (s.grad == 0).all()
-        print("ok")
-    """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
-                                                                    os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("vocab", [1, 2, 3, 5, 17])
