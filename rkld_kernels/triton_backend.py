@@ -12,7 +12,7 @@ read from the aligned address before them, so full tiles still load 16 bytes at 
 
 ``plan_forward`` / ``plan_backward`` decide the launches (grid, tile shape, warps) without
 running them; the entry points run what they return, and the compile checks compile exactly
-that for GPU targets (``triton_kernels.machine_code``, ``bench/kernel_report.py``).
+that for GPU targets (``bench/machine_code.py``, ``bench/kernel_report.py``).
 
 CUDA graphs: nothing here reads a device value on the host (no ``.item()``, ``nonzero`` or
 ``torch.equal``); grid sizes depend only on shapes and on the device's SM count (read once per
