@@ -28,8 +28,9 @@ Precision: the kernels compute in the compute dtype of the student
 and float64 ones, a specialisation selected by the ``ACC`` constexpr (the float32 code is the
 same whether or not the float64 one exists; float32 inputs pay float64 arithmetic, full rate
 on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput). ``alpha``,
-``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32 scalars (Triton's type for Python
-floats) for the float32 code and as float64 ones for the float64 code, each computed in double
+``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32
+scalars (Triton's type for Python floats) for the float32 code and as float64 ones for the
+float64 code, each computed in double
 precision on the host and rounded once. Rows of a nearly one-hot student get their top
 token's gradient from the other entries (``triton_kernels.rkl_grad``; one more small launch,
 ``rkl_grad_top_kernel``, per backward).
