@@ -4,7 +4,7 @@
                                   [--cache DIR] [--bench-only] [--measure]
 
 No GPU is needed: every kernel launch of ``machine_code.CASES`` is compiled for each target by
-Triton's compiler and ``ptxas`` (``rkld_kernels.triton_kernels.machine_code``) and its SASS is
+Triton's compiler and ``ptxas`` (``bench/machine_code.py``) and its SASS is
 read. Per kernel and target the table gives registers, programs and warps per SM (occupancy
 from registers, threads and shared memory), the widths of the global loads in the streaming
 code, SASS lane-instructions, MUFU operations, barriers and shuffles per element (per
@@ -46,8 +46,9 @@ if os.environ.get("TRITON_INTERPRET") and __name__ == "__main__":
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from rkld_kernels.triton_kernels import machine_code  # noqa: E402
+import machine_code  # noqa: E402
 
 GPUS = {
     # arch, SMs, boost clock (GHz), HBM peak (TB/s): vendor data sheets (H100 SXM5).
@@ -71,7 +72,7 @@ def bench_cases():
 
 
 def element_bytes(case, phase: str) -> int:
-    size = 4 if case.dtype == "float32" else 2
+    size = {"float32": 4, "float64": 8}.get(case.dtype, 2)
     inputs = (3 if case.strengthened else 2) * size
     return inputs + (size if phase == "backward" else 0)
 
@@ -194,10 +195,19 @@ def _loads(code) -> str:
     return " ".join(f"{k.replace('LDG.E', 'LDG')}x{v}" for k, v in code["stream_loads"].items())
 
 
+def _loops(row) -> str:
+    if "input_bytes_per_column" not in row or row["launch"]["kernel"] not in (
+            "rkl_stats_kernel", "rkl_grad_kernel"):
+        return "-"
+    return " ".join(f"{loop['per_element']:.1f} {loop['barriers']}/{loop['shuffles']}"
+                    for loop in machine_code.loop_per_element(row)) or "none"
+
+
 def code_table(rows) -> list[str]:
     head = (f"{'case':<40} {'phase':<8} {'kernel':<26} {'sm':>3} {'regs':>4} {'prog/SM':>7} "
             f"{'warps/SM':>8} {'cols/thr':>8} {'instr/el':>8} {'MUFU/el':>7} "
-            f"{'BAR':>3} {'SHFL':>4}  loads in streaming code")
+            f"{'BAR':>3} {'SHFL':>4} {'spill':>5}  loads in streaming code; loops of loads: "
+            f"instr/el BAR/SHFL")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -212,7 +222,8 @@ def code_table(rows) -> list[str]:
             f"{r['case']:<40} {r['phase']:<8} {launch['kernel']:<26} {r['arch']:>3} "
             f"{code['registers']:>4} {code['programs_per_sm']:>7} {code['warps_per_sm']:>8} "
             f"{per_thread if per_thread else '-':>8} {per_el:>8.2f} {mufu:>7.2f} "
-            f"{code['stream_barriers']:>3} {code['stream_shuffles']:>4}  {_loads(code)}")
+            f"{code['stream_barriers']:>3} {code['stream_shuffles']:>4} "
+            f"{code['spill_instructions']:>5}  {_loads(code)}; {_loops(r)}")
     return lines
 
 

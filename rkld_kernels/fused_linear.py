@@ -819,6 +819,10 @@ class LinearRKLLoss(torch.nn.Module):
         super().__init__()
         _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
+        check_compiled_arg("LinearRKLLoss", compiled)
+        _checks.check_module_options("LinearRKLLoss", ignore_index=ignore_index,
+                                     vocab_size=vocab_size, chunk_size=chunk_size,
+                                     accum_dtype=accum_dtype, drop_masked=drop_masked)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
         self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled

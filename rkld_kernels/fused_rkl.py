@@ -69,6 +69,10 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     that a compiled graph names it (see :func:`saved_dtype_of`).
     """
     rows = student.shape[0]
+    _checks.check_operator_args("torch.ops.rkld.rkl_loss", rows=rows, keep=keep, alpha=alpha,
+                                temperature=temperature, reduction=reduction, backend=backend)
+    _checks.check_choice("torch.ops.rkld.rkl_loss", "compiled", compiled,
+                         tuple(COMPILED_FROM_CODE))
     if backend == "triton":
         from .triton_backend import triton_rkl_forward
         loss_rows, (stats,) = triton_rkl_forward(student, original, strengthened, keep, alpha,
@@ -380,6 +384,7 @@ class RKLLoss(torch.nn.Module):
         _checks.check_options("RKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
         check_compiled_arg("RKLLoss", compiled)
+        _checks.check_module_options("RKLLoss", ignore_index=ignore_index, vocab_size=vocab_size)
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
         self.compiled, self.vocab_size = compiled, vocab_size

@@ -12,7 +12,7 @@ read from the aligned address before them, so full tiles still load 16 bytes at 
 
 ``plan_forward`` / ``plan_backward`` decide the launches (grid, tile shape, warps) without
 running them; the entry points run what they return, and the compile checks compile exactly
-that for GPU targets (``triton_kernels.machine_code``, ``bench/kernel_report.py``).
+that for GPU targets (``bench/machine_code.py``, ``bench/kernel_report.py``).
 
 CUDA graphs: nothing here reads a device value on the host (no ``.item()``, ``nonzero`` or
 ``torch.equal``); grid sizes depend only on shapes and on the device's SM count (read once per
@@ -28,8 +28,9 @@ Precision: the kernels compute in the compute dtype of the student
 and float64 ones, a specialisation selected by the ``ACC`` constexpr (the float32 code is the
 same whether or not the float64 one exists; float32 inputs pay float64 arithmetic, full rate
 on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput). ``alpha``,
-``T`` and ``log2(e) / T`` reach the kernels twice, as float32 scalars (Triton's type for Python
-floats) for the float32 code and as float64 ones for the float64 code, each computed in double
+``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32
+scalars (Triton's type for Python floats) for the float32 code and as float64 ones for the
+float64 code, each computed in double
 precision on the host and rounded once. Rows of a nearly one-hot student get their top
 token's gradient from the other entries (``triton_kernels.rkl_grad``; one more small launch,
 ``rkl_grad_top_kernel``, per backward).
@@ -74,6 +75,8 @@ _TILE_BYTES_PER_THREAD = 16
 # use smaller tiles (down to _MIN_SPLIT_BLOCK columns) so that short rows still fill the GPU.
 _PROGRAMS_PER_SM = 4
 _MIN_SPLIT_BLOCK = 256
+# The gradient kernel's threads hold at least this many repeats (see launch_config).
+_GRAD_MIN_REPEATS = 2
 _LOG2E = 1.4426950408889634
 
 
@@ -125,23 +128,29 @@ class TileShape:
 
 
 def launch_config(vocab: int, block_v: int | None = None, element_size: int = 2,
-                  repeats: int = _TILE_REPEATS) -> TileShape:
+                  repeats: int = _TILE_REPEATS, min_repeats: int = 1) -> TileShape:
     """The tile shape for a vocabulary of ``vocab`` columns of ``element_size``-byte logits.
 
     The block is the next power of two of V capped at ``MAX_BLOCK_V`` and at ``_TILE_REPEATS``
-    vector loads per thread, unless ``block_v`` is given (tests force small blocks to exercise
-    the loops and tails). Each thread holds 16 bytes of each input per repeat (8 bf16 or 4
-    float32 columns); threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
-    ``repeats``) fill the block.
+    vector loads per thread, and never narrower than one 16-byte vector (8 bf16 or 4 float32
+    columns: the row alignment's unit, see ``tile_alignment``), unless ``block_v`` is given
+    (tests force small blocks to exercise the loops and tails). Each thread holds 16 bytes of
+    each input per repeat; threads (at most ``_NUM_WARPS`` warps) and then repeats (at most
+    ``repeats``) fill the block. ``min_repeats``: fewer warps (down to one) until each thread
+    holds that many repeats, for the gradient kernel, whose programs run one tile each: its
+    per-program set-up (about 130 instructions a thread) would otherwise cost more than the
+    tile's columns in the V-split's small blocks.
     """
     if block_v is None:
         per_thread = max(1, _TILE_BYTES_PER_THREAD // element_size)
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab),
+        block_v = min(MAX_BLOCK_V, max(per_thread, triton.next_power_of_2(vocab)),
                       repeats * 32 * _NUM_WARPS * per_thread)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a positive power of two; got {block_v}")
     tile_k = max(1, min(_TILE_BYTES_PER_THREAD // element_size, block_v // 32))
     threads = max(1, min(32 * _NUM_WARPS, block_v // tile_k))
+    while threads > 32 and block_v // (threads * tile_k) < min_repeats:
+        threads //= 2
     return TileShape(block=block_v, tile_r=block_v // (threads * tile_k), threads=threads,
                      tile_k=tile_k, num_warps=max(1, threads // 32))
 
@@ -217,6 +226,15 @@ def row_alignment(tensors, row_strides) -> int:
     return vec
 
 
+def tile_alignment(tile: TileShape, tensors, row_strides) -> int:
+    """``VEC`` of the kernels: ``row_alignment``, but never more than the tile's width. A row
+    starts ``lead = (row * stride) % VEC`` columns after its aligned address and tile 0 absorbs
+    that lead; a tile narrower than VEC (a forced small ``block_v``) could not, and the "full"
+    tiles after it would start in the previous row. Alignment to a smaller power of two still
+    holds where VEC's does."""
+    return min(row_alignment(tensors, row_strides), tile.block)
+
+
 @dataclass
 class KernelLaunch:
     """One kernel launch: ``kernel[grid](*args, num_warps=num_warps, **constexprs)``. The
@@ -241,16 +259,18 @@ def _repeats(element_size: int, acc_dtype: torch.dtype) -> int:
     return _TILE_REPEATS
 
 
-def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count):
+def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count,
+              min_repeats: int = 1):
     """The launch configuration of both passes: tile width from the widest input's element
     size and the compute dtype's repeats, split over the vocabulary (``block_v`` None) so that
-    a few rows still fill the GPU."""
+    a few rows still fill the GPU. Both passes get the same block (so the same tiles of a
+    row); ``min_repeats`` only changes how many threads share it (see ``launch_config``)."""
     element_size = max(t.element_size() for t in inputs)
     repeats = _repeats(element_size, acc_dtype)
     if block_v is None:
         block_v = split_block(rows, vocab,
                               launch_config(vocab, None, element_size, repeats).block, sm_count)
-    return launch_config(vocab, block_v, element_size, repeats)
+    return launch_config(vocab, block_v, element_size, repeats, min_repeats)
 
 
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
@@ -272,6 +292,13 @@ def _scalars(alpha: float, temperature: float) -> tuple[float, float, float]:
     twice, as a float32 argument for the float32 code and a float64 one for the float64 code."""
     alpha, temperature = float(alpha), float(temperature)
     return alpha, temperature, _LOG2E / temperature
+
+
+def _alpha_zero(strengthened, alpha: float) -> bool:
+    """Whether the teacher is the original logits themselves (strengthened logits at
+    ``alpha = 0``): the kernels then skip ``o - 0 * relu(g - o)``, which is NaN where
+    ``o = -inf`` (see ``triton_kernels.logits.teacher_logits``)."""
+    return strengthened is not None and alpha == 0.0
 
 
 def plan_forward(student, original, strengthened, keep, alpha: float, temperature: float,
@@ -296,7 +323,7 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     if rows == 0:
         return loss, stats, []
     tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
-    vec = row_alignment(inputs, [t.stride(0) for t in inputs])
+    vec = tile_alignment(tile, inputs, [t.stride(0) for t in inputs])
     # Tiles of the longest row (a row shifted by its alignment may need one more).
     n_tiles = triton.cdiv(vocab + vec - 1, tile.block)
     if splits is None:
@@ -314,7 +341,8 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
          student.stride(0), original.stride(0), strengthened_arg.stride(0),
          alpha, temperature, scale, alpha, scale),
         dict(FINALIZE=splits == 1, VEC=vec, FLOOR=-torch.finfo(acc_dtype).max,
-             **tile.constexprs(), **flags), tile.num_warps)]
+             ALPHA_ZERO=_alpha_zero(strengthened, alpha), **tile.constexprs(), **flags),
+        tile.num_warps)]
     if splits > 1:
         launches.append(KernelLaunch(
             rkl_stats_combine_kernel, (rows,),
@@ -340,22 +368,26 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
         return grad, []
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
         student, original, strengthened, keep, reverse, compute)
-    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count)
+    tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count,
+                     min_repeats=_GRAD_MIN_REPEATS)
     # The gradient is contiguous: its row stride is V.
-    vec = row_alignment(inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
+    vec = tile_alignment(tile, inputs + [grad], [t.stride(0) for t in inputs] + [vocab])
     tiles = triton.cdiv(vocab + vec - 1, tile.block)
-    # Written and read only in one-hot rows (see triton_kernels.rkl_grad).
+    # Per row and tile, written (every slot of the row) and read only in one-hot rows (see
+    # triton_kernels.rkl_grad).
     tile_sums = empty((rows, tiles), acc_dtype)
-    top_index = empty((rows,), torch.int32)
-    top_grad = empty((rows,), acc_dtype)
+    top_index = empty((rows, tiles), torch.int32)
+    top_grad = empty((rows, tiles), acc_dtype)
     alpha, temperature, scale = _scalars(alpha, temperature)
     launch = KernelLaunch(
         rkl_grad_kernel, (rows, tiles),
         (grad, student, original, strengthened_arg, keep_arg, row_stats, grad_rows,
          rows, vocab,
          student.stride(0), original.stride(0), strengthened_arg.stride(0), grad_rows.stride(0),
-         alpha, temperature, scale, alpha, temperature, scale, tile_sums, top_index, top_grad),
-        dict(VEC=vec, **tile.constexprs(), **flags), tile.num_warps)
+         alpha, 1.0 / temperature, scale, alpha, 1.0 / temperature, scale, tile_sums, top_index,
+         top_grad),
+        dict(VEC=vec, ALPHA_ZERO=_alpha_zero(strengthened, alpha), **tile.constexprs(), **flags),
+        tile.num_warps)
     top = KernelLaunch(
         rkl_grad_top_kernel, (rows,),
         (grad, keep_arg, row_stats, tile_sums, top_index, top_grad, rows, vocab, tiles),

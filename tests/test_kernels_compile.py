@@ -4,10 +4,13 @@ The other tests run the kernels in Triton's interpreter, which checks the math b
 machine code. Here every kernel specialisation that the triton backend launches for the cases
 users hit (``machine_code.CASES``: bf16 / fp16 / fp32, with and without strengthened logits,
 reverse and forward, T = 1 and T != 1, a keep mask, the V-split path, the fused-linear chunk
-pass) is compiled by Triton's own compiler and ``ptxas`` for each target, in a subprocess with
-the interpreter off, and its SASS is read: no spills or local memory, 128-bit global loads in
-the streaming code, no barrier or shuffle inside the statistics kernel's streaming loop, and
-the instruction budget on sm_90.
+pass, float32 inputs computed in float32 and in float64, float64 inputs) is compiled by
+Triton's own compiler and ``ptxas`` for each target, in a subprocess with the interpreter off
+(``bench/machine_code.py``, a development tool outside the installed package), and its SASS is
+read, on sm_80, sm_90 and sm_100 alike: no spills or local memory, 128-bit global loads in the
+streaming code, no barrier or shuffle inside any loop of global loads (the statistics loop,
+the partial-tile loops, the one-hot rows' loop) nor along the gradient's full-tile path, at
+most 30 instructions per element for every bf16 case, and the instruction budget on sm_90.
 
 Compilations and their analysis are cached, keyed by the kernels' source, the specialisation,
 the target, Triton's version and the analysis code, so a second run compiles nothing, also from
@@ -27,13 +30,16 @@ import torch
 pytest.importorskip("triton")
 
 from rkld_kernels import triton_backend  # noqa: E402
-from rkld_kernels.triton_kernels import machine_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import machine_code  # noqa: E402
 STREAMING_KERNELS = ("rkl_stats_kernel", "rkl_grad_kernel")
 # The budgets the kernels were rebuilt to (lane-instructions per element, sm_90, bf16 with
 # strengthened logits): see the README's kernel report.
 SM90_BUDGET = {"rkl_stats_kernel": 20.0, "rkl_grad_kernel": 20.0}
+# Every bf16 case, every target, along the streaming code (loop body or full-tile path).
+BF16_BUDGET = 30.0
 
 
 def cache_folder(request) -> Path:
@@ -56,7 +62,7 @@ def reports(request):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton's default, without its warning
     result = subprocess.run(
-        [sys.executable, "-m", "rkld_kernels.triton_kernels.machine_code",
+        [sys.executable, str(ROOT / "bench" / "machine_code.py"),
          "--cache", str(cache / "reports")],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -121,6 +127,33 @@ def test_stats_streaming_loop_has_no_barrier_or_shuffle(reports, arch):
         code = r["code"]
         assert code["streaming"] == "loop", r["case"]
         assert code["stream_barriers"] == 0 and code["stream_shuffles"] == 0, (r["case"], code)
+
+
+@pytest.mark.parametrize("arch", machine_code.TARGETS)
+def test_no_barrier_or_shuffle_in_any_loop_of_loads(reports, arch):
+    """Not in the statistics loop, the masked partial-tile loops, nor the gradient's one-hot
+    loop (whose sums each thread keeps for itself until the loop ends), and not along the
+    gradient's full-tile path; float32 and float64 specialisations included."""
+    streaming = [r for kernel in STREAMING_KERNELS for r in rows_of(reports, kernel, arch)]
+    assert {r["case"] for r in streaming} == {case.name for case in machine_code.CASES}
+    for r in streaming:
+        code = r["code"]
+        for loop in code["loops"]:
+            assert loop["barriers"] == 0 and loop["shuffles"] == 0, (r["case"], arch, loop)
+        assert code["stream_barriers"] == 0 and code["stream_shuffles"] == 0, (r["case"], arch)
+
+
+@pytest.mark.parametrize("arch", machine_code.TARGETS)
+def test_bf16_instruction_budget_on_every_target(reports, arch):
+    """Every bf16 case: at most 30 SASS instructions per element along the streaming code
+    (the statistics loop's body, the gradient's full-tile path, set-up included)."""
+    cases = [case for case in machine_code.CASES if case.dtype == "bfloat16"]
+    assert cases
+    for case in cases:
+        for kernel in STREAMING_KERNELS:
+            (r,) = rows_of(reports, kernel, arch, case.name)
+            assert machine_code.per_element(r) <= BF16_BUDGET, (case.name, kernel, arch,
+                                                                 machine_code.per_element(r))
 
 
 def test_sm90_instruction_budget(reports):

@@ -46,6 +46,9 @@ def row_geometry(row, vocab, stride, VEC: tl.constexpr, BLOCK: tl.constexpr):
     ``full_hi`` (exclusive) lie inside the row, the others (at most the first and the last of the
     ``n_tiles``) are partial.
     """
+    # A tile narrower than VEC would let lead reach past tile 0, so that the "full" tiles
+    # started before column 0 (in the previous row); the launcher keeps VEC <= BLOCK.
+    tl.static_assert(VEC <= BLOCK, "the row alignment VEC must not exceed the tile width")
     start = row * stride
     lead = (start % VEC).to(tl.int32)
     aligned_offset = tl.multiple_of(start - lead, VEC)
@@ -80,17 +83,23 @@ def to_acc(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def teacher_logits(original, strengthened, alpha):
+def teacher_logits(original, strengthened, alpha, ALPHA_ZERO: tl.constexpr):
     """``o - alpha * relu(g - o)``: three instructions per element, no per-element guard.
 
     The relu drops NaN (``max(NaN, 0) = 0``), which is what keeps an entry with
     ``o = g = -inf`` (vocabulary masking, ``g - o = NaN``) at ``-inf - 0 = -inf``, as the
-    reference's explicit guard does. It also drops a NaN of ``g`` itself, which the stats
-    kernel therefore tracks on its own (``nan_max``) and turns into a NaN row; NaN in ``o``
-    stays NaN here.
+    reference's explicit guard does; with ``o = -inf`` and ``g`` not, ``-inf - alpha * inf``
+    is ``-inf`` for ``alpha > 0``. ``alpha = 0`` (``ALPHA_ZERO``, chosen on the host) would
+    make that ``-inf - 0 * inf = NaN``, so it takes the teacher ``o`` itself. The relu also
+    drops a NaN of ``g`` (and, at ``alpha = 0``, the NaN that ``0 * inf`` gives the reference
+    for ``g = +inf``), which the stats kernel therefore tracks on its own (``nan_max``) and
+    turns into a NaN row; NaN in ``o`` stays NaN here.
     """
-    boost = tl.maximum(strengthened - original, 0.0)
-    return original - alpha * boost
+    if ALPHA_ZERO:
+        return original
+    else:
+        boost = tl.maximum(strengthened - original, 0.0)
+        return original - alpha * boost
 
 
 @triton.jit

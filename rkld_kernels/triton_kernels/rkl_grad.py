@@ -18,15 +18,19 @@ probability p_t is close to 1, the entry at t is a difference of two numbers far
 itself (reverse: ``(x_s - x_z) - E_p[x_s - x_z]`` at t; forward: ``p_t - q_t``), below the
 accumulation dtype's resolution of them, while every other entry is accurate. So in rows where
 ``p_t > 2/3`` (read from the statistics: ``p_t ~ 1 / l_s``, i.e. ``log2 l_s < log2 1.5``), every
-program also writes its tile's sum of the unrounded gradient, and the program holding the top
-token (the one entry with ``p > 1/2``) its column and unrounded entry; ``rkl_grad_top_kernel``
-then writes ``entry - sum of the row``, which is minus the sum of the other entries up to one
-rounding of its size. Other rows take the plain code (one compare and branch more per program).
+program also writes its tile's sum of the unrounded gradient, the column of the top token (the
+one entry with ``p > 1/2``) or -1 where the tile does not hold it, and that entry's unrounded
+value (0 elsewhere); ``rkl_grad_top_kernel`` then writes ``entry - sum of the row``, which is
+minus the sum of the other entries up to one rounding of its size. Every program of a one-hot
+row writes its three slots, so the top kernel never reads a slot nobody wrote. Each thread
+keeps its own share of those sums through the tile and the threads combine once per program,
+after the loop (no barrier or shuffle inside it). Other rows take the plain code (one compare
+and branch more per program).
 """
 import triton
 import triton.language as tl
 
-from .logits import load_tile, row_geometry, teacher_logits, tile_offsets, to_acc
+from .logits import as_thread_tile, load_tile, row_geometry, teacher_logits, tile_offsets, to_acc
 from .rkl_stats import (
     LN2,
     STAT_CROSS,
@@ -54,18 +58,20 @@ def one_hot_row(log_l_s):
 
 @triton.jit
 def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, lead, vocab,
-              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_ptr,
-              top_grad_ptr, HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
-              MASKED: tl.constexpr, ONE_HOT: tl.constexpr, ACC: tl.constexpr):
+              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+              HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr, MASKED: tl.constexpr,
+              ONE_HOT: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
+              ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr):
     """Write one tile of the gradient (``shift`` and ``factor`` are the per-row constants).
-    With ``ONE_HOT``, also record the top token's column and unrounded entry where this tile
-    holds it (``top_*_ptr`` point at the row's slots) and return the tile's sum of the
-    unrounded gradient; else return 0."""
+    With ``ONE_HOT`` (one repeat: ``THREADS x TILE_K`` columns) also return each thread's
+    share of the one-hot sums as ``[THREADS]`` tensors: the sum of its unrounded gradient, the
+    column of the top token if it holds it (else -1) and that entry (else 0); no
+    cross-thread step. Else return zeros."""
     s = to_acc(load_tile(student_row, offsets, lead, vocab, MASKED), ACC)
     z = to_acc(load_tile(original_row, offsets, lead, vocab, MASKED), ACC)
     if HAS_STRENGTHENED:
         g = to_acc(load_tile(strengthened_row, offsets, lead, vocab, MASKED), ACC)
-        z = teacher_logits(z, g, alpha)
+        z = teacher_logits(z, g, alpha, ALPHA_ZERO)
     x_s = s * scale - m_s
     x_z = z * scale - m_z
     p = tl.exp2(x_s - log_l_s)
@@ -73,47 +79,55 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
         grad = tl.where(p == 0, 0.0, p * ((x_s - x_z) - shift)) * factor
     else:
         grad = (p - tl.exp2(x_z - log_l_z)) * factor
-    total = 0.0
     if ONE_HOT:
-        # Columns outside the row hold p = 0 and gradient 0 (their logits load as -inf).
-        # At most one entry of a row has p > 1/2: reduce it to scalars (cheaper in registers
-        # than a masked store per column) and store them from the program that holds it.
-        total = tl.sum(grad, axis=0)
+        # Columns outside the row hold p = 0 and gradient 0 (their logits load as -inf). At
+        # most one entry of a row has p > 1/2. The tile's dims 0 and 2 live in one thread.
         is_top = p > 0.5
-        top_column = tl.max(tl.where(is_top, offsets - lead, -1), axis=0)
-        top_entry = tl.sum(tl.where(is_top, grad, 0.0), axis=0)
-        if top_column >= 0:
-            tl.store(top_index_ptr, top_column.to(tl.int32))
-            tl.store(top_grad_ptr, top_entry)
+        total = tl.sum(tl.sum(as_thread_tile(grad, 1, THREADS, TILE_K), axis=2), axis=0)
+        column = tl.where(is_top, offsets - lead, -1)
+        top_column = tl.max(tl.max(as_thread_tile(column, 1, THREADS, TILE_K), axis=2), axis=0)
+        entry = tl.where(is_top, grad, 0.0)
+        top_entry = tl.sum(tl.sum(as_thread_tile(entry, 1, THREADS, TILE_K), axis=2), axis=0)
+    else:
+        total = tl.zeros([THREADS], ACC)
+        top_column = tl.full([THREADS], -1, tl.int32)
+        top_entry = tl.zeros([THREADS], ACC)
     rounded = grad.to(grad_row.dtype.element_ty)
     if MASKED:
         tl.store(grad_row + offsets, rounded, mask=(offsets >= lead) & (offsets < vocab + lead))
     else:
         tl.store(grad_row + offsets, rounded)
-    return total
+    return total, top_column, top_entry
 
 
 @triton.jit
 def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                      alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_ptr,
-                      top_grad_ptr, HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
+                      alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                      HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
                       ONE_HOT: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
-                      TILE_K: tl.constexpr, ACC: tl.constexpr):
-    """``grad_tile`` for a partial tile: its masked (scalar) loads go one repeat at a time,
-    which keeps their registers to a repeat's worth. Returns the sum of the tile's unrounded
-    gradient with ``ONE_HOT``, else 0."""
+                      TILE_K: tl.constexpr, ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr,
+                      MASKED: tl.constexpr = True):
+    """``grad_tile`` one repeat at a time: for a partial tile (``MASKED``), whose masked
+    (scalar) loads keep their registers to a repeat's worth that way, and for the one-hot rows'
+    tiles (full ones without masks). With ``ONE_HOT`` returns the tile's sum of the unrounded
+    gradient, the top token's column (-1 if the tile does not hold it) and its entry (0 if
+    not), combined across threads once, after the loop; else zeros."""
     sub_offsets = tile_offsets(1, THREADS, TILE_K)
-    total = tl.zeros([], ACC)
+    total = tl.zeros([THREADS], ACC)
+    top_column = tl.full([THREADS], -1, tl.int32)
+    top_entry = tl.zeros([THREADS], ACC)
     for sub in range(0, TILE_R):
         sub_step = sub * (THREADS * TILE_K)
-        part = grad_tile(grad_row + sub_step, student_row + sub_step, original_row + sub_step,
-                         strengthened_row + sub_step, sub_offsets, tile_lead - sub_step,
-                         vocab, alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
-                         top_index_ptr, top_grad_ptr, HAS_STRENGTHENED, REVERSE, True,
-                         ONE_HOT, ACC)
+        part, column, entry = grad_tile(
+            grad_row + sub_step, student_row + sub_step, original_row + sub_step,
+            strengthened_row + sub_step, sub_offsets, tile_lead - sub_step, vocab, alpha,
+            scale, m_s, log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, MASKED,
+            ONE_HOT, THREADS, TILE_K, ACC, ALPHA_ZERO)
         if ONE_HOT:
             total += part
-    return total
+            top_column = tl.maximum(top_column, column)
+            top_entry += entry
+    return tl.sum(total, axis=0), tl.max(top_column, axis=0), tl.sum(top_entry, axis=0)
 
 
 @triton.jit
@@ -121,17 +135,20 @@ def rkl_grad_kernel(
     grad_ptr, student_ptr, original_ptr, strengthened_ptr, keep_ptr, stats_ptr, grad_rows_ptr,
     rows, vocab,
     stride_student, stride_original, stride_strengthened, stride_grad_rows,
-    alpha, temperature, scale_f32, alpha_f64: tl.float64, temperature_f64: tl.float64,
-    scale_f64: tl.float64, tile_sums_ptr, top_index_ptr, top_grad_ptr,
+    alpha, inv_temperature, scale_f32, alpha_f64: tl.float64,
+    inv_temperature_f64: tl.float64, scale_f64: tl.float64, tile_sums_ptr, top_index_ptr,
+    top_grad_ptr,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr = False,
 ):
     """Grid ``(rows, tiles)``: program (r, b) writes tile b of row r of the contiguous
     ``[rows, V]`` gradient, in the gradient's dtype (tiles as in ``logits.row_geometry``; the
     gradient shares the inputs' row alignment modulo ``VEC``, the launcher checks). In one-hot
-    rows it also writes ``tile_sums[r, b]`` (a ``[rows, tiles]`` accumulation-dtype buffer) and,
-    from the program holding the top token, ``top_index[r]`` and ``top_grad[r]``."""
+    rows it also writes slot ``[r, b]`` of ``tile_sums`` and ``top_grad`` (``[rows, tiles]``
+    accumulation-dtype buffers) and ``top_index`` (int32): the tile's sum of the unrounded
+    gradient, and the top token's unrounded entry and column where the tile holds it (else 0
+    and -1)."""
     BLOCK: tl.constexpr = TILE_R * THREADS * TILE_K
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -152,40 +169,51 @@ def rkl_grad_kernel(
                                 + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
             scale = log2_scale(scale_f32, scale_f64, ACC)
             alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
-            temperature_acc = acc_scalar(temperature, temperature_f64, ACC)
+            # 1 / T from the host (rounded once): a division would cost a program more
+            # instructions than a V-split tile has columns per thread.
+            inv_temperature_acc = acc_scalar(inv_temperature, inv_temperature_f64, ACC)
             m_s = tl.load(stats_ptr + STAT_MAX_STUDENT * rows + row)
             log_l_s = tl.load(stats_ptr + STAT_LOG_SUM_STUDENT * rows + row)
             m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
             log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
-            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) / temperature_acc
+            factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) * inv_temperature_acc
             if REVERSE:
                 shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
                 factor = factor * tl.full([], LN2, ACC)
             else:
                 shift = 0.0
             full = (tile >= full_lo) & (tile < full_hi)
-            top_index_row = top_index_ptr + row
-            top_grad_row = top_grad_ptr + row
             if one_hot_row(log_l_s):
-                # One repeat at a time, with masked loads, as partial tiles go: the extra sums
-                # keep a whole tile's gradient alive otherwise, and its registers would be the
-                # whole kernel's (the plain path's occupancy with them).
-                total = partial_grad_tile(
-                    grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                    alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor, top_index_row,
-                    top_grad_row, HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K,
-                    ACC)
-                tl.store(tile_sums_ptr + row * tl.num_programs(1) + tile, total)
+                # One repeat at a time, as partial tiles go: the extra sums keep a whole tile's
+                # gradient alive otherwise, and its registers would be the whole kernel's (the
+                # plain path's occupancy with them). Full tiles load without masks (16 bytes a
+                # load also in rows off the 16-byte grid).
+                if full:
+                    total, top_column, top_entry = partial_grad_tile(
+                        grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
+                        ALPHA_ZERO, False)
+                else:
+                    total, top_column, top_entry = partial_grad_tile(
+                        grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
+                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
+                        ALPHA_ZERO, True)
+                slot = row * tl.num_programs(1) + tile
+                tl.store(tile_sums_ptr + slot, total)
+                tl.store(top_index_ptr + slot, top_column)
+                tl.store(top_grad_ptr + slot, top_entry)
             elif full:
                 grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
                           tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift,
-                          factor, top_index_row, top_grad_row, HAS_STRENGTHENED, REVERSE, False,
-                          False, ACC)
+                          factor, HAS_STRENGTHENED, REVERSE, False, False, THREADS, TILE_K, ACC,
+                          ALPHA_ZERO)
             else:
                 partial_grad_tile(grad_row, student_row, original_row, strengthened_row,
                                   tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z,
-                                  shift, factor, top_index_row, top_grad_row, HAS_STRENGTHENED,
-                                  REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
+                                  shift, factor, HAS_STRENGTHENED, REVERSE, False, TILE_R,
+                                  THREADS, TILE_K, ACC, ALPHA_ZERO)
         else:
             zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
             tl.store(grad_row + offsets, zeros,
@@ -201,7 +229,9 @@ def rkl_grad_top_kernel(
     """Grid ``(rows,)``: in each kept one-hot row (the same test on the same statistic as
     ``rkl_grad_kernel``), overwrite the top token's gradient with its unrounded entry minus
     the row's sum (the sum of ``tile_sums[r, :n_tiles]``), i.e. minus the sum of the others.
-    Other rows read nothing but their statistic."""
+    The column is the largest of ``top_index[r, :n_tiles]`` (-1 in every tile without the top
+    token; a row without one, which the statistics should not allow, is left as it is). Other
+    rows read nothing but their statistic."""
     row = tl.program_id(0).to(tl.int64)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + row) != 0
@@ -211,10 +241,16 @@ def rkl_grad_top_kernel(
     if kept & one_hot_row(log_l_s):
         _, _, _, _, n_tiles = row_geometry(row, vocab, vocab, VEC, BLOCK)
         total = tl.zeros([], tile_sums_ptr.dtype.element_ty)
+        entry = tl.zeros([], top_grad_ptr.dtype.element_ty)
+        column = tl.full([], -1, tl.int32)
         for start in range(0, n_tiles, SUMS_BLOCK):
             k = start + tl.arange(0, SUMS_BLOCK)
-            total += tl.sum(tl.load(tile_sums_ptr + row * tiles + k, mask=k < n_tiles,
-                                    other=0.0), axis=0)
-        column = tl.load(top_index_ptr + row)
-        entry = tl.load(top_grad_ptr + row) - total
-        tl.store(grad_ptr + row * vocab + column, entry.to(grad_ptr.dtype.element_ty))
+            inside = k < n_tiles
+            total += tl.sum(tl.load(tile_sums_ptr + row * tiles + k, mask=inside, other=0.0),
+                            axis=0)
+            entry += tl.sum(tl.load(top_grad_ptr + row * tiles + k, mask=inside, other=0.0),
+                            axis=0)
+            column = tl.maximum(column, tl.max(tl.load(top_index_ptr + row * tiles + k,
+                                                       mask=inside, other=-1), axis=0))
+        if (column >= 0) & (column < vocab):
+            tl.store(grad_ptr + row * vocab + column, (entry - total).to(grad_ptr.dtype.element_ty))

@@ -60,23 +60,29 @@ def rebase(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u):
     Every term of ``a`` holds ``-(m_w) + (m_u)``, so moving to the new references subtracts
     ``l_w * (increase of m_w - increase of m_u)`` before the common ``2^-(increase of m_w)``
     scale. A reference still at -inf has only zero terms (or, for ``u``, terms that made ``a``
-    infinite), so it moves for free.
+    infinite), so it moves for free. A growth too large for ``2^-grow`` (the lowest finite
+    start below logits near the float32 maximum, where the growth itself overflows) leaves
+    nothing of the old sums: ``a`` becomes 0, not ``0 * inf``.
     """
     grow_w = tl.where(m_w == float("-inf"), 0.0, new_m_w - m_w)
     grow_u = tl.where(m_u == float("-inf"), 0.0, new_m_u - m_u)
     scale_w = tl.exp2(-grow_w)
-    return l_w * scale_w, l_u * tl.exp2(-grow_u), (a - l_w * (grow_w - grow_u)) * scale_w
+    a = tl.where(scale_w == 0, 0.0, (a - l_w * (grow_w - grow_u)) * scale_w)
+    return l_w * scale_w, l_u * tl.exp2(-grow_u), a
 
 
 @triton.jit
 def rebase_finite(m_w, l_w, m_u, l_u, a, new_m_w, new_m_u):
     """``rebase`` for finite reference points (a thread's running state starts at the lowest
-    finite value, not at -inf): no guard is needed, as an increase from that start is itself
-    finite and multiplies empty sums."""
+    finite value, not at -inf): no -inf guard is needed. An increase from that start overflows
+    to inf for logits above about 1e31 (in log2 units) and multiplies empty sums, so ``a``
+    takes 0 where the old sums vanish (``2^-grow = 0``) instead of ``0 * inf = NaN``; once per
+    tile and thread, not per element."""
     grow_w = new_m_w - m_w
     grow_u = new_m_u - m_u
     scale_w = tl.exp2(-grow_w)
-    return l_w * scale_w, l_u * tl.exp2(-grow_u), (a - l_w * (grow_w - grow_u)) * scale_w
+    a = tl.where(scale_w == 0, 0.0, (a - l_w * (grow_w - grow_u)) * scale_w)
+    return l_w * scale_w, l_u * tl.exp2(-grow_u), a
 
 
 @triton.jit
@@ -84,7 +90,7 @@ def accumulate_tile(m_w, l_w, m_u, l_u, a, g_max, student_row, original_row,
                     strengthened_row, offsets, lead, vocab, alpha, scale,
                     HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
                     MASKED: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
-                    TILE_K: tl.constexpr, ACC: tl.constexpr):
+                    TILE_K: tl.constexpr, ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr):
     """Fold one tile into the per-thread state (``[THREADS]`` tensors); ``g_max`` is the
     NaN-keeping running maximum of the strengthened logits (see ``logits.teacher_logits``)."""
     student = as_thread_tile(load_tile(student_row, offsets, lead, vocab, MASKED),
@@ -97,7 +103,7 @@ def accumulate_tile(m_w, l_w, m_u, l_u, a, g_max, student_row, original_row,
         strengthened = as_thread_tile(load_tile(strengthened_row, offsets, lead, vocab, MASKED),
                                       TILE_R, THREADS, TILE_K)
         g_max = _max_keep_nan(g_max, nan_max(strengthened).to(ACC))
-        z = teacher_logits(z, to_acc(strengthened, ACC), alpha)
+        z = teacher_logits(z, to_acc(strengthened, ACC), alpha, ALPHA_ZERO)
         teacher = z
     else:
         teacher = original
@@ -176,6 +182,7 @@ def rkl_stats_kernel(
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     FINALIZE: tl.constexpr, VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
     TILE_K: tl.constexpr, FLOOR: tl.constexpr, ACC: tl.constexpr,
+    ALPHA_ZERO: tl.constexpr = False,
 ):
     """Grid ``(rows, splits)``: program (r, k) streams tiles ``[k * tiles_per_split,
     (k + 1) * tiles_per_split)`` of row r (see ``logits.row_geometry``); full tiles load
@@ -218,7 +225,7 @@ def rkl_stats_kernel(
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
             strengthened_row + step, offsets, lead, vocab, alpha_acc, scale, HAS_STRENGTHENED,
-            REVERSE, False, TILE_R, THREADS, TILE_K, ACC)
+            REVERSE, False, TILE_R, THREADS, TILE_K, ACC, ALPHA_ZERO)
     # The partial tiles, masked: the first (the row starts inside it) and the last (the row
     # ends inside it), each when this split holds it, and the last only if it is not the first.
     # Masked loads are scalar, so these go one repeat (THREADS * TILE_K columns) at a time,
@@ -232,11 +239,15 @@ def rkl_stats_kernel(
         m_w, l_w, m_u, l_u, a, g_max = accumulate_tile(
             m_w, l_w, m_u, l_u, a, g_max, student_row + step, original_row + step,
             strengthened_row + step, sub_offsets, lead - step, vocab, alpha_acc, scale,
-            HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC)
+            HAS_STRENGTHENED, REVERSE, True, 1, THREADS, TILE_K, ACC, ALPHA_ZERO)
 
-    # A NaN among the strengthened logits makes the row NaN, as it does in the reference.
+    # A NaN among the strengthened logits makes the row NaN, as it does in the reference; so
+    # does +inf at alpha = 0 (the reference's 0 * inf).
     if HAS_STRENGTHENED:
-        l_w = tl.where(g_max != g_max, g_max, l_w)
+        invalid = g_max != g_max
+        if ALPHA_ZERO:
+            invalid = invalid | (g_max == float("inf"))
+        l_w = tl.where(invalid, float("nan"), l_w)
     # The one cross-thread step: rebase every thread's sums onto the program's maxima.
     top_w = tl.max(m_w, axis=0)
     top_u = tl.max(m_u, axis=0)

@@ -1,5 +1,8 @@
 """The kernels' machine code for NVIDIA targets, compiled on any machine (no GPU needed).
 
+A development tool, not part of the installed package: ``tests/test_kernels_compile.py`` and
+``bench/kernel_report.py`` run it (``python bench/machine_code.py`` prints its JSON).
+
 Triton's compiler runs on the CPU and its wheel ships ``ptxas``, ``cuobjdump`` and
 ``nvdisasm``. ``compile_launch`` compiles one ``triton_backend.KernelLaunch`` for a target
 (``sm_80``, ``sm_90``, ``sm_100``...) with the argument specialisation the JIT would give real
@@ -8,7 +11,8 @@ multiples of 16 get divisibility attributes, integers equal to 1 become constant
 ``analyse`` reads the SASS of the result: registers, spills and local memory, occupancy, and,
 for the streaming part (the loop whose body holds the global loads, or for a kernel without
 such a loop the path through its full-tile loads), instructions, MUFU, barriers, shuffles and
-load widths per thread.
+load widths per thread, and the same facts for every loop of global loads (``loops``: the
+full-tile loop, the masked partial-tile loops, the one-hot rows' loop of the gradient kernel).
 
 ``fake_tensor`` stands in for a CUDA tensor (shape, strides, dtype, a 16-byte-aligned address)
 so that ``triton_backend.plan_forward`` / ``plan_backward`` produce exactly the launches the
@@ -149,6 +153,9 @@ class CodeReport:
     partial_instructions: int = 0        # the masked-tile loop body / masked-tile path
     partial_loop: bool = False           # whether partial_* is a loop body (one repeat)
     partial_loads: dict = field(default_factory=dict)
+    # Every loop whose body holds global loads, innermost first: instructions, barriers,
+    # shuffles, global-load bytes per thread and iteration, and its loads.
+    loops: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -213,8 +220,9 @@ def _blocks(instructions, labels):
     return bounds, successors
 
 
-def _shortest_path_through(instructions, labels, wanted):
-    """Instruction indices on the cheapest path entry -> a block with ``wanted`` -> exit."""
+def _shortest_path_through(instructions, labels, wanted, most: bool = False):
+    """Instruction indices on the cheapest path entry -> a block with ``wanted`` -> exit
+    (with ``most``, a block with the most ``wanted`` instructions)."""
     import heapq
     bounds, successors = _blocks(instructions, labels)
     weight = [e - s for s, e in bounds]
@@ -235,9 +243,12 @@ def _shortest_path_through(instructions, labels, wanted):
                     heapq.heappush(heap, (nd, n))
         return dist, prev
 
-    targets = [b for b, (s, e) in enumerate(bounds) if any(wanted(i) for i in instructions[s:e])]
+    counts = {b: sum(map(wanted, instructions[s:e])) for b, (s, e) in enumerate(bounds)}
+    targets = [b for b, n in counts.items() if n]
     if not targets:
         return []
+    if most:
+        targets = [b for b in targets if counts[b] == max(counts.values())]
     dist, prev = dijkstra([0])
     target = min((b for b in targets if b in dist), key=lambda b: dist[b])
     path = [target]
@@ -256,7 +267,37 @@ def _shortest_path_through(instructions, labels, wanted):
 
 def _load_width(ins: Instruction) -> int:
     found = re.search(r"\.(64|128)\b", ins.opcode)
-    return int(found.group(1)) if found else 32
+    if found:
+        return int(found.group(1))
+    return 32
+
+
+def _load_bytes(ins: Instruction) -> int:
+    """Bytes one thread's global load reads (8- and 16-bit loads included)."""
+    small = re.search(r"\.[US](8|16)\b", ins.opcode)
+    return int(small.group(1)) // 8 if small else _load_width(ins) // 8
+
+
+def _load_loops(instructions, labels):
+    """Index lists of the loops (backward branches) whose body holds a global load, smallest
+    first."""
+    index_of = {ins.address: i for i, ins in enumerate(instructions)}
+    loops = []
+    for i, ins in enumerate(instructions):
+        if ins.label is None or ins.label not in labels:
+            continue
+        start = index_of[labels[ins.label]]
+        if start <= i and any(_is_global_load(x) for x in instructions[start:i + 1]):
+            loops.append(list(range(start, i + 1)))
+    return sorted(loops, key=len)
+
+
+def _loop_facts(instructions, loop) -> dict:
+    body = [instructions[i] for i in loop]
+    return dict(instructions=len(body), barriers=_count(body, ("BAR", "SYNCS")),
+                shuffles=_count(body, "SHFL"),
+                load_bytes=sum(_load_bytes(x) for x in body if _is_global_load(x)),
+                loads=_histogram(body, "LDG"))
 
 
 def _streaming_region(instructions, labels):
@@ -267,7 +308,6 @@ def _streaming_region(instructions, labels):
     entry-to-exit path through its widest unpredicated loads (``"path"``). ``partial`` is one
     iteration of the masked (partial-tile) code: the body of another loop of global loads,
     else the cheapest path through predicated loads, else []."""
-    index_of = {ins.address: i for i, ins in enumerate(instructions)}
     loads = [ins for ins in instructions if _is_global_load(ins)]
     widest = max((_load_width(ins) for ins in loads), default=32)
     widest_free = max((_load_width(ins) for ins in loads if not ins.predicate), default=32)
@@ -281,13 +321,7 @@ def _streaming_region(instructions, labels):
     def masked_load(ins):
         return _is_global_load(ins) and bool(ins.predicate)
 
-    loops = []
-    for i, ins in enumerate(instructions):
-        if ins.label is None or ins.label not in labels:
-            continue
-        start = index_of[labels[ins.label]]
-        if start <= i and any(_is_global_load(x) for x in instructions[start:i + 1]):
-            loops.append(list(range(start, i + 1)))
+    loops = _load_loops(instructions, labels)
 
     def holding(test):
         return [loop for loop in loops if any(test(instructions[j]) for j in loop)]
@@ -296,16 +330,32 @@ def _streaming_region(instructions, labels):
         rest = [loop for loop in loops if loop is not full]
         return min(rest, key=len) if rest else []
 
-    # 1. A loop of unpredicated widest loads: the full-tile loop (the stats kernel).
-    free_loops = holding(lambda x: full_tile_load(x) and _load_width(x) == widest)
-    if free_loops:
+    def free_wide(x):
+        return full_tile_load(x) and _load_width(x) == widest
+
+    in_loops = {j for loop in loops for j in loop}
+    outside = sum(free_wide(ins) for j, ins in enumerate(instructions) if j not in in_loops)
+    free_loops = holding(free_wide)
+    most_in_a_loop = max((sum(free_wide(instructions[j]) for j in loop) for loop in free_loops),
+                         default=0)
+    # 1. A loop of unpredicated widest loads holding more of them than the code outside
+    #    loops: the full-tile loop (the stats kernel).
+    if free_loops and most_in_a_loop >= outside:
         full = min(free_loops, key=len)
         return "loop", full, smallest_other(full)
-    # 2. Unpredicated widest loads outside loops: one tile per program (the gradient kernel).
-    if any(full_tile_load(x) and _load_width(x) == widest for x in loads):
-        partial = (min(loops, key=len) if loops
+    # 2. Unpredicated widest loads outside loops: one tile per program (the gradient kernel,
+    #    whose loops go one repeat at a time through partial tiles and one-hot rows); its
+    #    partial tile is the smallest loop of predicated loads.
+    if outside:
+        masked_loops = holding(masked_load)
+        partial = (min(masked_loops or loops, key=len) if loops
                    else _shortest_path_through(instructions, labels, masked_load))
-        return "path", _shortest_path_through(instructions, labels, full_tile_load), partial
+        outside_ids = {id(ins) for j, ins in enumerate(instructions) if j not in in_loops}
+        # The block with the most of them: the compiler may peel a one-repeat loop's first
+        # iteration (the one-hot rows'), whose few loads lie outside loops too.
+        path = _shortest_path_through(instructions, labels,
+                                      lambda x: free_wide(x) and id(x) in outside_ids, most=True)
+        return "path", path, partial
     # 3. Masked loads everywhere (Liger's kernels): the smallest loop of the widest loads.
     wide_loops = holding(wide_load)
     if wide_loops:
@@ -376,7 +426,8 @@ def analyse(compiled, arch: int) -> CodeReport:
         partial_loop=bool(partial) and instructions[partial[-1]].label is not None
         and instructions[partial[-1]].opcode.startswith("BRA")
         and labels.get(instructions[partial[-1]].label, 1 << 62) <= instructions[partial[-1]].address,
-        partial_loads=_histogram([instructions[i] for i in partial], "LDG"))
+        partial_loads=_histogram([instructions[i] for i in partial], "LDG"),
+        loops=[_loop_facts(instructions, loop) for loop in _load_loops(instructions, labels)])
 
 
 def _cache_key(launch, arch: int) -> str:
@@ -435,7 +486,9 @@ H100_SMS = 132
 class Case:
     """One call of the triton backend: logits of ``rows x vocab`` in ``dtype`` (a torch dtype
     name), forward then backward, as ``fused_rkl_loss`` (or, with ``fused_linear``, the
-    fused-linear loss's chunk pass: no keep mask, an expanded upstream gradient) makes it."""
+    fused-linear loss's chunk pass: no keep mask, an expanded upstream gradient) makes it.
+    ``compute`` names the kernels' dtype when it is not the backend's default for ``dtype``
+    (float64 arithmetic for float32 inputs)."""
     name: str
     rows: int
     vocab: int
@@ -445,6 +498,7 @@ class Case:
     temperature: float = 1.0
     keep: bool = True
     fused_linear: bool = False
+    compute: str | None = None
 
 
 CASES = (
@@ -457,6 +511,9 @@ CASES = (
          temperature=2.0),
     Case("bf16 RKLD V-split 16x32000", 16, 32000),
     Case("fused-linear fp32 chunk 418x128256", 418, 128256, "float32", fused_linear=True),
+    Case("fp32 RKLD 4096x32000 float32 compute", 4096, 32000, "float32", compute="float32"),
+    Case("fp32 RKLD 4096x32000 float64 compute", 4096, 32000, "float32", compute="float64"),
+    Case("fp64 RKLD 4096x32000", 4096, 32000, "float64"),
 )
 
 
@@ -465,7 +522,7 @@ def case_launches(case: Case, sm_count: int = H100_SMS):
     ``sm_count`` SMs (the V-split depends on it), planned by the backend itself."""
     import torch
 
-    from .. import triton_backend as backend
+    from rkld_kernels import triton_backend as backend
     dtype = getattr(torch, case.dtype)
     shape = (case.rows, case.vocab)
     student, original = fake_tensor(shape, dtype), fake_tensor(shape, dtype)
@@ -475,6 +532,8 @@ def case_launches(case: Case, sm_count: int = H100_SMS):
     # The fused-linear loss's chunk logits are in the compute dtype of its heads (float32 for
     # float16/bfloat16 heads), and it says so.
     compute = dtype if case.fused_linear else None
+    if case.compute is not None:
+        compute = getattr(torch, case.compute)
     loss, stats, forward = backend.plan_forward(student, original, strengthened, keep, *hyper,
                                                 sm_count=sm_count, empty=fake_empty,
                                                 compute=compute)
@@ -499,6 +558,23 @@ def launch_summary(launch) -> dict:
                 block=block if "TILE_R" in c else None,
                 columns_per_thread=block // threads if "TILE_R" in c else None,
                 vec=c.get("VEC"))
+
+
+def input_bytes_per_column(case: Case) -> int:
+    """Bytes of logits one column of ``case`` loads (two or three inputs)."""
+    import torch
+    return (3 if case.strengthened else 2) * getattr(torch, case.dtype).itemsize
+
+
+def loop_per_element(row: dict) -> list[dict]:
+    """Each loop of global loads of a streaming kernel with its instructions per element
+    (per thread and iteration / the columns its loads bring in), barriers and shuffles."""
+    out = []
+    for loop in row["code"].get("loops", []):
+        columns = loop["load_bytes"] / row["input_bytes_per_column"]
+        out.append(dict(loop, per_element=loop["instructions"] / columns if columns >= 1
+                        else float("nan")))
+    return out
 
 
 def per_element(row: dict, key: str = "stream_instructions") -> float:
@@ -551,7 +627,7 @@ def all_reports(cases=CASES, targets=TARGETS, cache_dir=None, workers: int | Non
             for arch in targets:
                 jobs.append((case, p, arch, str(cache_dir) if cache_dir else None))
                 rows.append(dict(case=case.name, phase=phase, launch=launch_summary(launch),
-                                 arch=arch))
+                                 arch=arch, input_bytes_per_column=input_bytes_per_column(case)))
                 keys.append(_cache_key(launch, arch))
     # One compilation per distinct key; the other rows share its result.
     first = {}
