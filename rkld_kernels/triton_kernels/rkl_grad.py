@@ -8,7 +8,7 @@ their digits), ``log2 p = x_s - log2 l_s`` and ``log2 q = x_z - log2 l_z``:
                       = p_v * ln 2 * ((x_s - x_z) - E_p[x_s - x_z]) / T
     forward:  dL/ds_v = (p_v - q_v) / T
 
-which is DESIGN.md's p (d - E_p[d]) / T with the maxima taken out (0 where p_v = 0);
+which is p (d - E_p[d]) / T (docs/design.md#closed-forms) with the maxima taken out (0 where p_v = 0);
 ``E_p[x_s - x_z]`` is the statistics' ``a / l_w``. The
 upstream per-row gradient, ln 2 and 1/T fold into one per-row factor; masked rows get zeros
 without loading their logits.

@@ -9,7 +9,7 @@ the sums ``l_w = sum 2^(w' - m_w)``, ``l_u = sum 2^(u' - m_u)`` and the cross te
 
     a = sum_v 2^(w'_v - m_w) * ((w'_v - m_w) - (u'_v - m_u)),
 
-so that KL = ln 2 * (a / l_w - log2 l_w + log2 l_u). This is DESIGN.md's
+so that KL = ln 2 * (a / l_w - log2 l_w + log2 l_u). This is docs/design.md#streaming-pass's
 ``E[d] - lse_w + lse_u`` with the maxima taken out of every term before summing: logits of size
 1e4 then lose no digits to the cancellation between ``E[d]`` and the log-sum-exps. A thread
 takes the maximum of its own columns of a tile (no cross-thread step), rebases its sums when
