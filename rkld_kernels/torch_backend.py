@@ -213,7 +213,8 @@ def _vocab_parallel(s: torch.Tensor, z: torch.Tensor, group):
     """Per-row shifts ``lse_k - lse`` ([rows, 1] each) from this rank's log-sum-exps ``lse_k``
     of the (tempered) student and teacher logits to the full vocabulary's ``lse``, from one
     all-reduce of ``world x rows x 2`` floats. ``log_softmax`` of the shard plus the shift is
-    the full vocabulary's log-probability; on one rank the shift is exactly 0."""
+    the full vocabulary's log-probability; on one rank the shift is exactly 0. Also returns
+    ``lse_s - lse_z`` of the full rows ([rows, 1])."""
     import torch.distributed as dist
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.stack([torch.logsumexp(s, dim=-1), torch.logsumexp(z, dim=-1)])   # [2, rows]
@@ -221,7 +222,7 @@ def _vocab_parallel(s: torch.Tensor, z: torch.Tensor, group):
     every[rank] = local
     full = torch.logsumexp(_all_reduce(every, group), dim=0)
     shift = (local - full).unsqueeze(-1)
-    return shift[0], shift[1]
+    return shift[0], shift[1], (full[0] - full[1]).unsqueeze(-1)
 
 
 def _to_full(log_k: torch.Tensor, shift: torch.Tensor, ops: _Ops) -> torch.Tensor:
@@ -246,6 +247,25 @@ def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, at_top: torch.
     return ops.sub(grad, at_top * total)
 
 
+def _q_expm1(q: torch.Tensor, log_q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q (exp(x) - 1)`` without cancellation or overflow: ``q expm1(x)`` where x < 1 (where
+    exp(x) is near 1 and the difference cancels), ``exp(log q + x) - q`` elsewhere (where it
+    does not, and where exp(x) alone could overflow while q exp(x) is a probability)."""
+    small = x < 1.0
+    return torch.where(small, q * torch.expm1(x.clamp(max=1.0)),
+                       torch.exp(torch.where(small, 0.0, log_q + x)) - q)
+
+
+def _full_probabilities(x: torch.Tensor, shift: torch.Tensor | None, ops: _Ops) -> torch.Tensor:
+    """softmax(x) over the row (fused: a few ulp of relative error), or under vocabulary
+    parallelism the slice's softmax times its share ``exp(shift)`` of the row's mass (0 for a
+    slice of -inf logits)."""
+    prob = torch.softmax(x, dim=-1)
+    if shift is None:
+        return prob
+    return ops.fill(ops.mul(prob, shift.exp()), torch.isneginf(shift), 0.0)
+
+
 def _row_max(t: torch.Tensor) -> torch.Tensor:
     """Per-row maximum ``[rows, 1]`` (0 for a rank's empty vocabulary slice)."""
     if t.shape[-1] == 0:
@@ -259,21 +279,24 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
     ops = _Ops(differentiable)
     s = student.to(compute)
     z = teacher_logits(original, strengthened, alpha, compute, exact_non_finite)
+    # d = (s - z) / T, the difference taken before the division (exact where s ~ z).
+    d = s - z
     if temperature != 1.0:
+        d = ops.div(d, temperature)
         s = s / temperature
         z = z / temperature
     # ATen's log_softmax is one fused, vectorised kernel: cheaper than max/exp/sum by hand.
     log_p = torch.log_softmax(s, dim=-1)
     log_q = torch.log_softmax(z, dim=-1)
     if group is not None:
-        shift_s, shift_z = _vocab_parallel(s, z, group)
+        shift_s, shift_z, lse_gap = _vocab_parallel(s, z, group)
         log_p, log_q = _to_full(log_p, shift_s, ops), _to_full(log_q, shift_z, ops)
     if reverse:
         weight = log_p.exp()
         log_ratio = ops.sub(log_p, log_q)      # log p - log q, in the log_p buffer
     else:
         weight = log_q.exp()
-        log_ratio = ops.sub(log_q, log_p)      # log q - log p, in the log_q buffer
+        log_ratio = log_q - log_p              # log q is kept for the gradient
     if exact_non_finite:
         # Entries of zero weight contribute nothing, but their log ratio may be +-inf, giving
         # 0 * inf = NaN: zero them first. A NaN weight (NaN input) is not zero and propagates.
@@ -287,40 +310,61 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         return row_loss, None
     # Under group the one-hot fix-up all-reduces: every rank takes it (the top is on one).
     fix_top = group is not None or differentiable
+    # The gradient from d = s~ - z~ (exact where the student is close to its teacher) and
+    # probabilities from the fused softmax (a few ulp each), rather than from log p - log q
+    # (each log-softmax off by an ulp of |log p|, far more than their difference): see the
+    # module docstring.
     if reverse:
-        # p_v ((log p_v - log q_v) - L) / T, in the compute dtype; then the top entry of
-        # near-one-hot rows; one rounding into a low-precision grad_out.
-        p_top = _row_max(weight)                      # weight is p, unscaled yet
-        at_top = weight == p_top if fix_top or _may_be_one_hot(p_top) else None
-        if grad_scale is not None:
-            weight = ops.mul(weight, grad_scale / temperature)
-        elif temperature != 1.0:
-            weight = ops.div(weight, temperature)
-        if at_top is None:
-            return row_loss, torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
-        grad = ops.mul(ops.sub(log_ratio, loss), weight)
-    else:
-        # (p_v - q_v) / T. p - q cancels, so both come from the fused softmax (relative error
-        # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
-        p = torch.softmax(s, dim=-1)
-        q = torch.softmax(z, dim=-1)
+        # p_v (d_v - E_p[d]) / T.
+        p = _full_probabilities(s, shift_s if group is not None else None, ops)
+        if exact_non_finite:
+            d = ops.fill(d, p == 0, 0.0)
+        mean_d = _row_dot(p, d)
         if group is not None:
-            # The shard's distributions times its share of the full row's mass.
-            p = ops.fill(ops.mul(p, shift_s.exp()), torch.isneginf(shift_s), 0.0)
-            q = ops.fill(ops.mul(q, shift_z.exp()), torch.isneginf(shift_z), 0.0)
+            mean_d = _all_reduce(mean_d, group)
         p_top = _row_max(p)
         at_top = p == p_top if fix_top or _may_be_one_hot(p_top) else None
+        if grad_scale is not None:
+            p = ops.mul(p, grad_scale / temperature)
+        elif temperature != 1.0:
+            p = ops.div(p, temperature)
         if at_top is None:
-            if grad_scale is not None:
-                return row_loss, torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
-            if temperature != 1.0:
-                return row_loss, torch.div(p.sub_(q), temperature, out=grad_out)
-            return row_loss, torch.sub(p, q, out=grad_out)
-        grad = ops.sub(p, q)
+            return row_loss, torch.mul(d.sub_(mean_d), p, out=grad_out)
+        grad = ops.mul(ops.sub(d, mean_d), p)
+    else:
+        # p_v - q_v = q_v expm1(d_v - c) / T with c = lse_s - lse_z = log E_q[exp(d)]
+        # = log1p(E_q[expm1(d)]): each factor accurate, no difference of two probabilities.
+        q = _full_probabilities(z, shift_z if group is not None else None, ops)
+        spread = _q_expm1(q, log_q, d)
+        if exact_non_finite:
+            # -inf teacher entries (q = 0 and d = +inf or NaN) hold no mass. (Not q == 0: an
+            # underflowed q times exp(d) may be most of the student's mass.)
+            spread = ops.fill(spread, torch.isneginf(log_q), 0.0)
+        shift = spread.sum(dim=-1, keepdim=True)
+        if group is not None:
+            shift = _all_reduce(shift, group)
+        else:
+            lse_gap = torch.logsumexp(s, dim=-1, keepdim=True) - torch.logsumexp(
+                z, dim=-1, keepdim=True)
+        # Where the student is far from the teacher (c >= 10) there is nothing to cancel and
+        # E_q[expm1(d)] could overflow: c from the log-sum-exps.
+        c = torch.where(lse_gap < 10.0, torch.log1p(shift), lse_gap)
+        grad = _q_expm1(q, log_q, ops.sub(d, c))
+        if exact_non_finite:
+            # Where q = 0 the gradient is p itself (d may be infinite or NaN there).
+            p = _full_probabilities(s, shift_s if group is not None else None, ops)
+            grad = torch.where(q == 0, p, grad)
+        p_top = _row_max(grad + q)
+        at_top = grad + q == p_top if fix_top or _may_be_one_hot(p_top) else None
         if grad_scale is not None:
             grad = ops.mul(grad, grad_scale / temperature)
         elif temperature != 1.0:
             grad = ops.div(grad, temperature)
+        if at_top is None:
+            if grad_out is not None:
+                grad_out.copy_(grad)
+                grad = grad_out
+            return row_loss, grad
     grad = _top_from_the_others(grad, p_top, at_top, group, ops)
     if grad_out is not None:
         grad_out.copy_(grad)

@@ -157,11 +157,12 @@ def test_inductor_compiles_the_linear_loss():
 
 
 def test_compiled_graphs_name_the_dtypes_of_the_gradient_buffers():
-    """The operators' gradient buffers (float64 for float32 inputs) have their dtypes as
-    operator arguments in the traced graph. torch.compile's caches key a graph by its calls and
-    their arguments, not by the fake implementations' outputs: a dtype rule that lived only in
-    a fake once changed under a cached compiled backward, which then read float64 buffers as
-    float32 (wrong gradients, no error)."""
+    """The operators' gradient buffers (float32 for float32 inputs by default, float64 with
+    compute_dtype=torch.float64) and the compute dtype have their dtypes as operator arguments
+    in the traced graph. torch.compile's caches key a graph by its calls and their arguments,
+    not by the fake implementations' outputs: a dtype rule that lived only in a fake once
+    changed under a cached compiled backward, which then read float64 buffers as float32
+    (wrong gradients, no error)."""
     torch._dynamo.reset()
     calls = []
 
@@ -170,16 +171,23 @@ def test_compiled_graphs_name_the_dtypes_of_the_gradient_buffers():
         return graph.forward
 
     (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
-    torch.compile(lambda xs, ws: fused_linear_rkl_loss(xs, ws, xo, wo, xg, labels=labels,
-                                                       backend="torch"),
-                  fullgraph=True, backend=backend)(xs, ws)
-    student, original, strengthened, labels = logits_problem(torch.float32)
-    torch.compile(lambda s: fused_rkl_loss(s, original, strengthened, labels=labels,
-                                           reduction="none", backend="torch"),
-                  fullgraph=True, backend=backend)(student)
-    linear_args, logits_args = calls
-    assert linear_args[14] == torch.float64 and linear_args[-1] == torch.float64   # dw, dx
-    assert logits_args[-1] == torch.float32        # the kept gradient of reduction="none"
+    student, original, strengthened, labels_logits = logits_problem(torch.float32)
+    for compute in (None, torch.float64):
+        torch.compile(lambda xs, ws: fused_linear_rkl_loss(xs, ws, xo, wo, xg, labels=labels,
+                                                           backend="torch",
+                                                           compute_dtype=compute),
+                      fullgraph=True, backend=backend)(xs, ws)
+        torch.compile(lambda s: fused_rkl_loss(s, original, strengthened, labels=labels_logits,
+                                               reduction="none", backend="torch",
+                                               compute_dtype=compute),
+                      fullgraph=True, backend=backend)(student)
+    names = ("accum_dtype", "dx_dtype", "compute_dtype")
+    positions = [14, 22, 23]
+    for (linear_args, logits_args), wide in zip((calls[0:2], calls[2:4]),
+                                                (torch.float32, torch.float64)):
+        assert [linear_args[i] for i in positions] == [wide] * 3, names     # dw, dx, math
+        # The kept gradient of reduction="none" and the compute dtype.
+        assert logits_args[11] == wide and logits_args[12] == wide
 
 
 # --- opcheck ----------------------------------------------------------------------------------
