@@ -1,6 +1,7 @@
 """The losses as PyTorch operators: torch.compile(fullgraph=True) with the compiled backward,
 torch.library.opcheck, torch.func (grad, vmap), second derivatives, no host reads off CPU,
 and vocab_size= for vocabularies that differ by padding."""
+import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -398,6 +399,35 @@ def test_linear_loss_reads_nothing_on_the_host_with_drop_masked_false(device_rul
                               backend="torch")
     torch.testing.assert_close(loss, _reference_linear(xs, ws, bs, xo, wo, xg, labels),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_nan_hidden_states_contribute_nothing_without_host_reads(device_rules, reduction):
+    """Padding often holds garbage: with drop_masked=False (the sync-free path) NaN hidden
+    states at masked positions must not reach any gradient (0 x NaN in the weight-gradient
+    GEMM made the lm_head gradient NaN), and every gradient equals that of clean inputs."""
+    (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
+    masked = labels == -100
+    dirty = [t.detach().clone() for t in (xs, xo, xg)]
+    for t in dirty:
+        t[masked] = float("nan")
+
+    def run(student_hidden, original_hidden, strengthened_hidden, host_check):
+        leaves = [student_hidden.detach().clone().requires_grad_(), ws, bs]
+        with _FailOnHostReads() if host_check else contextlib.nullcontext():
+            loss = fused_linear_rkl_loss(leaves[0], ws, original_hidden, wo, strengthened_hidden,
+                                         student_bias=bs, labels=labels, chunk_size=4,
+                                         reduction=reduction, backend="torch",
+                                         drop_masked=False)
+            grads = grads_of(loss.sum(), leaves)
+        return loss, grads
+
+    loss, grads = run(*dirty, host_check=True)
+    clean_loss, clean_grads = run(xs, xo, xg, host_check=False)
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    for name, grad, clean in zip(("hidden", "weight", "bias"), grads, clean_grads):
+        assert torch.isfinite(grad).all(), f"NaN in the {name} gradient"
+        torch.testing.assert_close(grad, clean, rtol=0, atol=0, msg=name)
 
 
 def test_cpu_shortcuts_are_host_reads():
