@@ -75,7 +75,7 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     the chunk loop all-reduces over that process group (``tensor_parallel``; torch backend).
     """
     rows = student.shape[0]
-    compute = _compute_dtype(student.dtype, compute_dtype)
+    compute = _compute_dtype(student.dtype, compute_dtype, backend)
     if backend == "triton":
         from .triton_backend import triton_rkl_forward
         loss_rows, (stats,) = triton_rkl_forward(student, original, strengthened, keep, alpha,
@@ -103,8 +103,9 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     return reduce_rows(loss_rows, keep, reduction, (rows,)), saved
 
 
-def _compute_dtype(student_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    return compute_dtype(student_dtype, requested)
+def _compute_dtype(student_dtype: torch.dtype, requested: torch.dtype | None,
+                   backend: str) -> torch.dtype:
+    return compute_dtype(student_dtype, requested, backend)
 
 
 def saved_dtype_of(student_dtype: torch.dtype, reduction: str, backend: str,
@@ -118,7 +119,7 @@ def saved_dtype_of(student_dtype: torch.dtype, reduction: str, backend: str,
     graph by its operator calls and their arguments, not by what the fake implementation
     returns, so a rule that lived only in the fake could change under a cached compiled
     backward, which would then read the buffer as another dtype."""
-    compute = compute or compute_dtype(student_dtype)
+    compute = compute or compute_dtype(student_dtype, None, backend)
     if backend == "triton":
         return compute
     return compute if reduction == "none" else student_dtype
@@ -135,7 +136,8 @@ def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, re
     acc_dtype = accumulation_dtype(student.dtype)
     loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc_dtype)
     dtype = saved_dtype or saved_dtype_of(student.dtype, reduction, backend,
-                                          _compute_dtype(student.dtype, compute_dtype))
+                                          _compute_dtype(student.dtype, compute_dtype,
+                                                         backend))
     if not need_grad:
         saved = student.new_empty(0)
     elif backend == "triton":
@@ -156,7 +158,8 @@ def _rkl_loss_triton_backward_impl(student: torch.Tensor, original: torch.Tensor
     from .triton_backend import triton_rkl_backward
     return triton_rkl_backward(student, original, strengthened, keep, (stats,), grad_rows,
                                alpha, temperature, reverse,
-                               compute=_compute_dtype(student.dtype, compute_dtype))
+                               compute=_compute_dtype(student.dtype, compute_dtype,
+                                                      "triton"))
 
 
 rkl_loss_triton_backward_op = custom_op("rkl_loss_triton_backward",
@@ -204,7 +207,8 @@ def _rkl_backward(ctx, grad_loss, _grad_saved):
                                f"torch.func transforms are not implemented for them")
         grad = differentiable_rows_grad(student, original, strengthened, keep, alpha,
                                         temperature, reverse,
-                                        _compute_dtype(student.dtype, compute_dtype))
+                                        _compute_dtype(student.dtype, compute_dtype,
+                                                       backend))
         row_grad = upstream_per_row(grad_loss, keep, reduction, rows).unsqueeze(-1)
         return ((grad * row_grad).to(student.dtype), *none)
     if backend == "triton":
@@ -386,7 +390,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
     # the forward skips the fused gradient.
     functorch = functorch_active()
     need_grad = torch.is_grad_enabled() and student.requires_grad and not functorch
-    compute = _compute_dtype(student.dtype, compute_dtype)
+    compute = _compute_dtype(student.dtype, compute_dtype, backend)
     args = (student, original, strengthened, keep, float(alpha), float(temperature),
             direction == "reverse", reduction, backend, COMPILED_CODES[compiled], need_grad,
             saved_dtype_of(student.dtype, reduction, backend, compute), compute, None)
