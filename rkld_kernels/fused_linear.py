@@ -6,13 +6,14 @@ or, with ``drop_masked=False``, computed and zeroed without a host sync) are pro
 ``chunk_size`` at a time, and for each chunk
 
 1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``, in float32
-   for float16/bfloat16 inputs and in float64 for float32 and float64 inputs (see "Precision");
+   for float16/bfloat16/float32 inputs and in float64 for float64 inputs or under the
+   ``compute_dtype=torch.float64`` option (see "Precision");
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
    :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
    :mod:`rkld_kernels.triton_backend` (triton backend);
 3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a float32
    ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (accumulated in place into one
-   ``[V, H]`` accumulator, float32 by default, float64 for float32 heads), plus
+   ``[V, H]`` accumulator, float32 by default, float64 under the float64 option), plus
    ``db += dlogits.sum(0)``.
 
 Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
@@ -25,12 +26,14 @@ accumulate in float32 and write float32 (:func:`gemm_mode`: ``torch.mm(..., out_
 torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs in float32; the
 dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
 that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
-has scaled them, then each is rounded once to its parameter's dtype. float32 heads get the
-same treatment one level up: GEMMs, vocabulary pass and dX/dW/db in float64 (the weight
-converted once per call), as float32 arithmetic cannot reach the float32 rounding floor (dX
-alone sums V terms that largely cancel). That costs float32 callers float64 GEMMs (on CPU
-about 2x float32's time; on GPUs their float64 rate), float64 vocabulary passes and twice the
-chunk memory, so the default chunk is half as long; the float16/bfloat16 path is unchanged.
+has scaled them, then each is rounded once to its parameter's dtype. float32 heads run float32
+GEMMs and math (on CUDA subject to torch's TF32 settings), held to 2x the naive float32
+formula's error. ``compute_dtype=torch.float64`` gives them the same treatment one level up:
+GEMMs, vocabulary pass and dX/dW/db in float64 (each weight converted once per call), for the
+float32 rounding floor, which float32 arithmetic cannot reach (dX alone sums V terms that
+largely cancel). That costs float64 GEMMs (on CPU about 2x float32's time; on GPUs their
+float64 rate), float64 vocabulary passes and twice the chunk memory, so the default chunk is
+half as long.
 The result meets the precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
 ``tests/test_precision.py``.
 
@@ -742,8 +745,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             memory budget.
         accum_dtype: dtype of the weight/bias gradient accumulators. None (default): float32
             for a float16/bfloat16 lm_head (the gradient is summed over chunks in float32 and
-            rounded once at the end, as the precision contract needs), float64 for float32 and
-            float64 ones. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
+            rounded once at the end, as the precision contract needs), float32 for float32 heads,
+            float64 for float64 ones and under ``compute_dtype=torch.float64`` (the compute
+            dtype). ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
             but rounds after every chunk, so the weight gradient drifts beyond the contract
             when there is more than one chunk.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by
@@ -766,7 +770,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             None: every weight must have the student's number of rows.
         compute_dtype: the dtype of the logits and of the arithmetic inside, on every backend
             (torch, triton, vocabulary-parallel). None (default): float32 for
-            float16/bfloat16/float32 heads, float64 for float64 ones. ``torch.float64``:
+            float16/bfloat16/float32 heads, float64 for float64 ones (the triton backend keeps
+            float64 for float32 heads for now: see ``torch_backend.TRITON_FLOAT32_COMPUTE``).
+            ``torch.float64``:
             float64 GEMMs, vocabulary pass and gradient accumulators, for the last digits of
             float32 inputs; measured on this project's CPU it costs about 2x the float32
             default's time and twice its chunk memory plus a float64 copy of each head (on
