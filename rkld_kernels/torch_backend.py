@@ -22,7 +22,8 @@ with c = lse_s - lse_z = log E_q[exp(d)] = log1p(E_q[expm1(d)]) (DESIGN's closed
 log q = d - c). The gradient is taken from d, formed before the division by T: where the student
 is close to its teacher (the start of unlearning) d is nearly exact, while log p and log q are
 each off by an ulp of |log p| (~1e-6 at logits of size 10 in float32), far more than their
-difference; p and q come from the fused softmax (a few ulp each). So in float32 the gradient's
+difference; q (forward) comes from the fused softmax (a few ulp), p (reverse) from exp(log p)
+(an error of p's own size, which the naive formula shares). So in float32 the gradient's
 error is well under that of the naive float32 formula (0.0x-0.8x on tests/test_precision.py's
 cases). In forward, q expm1(x) is computed as exp(log q + x) - q where x >= 1 (nothing cancels
 there, and exp(x) alone could overflow), and c from the log-sum-exps where c >= 10. Entries whose
@@ -329,13 +330,12 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         return row_loss, None
     # Under group the one-hot fix-up all-reduces: every rank takes it (the top is on one).
     fix_top = group is not None or differentiable
-    # The gradient from d = s~ - z~ (exact where the student is close to its teacher) and
-    # probabilities from the fused softmax (a few ulp each), rather than from log p - log q
-    # (each log-softmax off by an ulp of |log p|, far more than their difference): see the
-    # module docstring.
+    # The gradient from d = (s - z) / T (exact where the student is close to its teacher)
+    # rather than from log p - log q (each log-softmax off by an ulp of |log p|, far more than
+    # their difference): see the module docstring.
     if reverse:
         # p_v (d_v - E_p[d]) / T.
-        p = _full_probabilities(s, shift_s if group is not None else None, ops)
+        p = weight              # exp(log p): its relative error (~ulp x |log p|) is p's alone
         if exact_non_finite:
             d = ops.fill(d, p == 0, 0.0)
         mean_d = _row_dot(p, d)
