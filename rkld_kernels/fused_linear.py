@@ -772,11 +772,10 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             (torch, triton, vocabulary-parallel). None (default): float32 for
             float16/bfloat16/float32 heads, float64 for float64 ones (the triton backend keeps
             float64 for float32 heads for now: see ``torch_backend.TRITON_FLOAT32_COMPUTE``).
-            ``torch.float64``:
-            float64 GEMMs, vocabulary pass and gradient accumulators, for the last digits of
-            float32 inputs; measured on this project's CPU it costs about 2x the float32
-            default's time and twice its chunk memory plus a float64 copy of each head (on
-            GPUs, their float64 GEMM rate).
+            ``torch.float64``: float64 GEMMs, vocabulary pass and gradient accumulators, for
+            the last digits of float32 inputs; measured on this project's CPU it costs about
+            2.8x the float32 default's time and twice its chunk memory plus a float64 copy of
+            each head (on GPUs, their float64 GEMM rate).
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for

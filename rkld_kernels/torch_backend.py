@@ -81,7 +81,7 @@ def compute_dtype(dtype: torch.dtype, requested: torch.dtype | None = None,
     float32 arithmetic meets the precision contract for float32 inputs in its float32 form
     (loss within 1e-3, gradient error at most 2x that of the naive float32 formula); reaching
     the float32 rounding floor itself needs float64 (exp and log in float32 alone are off by
-    ~1e-6 relative on logits of size 10, 16x that floor), which costs 2-5x and is therefore
+    ~1e-6 relative on logits of size 10, 16x that floor), which costs 2-3x and is therefore
     the explicit option ``compute_dtype=torch.float64``. ``backend="triton"``: see
     :data:`TRITON_FLOAT32_COMPUTE`."""
     if requested is not None:
