@@ -8,6 +8,9 @@ same figures, peak memory and FLOP rates in each benchmark's ``extra_info``):
   :func:`rkld_kernels.reference_rkl_loss`, with autograd; what a user would write. The baseline
   of the tables it is in.
 - ``ours``: ``fused_linear_rkl_loss(..., backend="auto")``: chunked torch on CPU, triton on CUDA.
+- ``ours float64``: the same with ``compute_dtype=torch.float64`` (float64 GEMMs and math for
+  float32 heads, the rounding floor's option): its cost beside the default, in the unmasked
+  two-teacher table of float32 inputs.
 - ``liger eager`` / ``liger compiled``: Liger-Kernel's chunked
   ``LigerFusedLinearJSDLoss(beta=1.0, weight_hard_loss=0.0, weight_soft_loss=1.0)`` with
   ``compiled=False`` / ``True``. With beta = 1 its loss is KL(student || teacher) averaged over
@@ -110,12 +113,17 @@ def naive_loss(inp: dict) -> torch.Tensor:
                               strengthened, alpha=ALPHA, labels=inp["labels"])
 
 
-def ours_loss(inp: dict, compiled: bool | None = None) -> torch.Tensor:
+def ours_loss(inp: dict, compiled: bool | None = None,
+              compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     return fused_linear_rkl_loss(inp["student_hidden"], inp["student_weight"],
                                  inp["original_hidden"], inp["original_weight"],
                                  inp.get("strengthened_hidden"), inp.get("strengthened_weight"),
                                  alpha=ALPHA, labels=inp["labels"], backend="auto",
-                                 compiled=compiled)
+                                 compiled=compiled, compute_dtype=compute_dtype)
+
+
+def ours_float64_loss(inp: dict) -> torch.Tensor:
+    return ours_loss(inp, compute_dtype=torch.float64)
 
 
 def liger_loss(impl: str):
@@ -137,7 +145,8 @@ def liger_loss(impl: str):
 def make_step(impl: str, inp: dict):
     """One forward+backward that drops its gradients; returns the loss as a float (which also
     waits for the device)."""
-    fn = {"naive": naive_loss, "ours": ours_loss}.get(impl) or liger_loss(impl)
+    fn = ({"naive": naive_loss, "ours": ours_loss, "ours float64": ours_float64_loss}.get(impl)
+          or liger_loss(impl))
 
     def step() -> float:
         loss = fn(inp)
@@ -215,6 +224,8 @@ def cases():
             # it is the baseline of the unmasked two-teacher table only.
             if DEVICE == "cuda" or (teachers == 2 and not masked):
                 impls.insert(0, "naive")
+            if teachers == 2 and not masked and SHAPE[3] == "float32":
+                impls.append("ours float64")
             if teachers == 1:
                 impls += [i for i in LIGER_IMPLS if i != "liger triton" or DEVICE == "cuda"]
             out += [(impl, teachers, masked) for impl in impls]

@@ -39,9 +39,11 @@ Assumptions (each one a place where a real run can differ):
   its hidden-size gradients (2 N H a) and the layer's weight gradients.
 - The fused loss holds the student's supervised rows and their gradient ``[N, H]``, the lm_head
   weight gradient ``[V, H]`` (full fine-tuning; both gradients in its compute dtype until its
-  backward: float32 for 16-bit heads, float64 for float32 heads) and one chunk's ``[chunk, V]``
-  working set, bounded by ``rkld_kernels``' per-device budget, plus, for float32 heads or off
-  CUDA, a copy of each of the three heads in the compute dtype for the call. The naive loss
+  backward: float32, float64 under its ``compute_dtype=torch.float64`` option) and one chunk's
+  ``[chunk, V]`` working set, bounded by ``rkld_kernels``' per-device budget, plus the
+  vocabulary pass's six temporaries over the rows it takes at once, plus a copy of
+  each of the three heads in the compute dtype for the call where a head's dtype is not it
+  (16-bit heads off CUDA; every head under the float64 option). The naive loss
   holds, at its peak, seven ``[N, V]`` tensors: the student logits, the teacher, both
   log-softmaxes, ``exp(log p)``, ``log p - log q`` and their product (or their gradients in
   backward).
@@ -64,6 +66,8 @@ from pathlib import Path
 
 SCENARIOS = ("naive", "rkld live", "rkld cache")
 PRECISIONS = ("bf16", "mixed", "fp32")
+_PASS_TEMPORARIES = 6
+LOSS_COMPUTES = ("default", "float64")
 GIB = 1024 ** 3
 
 # The models the planner knows by name, with their published dimensions.
@@ -194,6 +198,9 @@ class RunShape:
     world_size: int = 1
     precision: str = "bf16"
     device: str = "cuda"          # "cuda" or "cpu": loss chunk budget, AdamW implementation
+    # The fused loss's compute_dtype option: "default" (float32 inside for 16/32-bit heads) or
+    # "float64" (compute_dtype=torch.float64: float64 buffers, gradients and head copies).
+    loss_compute: str = "default"
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "lora_rank", "world_size"):
@@ -205,6 +212,9 @@ class RunShape:
                              f"got {self.precision!r}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu'; got {self.device!r}")
+        if self.loss_compute not in LOSS_COMPUTES:
+            raise ValueError(f"loss_compute must be one of {', '.join(LOSS_COMPUTES)}; got "
+                             f"{self.loss_compute!r}")
 
     @property
     def tokens(self) -> int:
@@ -259,7 +269,7 @@ def estimate(model: ModelShape, run: RunShape) -> dict:
     """Per-GPU peak memory of one training step in each scenario, as ``{scenario: Estimate}``."""
     import torch
 
-    from rkld_kernels.fused_linear import _BUFFERS_PER_ROW, default_chunk_size
+    from rkld_kernels.fused_linear import _BUFFERS_PER_ROW, _CPU_PASS_BYTES, default_chunk_size
 
     b = _bytes_per_element(run.precision)
     n, h, v, act = run.tokens, model.hidden, model.vocab, b["act"]
@@ -291,18 +301,26 @@ def estimate(model: ModelShape, run: RunShape) -> dict:
     teacher_forward = 3 * act * n * model.intermediate + (2 * act + 8) * n * h
     lm_head_grad = 0 if run.lora else model.head_params * b["grad"]
 
-    # The fused loss computes in float32 for 16-bit heads and in float64 for float32 heads (its
-    # precision contract): that is the width of its chunk buffers, of dL/drows and dW (kept
-    # until its backward rounds them to the parameters' dtype) and of the head copies it makes
-    # for the call (every head, off CUDA or for float32; on CUDA 16-bit GEMMs write float32).
+    # The fused loss computes in float32 (float64 under its compute_dtype=torch.float64 option):
+    # that is the width of its chunk buffers, of dL/drows and dW (kept until its backward
+    # rounds them to the parameters' dtype) and of the head copies it makes for the call
+    # (every head whose dtype is not the compute dtype, except 16-bit heads on CUDA, whose
+    # GEMMs write float32).
     head_dtype = torch.float32 if run.precision == "fp32" else torch.bfloat16
-    compute = 8 if run.precision == "fp32" else 4
-    chunk = min(n, default_chunk_size(v, run.device, head_dtype))
+    float64 = run.loss_compute == "float64"
+    compute = 8 if float64 else 4
+    chunk = min(n, default_chunk_size(v, run.device, head_dtype,
+                                      torch.float64 if float64 else None))
     fused_persistent = (act * n * h + compute * n * h
                         + (0 if run.lora else compute * model.head_params))
     head_copies = (3 * compute * model.head_params
-                   if run.precision == "fp32" or run.device != "cuda" else 0)
-    fused_chunk = _BUFFERS_PER_ROW * compute * chunk * v + head_copies
+                   if float64 or (run.precision != "fp32" and run.device != "cuda") else 0)
+    # The vocabulary pass's own temporaries (teacher, d, two log-softmaxes, two probability
+    # rows), over the rows it takes at once: a few rows on CPU, the whole chunk on CUDA.
+    pass_rows = (min(chunk, max(1, _CPU_PASS_BYTES // (compute * v))) if run.device == "cpu"
+                 else chunk)
+    fused_chunk = (_BUFFERS_PER_ROW * compute * chunk * v + _PASS_TEMPORARIES * compute
+                   * pass_rows * v + head_copies)
     naive_loss = max(7 * act * n * v, act * n * v + lm_head_grad + act * n * h)
 
     scenarios = {
@@ -401,6 +419,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="bf16: bf16 weights, gradients and AdamW states (rkld --dtype "
                              "bfloat16); mixed: plus fp32 master weights and moments; fp32")
+    parser.add_argument("--loss-compute", choices=LOSS_COMPUTES, default="default",
+                        help="the fused loss's arithmetic: default (float32 inside) or float64 "
+                             "(its compute_dtype=torch.float64 option: float64 buffers and "
+                             "head copies)")
     parser.add_argument("--format", choices=["text", "markdown", "json"], default="text")
 
 
@@ -409,7 +431,8 @@ def run_cli(args) -> int:
     model = ModelShape.from_preset(args.preset) if args.preset else ModelShape.from_path(args.model)
     tunings = args.tuning or (["lora"] if args.lora else ["full"])
     runs = [RunShape(batch=args.batch, seq_len=seq_len, lora=tuning == "lora",
-                     lora_rank=args.lora_rank, world_size=world_size, precision=args.precision)
+                     lora_rank=args.lora_rank, world_size=world_size, precision=args.precision,
+                     loss_compute=args.loss_compute)
             for seq_len in args.seq_len for world_size in args.world_size for tuning in tunings]
     if args.format == "json":
         print(json.dumps([{"run": dataclasses.asdict(run), "title": run_title(model, run),

@@ -77,32 +77,24 @@ def function_route(op, setup_context, backward, name: str):
         "backward": staticmethod(backward), "vmap": staticmethod(vmap)})
 
 
-def differentiable_logit_grad(student: torch.Tensor, teacher: torch.Tensor,
-                              keep: torch.Tensor | None, temperature: float,
-                              reverse: bool) -> torch.Tensor:
-    """dL_row/d student ``[rows, V]`` (compute dtype) written with differentiable ops, for
-    double backward: the same closed forms as the fused backends (``torch_backend`` docstring).
+def process_group(group_name: str | None):
+    """The process group an operator's ``group_name`` argument names (vocabulary parallelism;
+    ``ProcessGroup.group_name``), or None. Operators take the name, not the group, so that
+    torch.compile's caches key on it like on any other argument."""
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name)
 
-    Masked rows are replaced by zeros before any op (so NaN there cannot reach a derivative)
-    and get gradient 0. ``student`` and ``teacher`` are in the compute dtype.
-    """
+
+def mean_divisor(keep: torch.Tensor | None, rows: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """The divisor of ``reduction="mean"``: the number of kept rows (every row without a mask),
+    at least 1 (a mean over nothing is 0, not NaN), as a 0-d tensor of ``dtype`` (no host
+    sync). The one place of this rule for every path of both losses."""
     if keep is not None:
-        kept = keep.unsqueeze(-1)
-        student = torch.where(kept, student, 0.0)
-        teacher = torch.where(kept, teacher, 0.0)
-    log_p = torch.log_softmax(student / temperature, dim=-1)
-    log_q = torch.log_softmax(teacher / temperature, dim=-1)
-    if reverse:
-        p = log_p.exp()
-        # Entries of zero weight contribute 0; their log ratio may be infinite.
-        log_ratio = torch.where(p == 0, 0.0, log_p - log_q)
-        loss = (p * log_ratio).sum(dim=-1, keepdim=True)
-        grad = p * (log_ratio - loss) / temperature
-    else:
-        grad = (log_p.exp() - log_q.exp()) / temperature
-    if keep is not None:
-        grad = torch.where(kept, grad, 0.0)
-    return grad
+        return keep.sum().clamp(min=1).to(dtype)
+    return torch.full((), max(rows, 1), dtype=dtype, device=device)
 
 
 def upstream_per_row(grad_loss: torch.Tensor, keep: torch.Tensor | None, reduction: str,
@@ -112,6 +104,5 @@ def upstream_per_row(grad_loss: torch.Tensor, keep: torch.Tensor | None, reducti
     if reduction == "none":
         return grad_loss
     if reduction == "mean":
-        count = keep.sum().clamp(min=1).to(grad_loss.dtype) if keep is not None else max(rows, 1)
-        grad_loss = grad_loss / count
+        grad_loss = grad_loss / mean_divisor(keep, rows, grad_loss.dtype, grad_loss.device)
     return grad_loss.expand(rows)

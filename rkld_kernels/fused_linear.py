@@ -6,13 +6,14 @@ or, with ``drop_masked=False``, computed and zeroed without a host sync) are pro
 ``chunk_size`` at a time, and for each chunk
 
 1. three GEMMs build the student, original and strengthened logits ``[chunk, V]``, in float32
-   for float16/bfloat16 inputs and in float64 for float32 and float64 inputs (see "Precision");
+   for float16/bfloat16/float32 inputs and in float64 for float64 inputs or under the
+   ``compute_dtype=torch.float64`` option (see "Precision");
 2. the vocabulary part -- loss per row and dL/d(student logits) -- is
    :func:`rkld_kernels.torch_backend.rkl_rows` (torch backend) or the two Triton kernels of
    :mod:`rkld_kernels.triton_backend` (triton backend);
 3. two GEMMs turn dL/dlogits into gradients: ``dX[chunk] = dlogits @ W`` (into a float32
    ``[tokens, H]`` buffer) and ``dW += dlogits.T @ X[chunk]`` (accumulated in place into one
-   ``[V, H]`` accumulator, float32 by default, float64 for float32 heads), plus
+   ``[V, H]`` accumulator, float32 by default, float64 under the float64 option), plus
    ``db += dlogits.sum(0)``.
 
 Peak extra memory is ``O(chunk * V + V * H + tokens * H)``: it does not grow with tokens x V.
@@ -25,12 +26,14 @@ accumulate in float32 and write float32 (:func:`gemm_mode`: ``torch.mm(..., out_
 torch.float32)`` on CUDA, a float32 upcast elsewhere); the vocabulary pass runs in float32; the
 dX GEMM is fed dL/dlogits exactly enough (float32, or on CUDA two low-precision terms hi + lo)
 that dX is as exact as from float32; dX, dW and db stay in float32 until the upstream gradient
-has scaled them, then each is rounded once to its parameter's dtype. float32 heads get the
-same treatment one level up: GEMMs, vocabulary pass and dX/dW/db in float64 (the weight
-converted once per call), as float32 arithmetic cannot reach the float32 rounding floor (dX
-alone sums V terms that largely cancel). That costs float32 callers float64 GEMMs (on CPU
-about 2x float32's time; on GPUs their float64 rate), float64 vocabulary passes and twice the
-chunk memory, so the default chunk is half as long; the float16/bfloat16 path is unchanged.
+has scaled them, then each is rounded once to its parameter's dtype. float32 heads run float32
+GEMMs and math (on CUDA subject to torch's TF32 settings), held to 2x the naive float32
+formula's error. ``compute_dtype=torch.float64`` gives them the same treatment one level up:
+GEMMs, vocabulary pass and dX/dW/db in float64 (each weight converted once per call), for the
+float32 rounding floor, which float32 arithmetic cannot reach (dX alone sums V terms that
+largely cancel). That costs float64 GEMMs (on CPU about 2x float32's time; on GPUs their
+float64 rate), float64 vocabulary passes and twice the chunk memory, so the default chunk is
+half as long.
 The result meets the precision contract of the README (see :func:`fused_linear_rkl_loss`), tested in
 ``tests/test_precision.py``.
 
@@ -53,21 +56,26 @@ from ._custom_ops import (
     COMPILED_CODES,
     COMPILED_FROM_CODE,
     custom_op,
-    differentiable_logit_grad,
     function_route,
     functorch_active,
+    mean_divisor,
+    process_group,
     tracing,
     vmap_by_loop,
 )
 from .fused_rkl import fused_rkl_loss, resolve_backend
 from .tensor_parallel import is_dtensor, vocab_parallel_linear_rkl_loss
+from .torch_backend import compute_dtype as compute_dtype_of
 from .torch_backend import (
+    _all_reduce,
     accumulation_dtype,
     check_compiled_arg,
+    check_compute_dtype,
     compile_mode,
     compute_dtype,
+    differentiable_rows_grad,
+    group_max,
     run_rkl_rows,
-    teacher_logits,
 )
 
 _FN = "fused_linear_rkl_loss"
@@ -91,14 +99,15 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 _CPU_PASS_BYTES = 4 << 20
 
 def default_chunk_size(vocab_size: int, device: torch.device | str,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
+                       dtype: torch.dtype = torch.bfloat16,
+                       compute: torch.dtype | None = None) -> int:
     """Tokens per chunk when ``chunk_size=None``: the largest chunk whose ``[chunk, V]`` work
-    buffers (``_BUFFERS_PER_ROW`` rows of V per token in the compute dtype of ``dtype`` heads:
-    float32 for float16/bfloat16, float64 for float32/float64) fit the device's budget (1 GiB on
-    CUDA, 160 MiB elsewhere), at least 1."""
+    buffers (``_BUFFERS_PER_ROW`` rows of V per token in the compute dtype ``compute``, by
+    default that of ``dtype`` heads: float32, float64 for float64) fit the device's budget
+    (1 GiB on CUDA, 160 MiB elsewhere), at least 1."""
     device_type = torch.device(device).type
     budget = _CHUNK_BUDGET_BYTES.get(device_type, _DEFAULT_CHUNK_BUDGET_BYTES)
-    element = _element_size(compute_dtype(dtype))
+    element = _element_size(compute_dtype(dtype, compute))
     return max(1, budget // (_BUFFERS_PER_ROW * element * max(1, vocab_size)))
 
 
@@ -117,27 +126,34 @@ class _Plan:
     need_dx: bool
     need_dw: bool
     need_db: bool
+    compute: torch.dtype    # dtype of the logits, the vocabulary pass and dX/dW/db
+    group: object = None    # vocabulary parallelism: the process group to all-reduce over
 
 
 # ---------------------------------------------------------------------------------------------
 # The operators: rkld::linear_rkl_loss and, for reduction="none", its backward
 # ---------------------------------------------------------------------------------------------
 def _make_plan(xs, ws, bs, alpha, temperature, reverse, chunk_size, accum_dtype, backend,
-               compiled, per_row, need_dx, need_dw, need_db) -> _Plan:
-    rows, vocab, device = xs.shape[0], ws.shape[0], xs.device
-    chunk_size = chunk_size or default_chunk_size(vocab, device, ws.dtype)
+               compiled, per_row, need_dx, need_dw, need_db, compute=None,
+               group=None) -> _Plan:
+    rows, device = xs.shape[0], xs.device
+    compute = compute_dtype(ws.dtype, compute)
+    # Under ``group`` every rank must cut the same chunks (each chunk all-reduces): sized by
+    # the widest vocabulary slice.
+    vocab = max(1, group_max(ws.shape[0], group))
+    chunk_size = chunk_size or default_chunk_size(vocab, device, ws.dtype, compute)
     return _Plan(alpha=alpha, temperature=temperature, reverse=reverse, chunk_size=chunk_size,
                  accum_dtype=accum_dtype, backend=backend,
-                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (_element_size(compute_dtype(ws.dtype))
-                                                            * vocab))
+                 rows_per_pass=(max(1, _CPU_PASS_BYTES // (_element_size(compute) * vocab))
                                 if device.type == "cpu" else chunk_size),
                  compile=(compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
-                          if backend == "torch" else "off"),
+                          if backend == "torch" and group is None else "off"),
                  per_row=per_row, need_dx=need_dx, need_dw=need_dw,
-                 need_db=need_db and bs is not None)
+                 need_db=need_db and bs is not None, compute=compute, group=group)
 
 
-def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None):
+def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None, compute=None,
+                group=None):
     """:func:`_run_chunks` over all positions with masked ones (``keep`` False) at loss 0 and
     hidden gradient 0: dropped before the GEMMs (``drop_masked``; one ``nonzero``, a host sync
     on CUDA) or computed and zeroed (sync-free)."""
@@ -153,7 +169,7 @@ def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None):
             xg = xg.index_select(0, kept) if xg is not None else None
             row_scale = row_scale.index_select(0, kept) if row_scale is not None else None
         keep = None
-    plan = _make_plan(xs, ws, bs, *options)
+    plan = _make_plan(xs, ws, bs, *options, compute=compute, group=group)
     loss_rows, (dx, dw, db) = _run_chunks(plan, (xs, ws, bs, xo, wo, bo, xg, wg, bg),
                                           grads=grads, row_scale=row_scale, keep=keep)
     if kept is not None:
@@ -178,7 +194,8 @@ def _linear_rkl_loss_impl(
         alpha: float, temperature: float, reverse: bool, chunk_size: int,
         accum_dtype: torch.dtype | None, backend: str, compiled: str, per_row: bool,
         need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool,
-        dx_dtype: torch.dtype | None = None
+        dx_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
+        group_name: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of 2-D hidden states ``[positions, H]``: per position (``per_row``; 0 where ``keep``
     is False) or the sum over kept positions (0-d), and, unless ``per_row``, the gradient of
@@ -188,27 +205,33 @@ def _linear_rkl_loss_impl(
     in until backward (None: the compute dtype of ``xs``); the public function resolves it and
     ``accum_dtype`` before the call, so that a compiled graph names the dtypes of the gradient
     buffers it reads (torch.compile's caches key a graph by its operator calls and arguments,
-    not by what the fake implementation returns)."""
+    not by what the fake implementation returns). ``compute_dtype``: the dtype of the logits
+    and the math (the loss's option; None: :func:`compute_dtype` of the weight's).
+    ``group_name``: the weights are this rank's slice of the vocabulary and the chunk loop
+    all-reduces over that process group (``tensor_parallel``)."""
     options = (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled,
                per_row, need_dx, need_dw, need_db)
     inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
-    loss_rows, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=not per_row)
+    loss_rows, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=not per_row,
+                                        compute=compute_dtype,
+                                        group=process_group(group_name))
     loss = loss_rows if per_row else loss_rows.sum()
-    return loss, *_as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db)
+    return loss, *_as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db, compute_dtype)
 
 
-def _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype):
+def _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype, compute=None):
     """The dtypes of the (dx, dw, db) buffers: dx in ``dx_dtype`` (None: the compute dtype of
     the hidden states; backward rounds it once to theirs), dw and db in ``accum_dtype`` (None:
-    the compute dtype of the weight / bias)."""
-    return (dx_dtype or compute_dtype(xs.dtype), accum_dtype or compute_dtype(ws.dtype),
-            accum_dtype or compute_dtype(bs.dtype) if bs is not None else None)
+    the compute dtype of the weight / bias). ``compute``: the loss's compute_dtype option."""
+    return (dx_dtype or compute_dtype(xs.dtype, compute),
+            accum_dtype or compute_dtype(ws.dtype, compute),
+            accum_dtype or compute_dtype(bs.dtype, compute) if bs is not None else None)
 
 
-def _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db):
+def _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db, compute=None):
     """The gradient buffers in the dtypes the fake implementation promises (a no-op unless a
     caller passed dtypes other than those the chunks compute in); empty tensors for None."""
-    dtypes = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype)
+    dtypes = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype, compute)
     return tuple(like.new_empty(0) if t is None else t if t.dtype == dtype else t.to(dtype)
                  for t, like, dtype in zip((dx, dw, db), (xs, ws, ws), dtypes))
 
@@ -219,14 +242,17 @@ linear_rkl_loss_op = custom_op("linear_rkl_loss", _linear_rkl_loss_impl)
 @linear_rkl_loss_op.register_fake
 def _linear_rkl_loss_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, alpha, temperature, reverse,
                           chunk_size, accum_dtype, backend, compiled, per_row, need_dx, need_dw,
-                          need_db, drop_masked, dx_dtype=None):
+                          need_db, drop_masked, dx_dtype=None, compute_dtype=None,
+                          group_name=None):
     loss = xs.new_empty((xs.shape[0],) if per_row else (), dtype=accumulation_dtype(ws.dtype))
     return (loss, *_fake_grads(xs, ws, bs, accum_dtype, not per_row and need_dx,
-                               not per_row and need_dw, not per_row and need_db, dx_dtype))
+                               not per_row and need_dw, not per_row and need_db, dx_dtype,
+                               compute_dtype))
 
 
-def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype=None):
-    dx_type, dw_type, db_type = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype)
+def _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype=None,
+                compute=None):
+    dx_type, dw_type, db_type = _grad_dtypes(xs, ws, bs, accum_dtype, dx_dtype, compute)
     dx = xs.new_empty(xs.shape, dtype=dx_type) if need_dx else xs.new_empty(0)
     dw = ws.new_empty(ws.shape, dtype=dw_type) if need_dw else ws.new_empty(0)
     db = (ws.new_empty(ws.shape[:1], dtype=db_type) if need_db and bs is not None
@@ -241,7 +267,8 @@ def _linear_rkl_loss_backward_impl(
         grad_rows: torch.Tensor, alpha: float, temperature: float, reverse: bool,
         chunk_size: int, accum_dtype: torch.dtype | None, backend: str, compiled: str,
         need_dx: bool, need_dw: bool, need_db: bool, drop_masked: bool,
-        dx_dtype: torch.dtype | None = None
+        dx_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
+        group_name: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i grad_rows[i] * loss_i`` (``reduction="none"``): the chunks are
     recomputed with each row of dL/dlogits scaled by its upstream gradient."""
@@ -249,8 +276,9 @@ def _linear_rkl_loss_backward_impl(
                need_dx, need_dw, need_db)
     inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
     _, dx, dw, db = _masked_run(inputs, keep, drop_masked, options, grads=True,
-                                row_scale=grad_rows)
-    return _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db)
+                                row_scale=grad_rows, compute=compute_dtype,
+                                group=process_group(group_name))
+    return _as_fake_says(xs, ws, bs, accum_dtype, dx_dtype, dx, dw, db, compute_dtype)
 
 
 linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
@@ -261,8 +289,9 @@ linear_rkl_loss_backward_op = custom_op("linear_rkl_loss_backward",
 def _linear_rkl_loss_backward_fake(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_rows, alpha,
                                    temperature, reverse, chunk_size, accum_dtype, backend,
                                    compiled, need_dx, need_dw, need_db, drop_masked,
-                                   dx_dtype=None):
-    return _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype)
+                                   dx_dtype=None, compute_dtype=None, group_name=None):
+    return _fake_grads(xs, ws, bs, accum_dtype, need_dx, need_dw, need_db, dx_dtype,
+                       compute_dtype)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -271,7 +300,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dx, dw, db)
     # No zero-filled incoming gradients for the gradient buffers (never used).
     ctx.set_materialize_grads(False)
-    ctx.options = tuple(options)
+    ctx.options = tuple(options) + (None,) * (15 - len(options))   # defaults of the last
     ctx.save_for_backward(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep)
     # Gradients of the sum, computed in forward; the first backward scales them by the scalar
     # grad_output (in place when eager: the buffers are private to this graph node).
@@ -281,21 +310,26 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
     xs, ws, bs, xo, wo, bo, xg, wg, bg, keep = ctx.saved_tensors
     (alpha, temperature, reverse, chunk_size, accum_dtype, backend, compiled, per_row,
-     need_dx, need_dw, need_db, drop_masked, dx_dtype) = ctx.options
-    none = (None,) * 20                        # the mask and the options
+     need_dx, need_dw, need_db, drop_masked, dx_dtype, compute_dtype, group_name) = ctx.options
+    none = (None,) * 22                        # the mask and the options
     want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_db = bs is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (want_dx or want_dw or want_db):
         return (None, None, None, *none)
     if torch.is_grad_enabled():
         # create_graph=True (double backward, torch.func.grad): differentiable recomputation.
+        if group_name:
+            raise RuntimeError(f"{_FN}: vocabulary-sharded (DTensor) lm_heads support one "
+                               f"backward; second derivatives (create_graph=True) and "
+                               f"torch.func transforms are not implemented for them")
         dx, dw, db = _differentiable_linear_grads(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep,
-                                                  grad_loss, alpha, temperature, reverse)
+                                                  grad_loss, alpha, temperature, reverse,
+                                                  compute_dtype)
     elif per_row:
         dx, dw, db = linear_rkl_loss_backward_op(
             xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_loss, alpha, temperature, reverse,
             chunk_size, accum_dtype, backend, compiled, want_dx, want_dw, want_db, drop_masked,
-            dx_dtype)
+            dx_dtype, compute_dtype, group_name)
     else:
         if ctx.grads is None:
             raise RuntimeError(
@@ -314,20 +348,23 @@ def _linear_backward(ctx, grad_loss, _gdx, _gdw, _gdb):
 
 
 def _differentiable_linear_grads(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, grad_loss, alpha,
-                                 temperature, reverse):
-    """(dx, dw, db) of the loss with differentiable ops on the full logits (double backward)."""
-    acc_dtype = accumulation_dtype(ws.dtype)
+                                 temperature, reverse, compute=None):
+    """(dx, dw, db) of the loss with differentiable ops on the full logits (double backward):
+    the logits in the compute dtype, then the chunk loop's per-row math
+    (``torch_backend.rkl_rows``, differentiable form) on all rows at once."""
+    compute = compute_dtype(ws.dtype, compute)
 
     def logits(x, w, b):
-        return torch.nn.functional.linear(x.to(acc_dtype), w.to(acc_dtype),
-                                          b.to(acc_dtype) if b is not None else None)
+        return torch.nn.functional.linear(x.to(compute), w.to(compute),
+                                          b.to(compute) if b is not None else None)
 
-    teacher = teacher_logits(logits(xo, wo, bo), logits(xg, wg, bg) if xg is not None else None,
-                             alpha, acc_dtype)
-    dlogits = differentiable_logit_grad(logits(xs, ws, bs), teacher, keep, temperature, reverse)
+    dlogits = differentiable_rows_grad(logits(xs, ws, bs), logits(xo, wo, bo),
+                                       logits(xg, wg, bg) if xg is not None else None, keep,
+                                       alpha, temperature, reverse, compute)
     dlogits = dlogits * (grad_loss.unsqueeze(-1) if grad_loss.dim() else grad_loss)
-    dx = (dlogits @ ws.to(acc_dtype)).to(xs.dtype)
-    dw = dlogits.t() @ xs.to(acc_dtype)
+    xs_kept = torch.where(keep.unsqueeze(-1), xs, 0.0) if keep is not None else xs
+    dx = (dlogits @ ws.to(compute)).to(xs.dtype)
+    dw = dlogits.t() @ xs_kept.to(compute)
     db = dlogits.sum(0) if bs is not None else None
     return dx, dw, db
 
@@ -347,11 +384,16 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     """One pass over the kept rows, ``plan.chunk_size`` at a time.
 
     Returns the loss per row (float32, float64 for a float64 student) and, when ``grads``,
-    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in float32 (float64 for a float64
-    student), and the weight and bias gradients in the accumulation dtype (None for those the
-    plan does not ask for); the caller rounds each once to its parameter's dtype. Each row's
-    dL/dlogits is multiplied by ``row_scale[row]`` when given (``reduction="none"``'s backward).
-    Rows where the bool mask ``keep`` is False get loss 0 and dL/dlogits 0 (NaN there included).
+    ``(dx, dw, db)``: dL/d student hidden ``[n, H_s]`` in the compute dtype, and the weight and
+    bias gradients in the accumulation dtype (None for those the plan does not ask for); the
+    caller rounds each once to its parameter's dtype. Each row's dL/dlogits is multiplied by
+    ``row_scale[row]`` when given (``reduction="none"``'s backward). Rows where the bool mask
+    ``keep`` is False get loss 0 and contribute exactly nothing to any gradient (NaN hidden
+    states or logits there included: they are zeroed before the weight-gradient GEMM).
+
+    The one chunk loop of the loss, single-device and vocabulary-parallel: with ``plan.group``
+    the weights are this rank's vocabulary slice, the vocabulary pass all-reduces a few floats
+    per row (``torch_backend.rkl_rows``) and ``dx``, a sum over the slices, is all-reduced once.
     """
     xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
     need_dx, need_dw, need_db = (grads and plan.need_dx, grads and plan.need_dw,
@@ -359,14 +401,16 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
     need_grad = need_dx or need_dw or need_db
     rows, vocab = xs.shape[0], ws.shape[0]
     device = xs.device
-    student_head, original_head = _Head(xs, ws, bs), _Head(xo, wo, bo)
-    strengthened_head = _Head(xg, wg, bg, original_head) if xg is not None else None
+    compute = plan.compute
+    student_head, original_head = _Head(xs, ws, bs, compute), _Head(xo, wo, bo, compute)
+    strengthened_head = (_Head(xg, wg, bg, compute, original_head) if xg is not None
+                         else None)
     loss_rows = torch.empty(rows, dtype=accumulation_dtype(ws.dtype), device=device)
-    dx = (torch.empty(xs.shape, dtype=compute_dtype(xs.dtype), device=device)
+    dx = (torch.empty(xs.shape, dtype=compute_dtype(xs.dtype, compute), device=device)
           if need_dx else None)
-    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or compute_dtype(ws.dtype),
+    dw = (torch.zeros(ws.shape, dtype=plan.accum_dtype or compute_dtype(ws.dtype, compute),
                       device=device) if need_dw else None)
-    db = (torch.zeros(vocab, dtype=plan.accum_dtype or compute_dtype(bs.dtype),
+    db = (torch.zeros(vocab, dtype=plan.accum_dtype or compute_dtype(bs.dtype, compute),
                       device=device) if need_db else None)
     for start in range(0, rows, plan.chunk_size):
         stop = min(start + plan.chunk_size, rows)
@@ -377,14 +421,17 @@ def _run_chunks(plan: _Plan, inputs, *, grads: bool, row_scale: torch.Tensor | N
         scale = row_scale[start:stop] if row_scale is not None else None
         loss_rows[start:stop], dlogits = _vocabulary_pass(plan, student, original, strengthened,
                                                           need_grad, scale)
-        if keep is not None:
-            _zero_masked_rows(keep[start:stop], loss_rows[start:stop], dlogits)
+        kept = keep[start:stop] if keep is not None else None
+        if kept is not None:
+            _zero_masked_rows(kept, loss_rows[start:stop], dlogits)
         del student, original, strengthened      # free the chunk's logits before the grad GEMMs
         if not need_grad:
             continue
         if need_db:
             db.add_(dlogits.sum(0))
-        student_head.gradient_gemms(dlogits, start, stop, dx, dw)
+        student_head.gradient_gemms(dlogits, start, stop, dx, dw, kept)
+    if dx is not None and plan.group is not None:
+        _all_reduce(dx, plan.group)              # dX = sum over the vocabulary slices
     return loss_rows, (dx, dw, db)
 
 
@@ -394,27 +441,36 @@ def _zero_masked_rows(keep: torch.Tensor, loss: torch.Tensor, dlogits: torch.Ten
         dlogits.masked_fill_(~keep.unsqueeze(1), 0.0)
 
 
-def gemm_mode(dtype: torch.dtype, device: torch.device) -> str:
-    """How the GEMMs of an lm_head with ``dtype`` weights on ``device`` keep float32 precision
-    (logits are never rounded to a low-precision dtype before the softmax):
+def _kept_rows(x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with masked rows (``kept`` False) set to 0, without a host sync: their dL/dlogits
+    is 0, but 0 x NaN is NaN in the weight-gradient GEMM (padding may hold anything)."""
+    return x if kept is None else torch.where(kept.unsqueeze(1), x, 0.0)
 
-    - ``"native"``: float64; the GEMMs run in that dtype.
-    - ``"upcast64"``: float32: the weight is converted to float64 once per call and the hidden
-      rows chunk by chunk; GEMMs, vocabulary pass and gradients run in float64 (float32
-      arithmetic cannot reach the float32 rounding floor).
-    - ``"fp32_out"``: float16/bfloat16 on CUDA: GEMMs in the input dtype with float32
-      accumulation and float32 output (``torch.mm(..., out_dtype=torch.float32)``).
-    - ``"upcast"``: float16/bfloat16 elsewhere, or on CUDA with a torch that lacks
-      ``out_dtype``: the weight is converted to float32 once per call and the hidden rows chunk
-      by chunk. Products of float16/bfloat16 numbers are exact in float32, so this computes
-      what ``"fp32_out"`` computes (a CPU's bf16 GEMMs would round their output to bf16, and
-      on AVX2 they run about 10x slower than float32 ones).
+
+def gemm_mode(dtype: torch.dtype, device: torch.device, compute: torch.dtype | None = None
+              ) -> str:
+    """How the GEMMs of an lm_head with ``dtype`` weights on ``device`` produce logits in the
+    compute dtype ``compute`` (default :func:`compute_dtype` of ``dtype``: float32, float64 for
+    float64), so that logits are never rounded to a low-precision dtype before the softmax:
+
+    - ``"native"``: the weights are in the compute dtype (float32 by default, float64); the
+      GEMMs run in it (on CUDA, float32 GEMMs follow torch's TF32 settings).
+    - ``"fp32_out"``: float16/bfloat16 computed in float32 on CUDA: GEMMs in the input dtype
+      with float32 accumulation and float32 output (``torch.mm(..., out_dtype=torch.float32)``).
+    - ``"upcast"``: the weight is converted to the compute dtype once per call and the hidden
+      rows chunk by chunk: float16/bfloat16 off CUDA (or with a torch that lacks
+      ``out_dtype``), and any head with ``compute_dtype=torch.float64`` (GEMMs, vocabulary
+      pass and gradients in float64). Products of float16/bfloat16 numbers are exact in
+      float32, so float32 upcasting computes what ``"fp32_out"`` computes (a CPU's bf16 GEMMs
+      would round their output to bf16, and on AVX2 they run about 10x slower than float32).
     """
-    if dtype == torch.float32:
-        return "upcast64"
-    if dtype not in (torch.float16, torch.bfloat16):
+    compute = compute_dtype(dtype, compute)
+    if dtype == compute:
         return "native"
-    return "fp32_out" if _fp32_out_gemms(torch.device(device)) else "upcast"
+    if (compute == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+            and _fp32_out_gemms(torch.device(device))):
+        return "fp32_out"
+    return "upcast"
 
 
 def _fp32_out_gemms(device: torch.device) -> bool:
@@ -442,17 +498,17 @@ def _probe_fp32_out_gemms(device_index: int) -> bool:
 
 
 class _Head:
-    """One model's lm_head in the chunk loop: float32 (float64 for float64 inputs) logits of
-    rows ``[start, stop)`` and, for the student, the gradient GEMMs, in the :func:`gemm_mode`
-    of its dtype and device."""
+    """One model's lm_head in the chunk loop: logits of rows ``[start, stop)`` in the compute
+    dtype and, for the student, the gradient GEMMs, in the :func:`gemm_mode` of its dtype,
+    device and compute dtype."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 sharing: _Head | None = None):
-        self.mode = gemm_mode(weight.dtype, weight.device)
+                 compute: torch.dtype, sharing: _Head | None = None):
+        self.compute = compute_dtype(weight.dtype, compute)
+        self.mode = gemm_mode(weight.dtype, weight.device, self.compute)
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.source = (weight, bias)
-        self.compute = compute_dtype(weight.dtype)
-        if self.mode in ("upcast", "upcast64"):
+        if self.mode == "upcast":
             if sharing is not None and sharing.source[0] is weight:
                 self.weight = sharing.weight      # one wide copy of a shared lm_head
             else:
@@ -463,7 +519,7 @@ class _Head:
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         x = self.hidden[start:stop]
-        return x.to(self.compute) if self.mode in ("upcast", "upcast64") else x
+        return x.to(self.compute) if self.mode == "upcast" else x
 
     def logits(self, start: int, stop: int) -> torch.Tensor:
         x, weight, bias = self._rows(start, stop), self.weight, self.bias
@@ -472,11 +528,13 @@ class _Head:
         return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
 
     def gradient_gemms(self, dlogits: torch.Tensor, start: int, stop: int,
-                       dx: torch.Tensor | None, dw: torch.Tensor | None) -> None:
+                       dx: torch.Tensor | None, dw: torch.Tensor | None,
+                       kept: torch.Tensor | None = None) -> None:
         """``dx[start:stop] = dlogits @ W`` and ``dw += dlogits^T x[start:stop]`` (each when not
-        None) from the chunk's float32 (float64) dL/dlogits, which this may overwrite. ``dx`` is
-        float32 (float64); ``dw`` float32/float64, or the weight's dtype if the caller chose so."""
-        x = self._rows(start, stop)
+        None) from the chunk's dL/dlogits in the compute dtype, which this may overwrite.
+        ``dx`` is in the compute dtype; ``dw`` too, or in the dtype the caller chose. Rows where
+        ``kept`` is False (dL/dlogits 0 there) have their hidden states zeroed for dW."""
+        x = _kept_rows(self._rows(start, stop), kept) if dw is not None else None
         if self.mode != "fp32_out":
             if dw is not None:
                 # In the accumulator's dtype, straight into it (no [V, H] temporary).
@@ -534,7 +592,7 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     ``r`` multiplied by ``row_scale[r]`` (1 when None)."""
     if plan.backend == "triton":
         from .triton_backend import triton_rkl_backward, triton_rkl_forward
-        # The logits' dtype is the compute dtype (float32 for float16/bfloat16 heads).
+        # The logits' dtype is the compute dtype.
         hyper = (plan.alpha, plan.temperature, plan.reverse)
         loss, stats = triton_rkl_forward(student, original, strengthened, None, *hyper,
                                          compute=student.dtype)
@@ -546,8 +604,8 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
                                          row_scale, *hyper, compute=student.dtype)
     # rkl_rows makes a dozen elementwise passes over its rows; a few rows at a time they stay
     # in the CPU's caches instead of streaming through memory.
-    # The logits come in the compute dtype (float32 for float16/bfloat16 heads, float64 for
-    # float32/float64 ones), which is what rkl_rows computes in.
+    # The logits come in the compute dtype, which is what rkl_rows computes in. Under
+    # plan.group every rank makes the same calls (rows_per_pass is sized alike).
     rows, vocab = student.shape
     loss = torch.empty(rows, dtype=student.dtype, device=student.device)
     grad = (torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
@@ -558,7 +616,7 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
                                      strengthened[part] if strengthened is not None else None,
                                      plan.alpha, plan.temperature, plan.reverse, need_grad,
                                      grad_out=grad[part] if grad is not None else None,
-                                     caller=_FN, compute=student.dtype)
+                                     caller=_FN, compute=student.dtype, group=plan.group)
     if grad is not None and row_scale is not None:
         grad.mul_(row_scale.unsqueeze(1))
     return loss, grad
@@ -646,8 +704,8 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           direction: str = "reverse", reduction: str = "mean",
                           chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
                           backend: str = "auto", compiled: bool | None = None,
-                          drop_masked: bool = True, vocab_size: int | None = None
-                          ) -> torch.Tensor:
+                          drop_masked: bool = True, vocab_size: int | None = None,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`~rkld_kernels.fused_rkl_loss` of the logits ``hidden @ weight.T + bias`` of the
     three models, without ever building a ``[tokens, V]`` tensor.
 
@@ -656,16 +714,18 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     weight gradient and the ``[tokens, H]`` hidden gradient (both float32 until the backward
     rounds them to the parameters' dtypes), whatever the number of tokens. Off CUDA, each
     float16/bfloat16 lm_head weight is also converted to float32 once per call (``V x H x 4``
-    bytes; see :func:`gemm_mode`). float32 heads are computed in float64 throughout: their
-    buffers, gradients and (on every device) one float64 copy of each weight are twice as wide.
+    bytes; see :func:`gemm_mode`). With ``compute_dtype=torch.float64`` the buffers and
+    gradients are float64 and every head is converted to float64 once per call.
 
     Precision contract (torch and triton backends; ``reference`` computes naively in the
     inputs' dtype): for float16/bfloat16/float32 inputs the loss (float32) is within 1e-3
     relative of the float64 loss of the same rounded inputs (or 1e-6 absolute when smaller)
-    and never negative; each gradient is within 2x the error of rounding the exact gradient to
-    its dtype; float64 inputs are float64 throughout. Logits are never rounded to a
-    low-precision dtype (see the module docstring); float32 inputs are computed in float64
-    (GEMMs included, so TF32 settings do not apply to them).
+    and never negative; each gradient of float16/bfloat16 inputs is within 2x the error of
+    rounding the exact gradient to its dtype, each of float32 inputs within 2x the error of
+    the naive float32 formula (float32 GEMMs and math; on CUDA they follow torch's TF32
+    settings), or of the float32 rounding floor with ``compute_dtype=torch.float64``; float64
+    inputs are float64 throughout. Logits are never rounded to a low-precision dtype (see the
+    module docstring).
 
     Args:
         student_hidden: ``(..., H_s)`` input of the student's lm_head (float32 / bfloat16 /
@@ -685,8 +745,9 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             memory budget.
         accum_dtype: dtype of the weight/bias gradient accumulators. None (default): float32
             for a float16/bfloat16 lm_head (the gradient is summed over chunks in float32 and
-            rounded once at the end, as the precision contract needs), float64 for float32 and
-            float64 ones. ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
+            rounded once at the end, as the precision contract needs), float32 for float32 heads,
+            float64 for float64 ones and under ``compute_dtype=torch.float64`` (the compute
+            dtype). ``torch.bfloat16`` for a bfloat16 head halves the accumulator's memory
             but rounds after every chunk, so the weight gradient drifts beyond the contract
             when there is more than one chunk.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"triton"`` (chunk logits by
@@ -707,6 +768,14 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         vocab_size: use only the first ``vocab_size`` rows of every lm_head weight (and bias),
             for models whose vocabularies differ only by padding (e.g. 152064 vs 151936 rows).
             None: every weight must have the student's number of rows.
+        compute_dtype: the dtype of the logits and of the arithmetic inside, on every backend
+            (torch, triton, vocabulary-parallel). None (default): float32 for
+            float16/bfloat16/float32 heads, float64 for float64 ones (the triton backend keeps
+            float64 for float32 heads for now: see ``torch_backend.TRITON_FLOAT32_COMPUTE``).
+            ``torch.float64``: float64 GEMMs, vocabulary pass and gradient accumulators, for
+            the last digits of float32 inputs; measured on this project's CPU it costs about
+            2.8x the float32 default's time and twice its chunk memory plus a float64 copy of
+            each head (on GPUs, their float64 GEMM rate).
 
     Returns:
         The loss in float32 (float64 when the student is float64); shape ``(...)`` for
@@ -727,6 +796,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     """
     _checks.check_options(_FN, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    check_compute_dtype(_FN, compute_dtype, getattr(student_weight, "dtype", None))
     if not isinstance(drop_masked, bool):
         raise TypeError(f"{_FN}: drop_masked must be True or False; got {drop_masked!r}")
     if strengthened_hidden is None and (strengthened_weight is not None
@@ -747,7 +817,8 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             original_bias=original_bias, strengthened_bias=strengthened_bias, alpha=alpha,
             labels=labels, ignore_index=ignore_index, temperature=temperature,
             direction=direction, reduction=reduction, chunk_size=chunk_size,
-            accum_dtype=accum_dtype, backend=backend, vocab_size=vocab_size)
+            accum_dtype=accum_dtype, backend=backend, vocab_size=vocab_size,
+            compute_dtype=compute_dtype, drop_masked=drop_masked)
     if vocab_size is not None:
         named = {"student_weight": student_weight, "original_weight": original_weight,
                  "strengthened_weight": strengthened_weight}
@@ -778,27 +849,38 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     xo = original_hidden.reshape(-1, original_hidden.shape[-1])
     xg = (strengthened_hidden.reshape(-1, strengthened_hidden.shape[-1])
           if strengthened_hidden is not None else None)
-    positions = xs.shape[0]
     keep = labels.reshape(-1) != ignore_index if labels is not None else None
+    return run_linear_rkl_loss(
+        xs, student_weight, student_bias, xo, original_weight, original_bias, xg,
+        strengthened_weight, strengthened_bias, keep, leading_shape, alpha=alpha,
+        temperature=temperature, direction=direction, reduction=reduction,
+        chunk_size=chunk_size, accum_dtype=accum_dtype, backend=backend, compiled=compiled,
+        drop_masked=drop_masked, compute_dtype=compute_dtype)
+
+
+def run_linear_rkl_loss(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, leading_shape, *, alpha,
+                        temperature, direction, reduction, chunk_size, accum_dtype, backend,
+                        compiled, drop_masked, compute_dtype, group_name=None) -> torch.Tensor:
+    """The loss of validated 2-D hidden states through the operator, reduced: the one route of
+    the single-device and the vocabulary-parallel (``group_name``) fused-linear loss."""
     # Under torch.func transforms the backward recomputes differentiably (see _custom_ops), so
     # the forward skips the fused gradient.
     functorch = functorch_active()
     grad_enabled = torch.is_grad_enabled() and not functorch
-    args = (xs, student_weight, student_bias, xo, original_weight, original_bias, xg,
-            strengthened_weight, strengthened_bias, keep, float(alpha), float(temperature),
-            direction == "reverse", chunk_size or 0,
-            accum_dtype or compute_dtype(student_weight.dtype), backend,
+    compute = compute_dtype_of(ws.dtype, compute_dtype, backend)
+    args = (xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, float(alpha), float(temperature),
+            direction == "reverse", chunk_size or 0, accum_dtype or compute, backend,
             COMPILED_CODES[compiled], reduction == "none", grad_enabled and xs.requires_grad,
-            grad_enabled and student_weight.requires_grad,
-            grad_enabled and student_bias is not None and student_bias.requires_grad,
-            drop_masked, compute_dtype(xs.dtype))
+            grad_enabled and ws.requires_grad,
+            grad_enabled and bs is not None and bs.requires_grad,
+            drop_masked, compute_dtype_of(xs.dtype, compute_dtype, backend), compute,
+            group_name)
     loss = (_LinearRKLFunction.apply(*args) if functorch else linear_rkl_loss_op(*args))[0]
     if reduction == "none":
         return loss.reshape(leading_shape)
     if reduction == "sum":
         return loss
-    count = keep.sum().clamp(min=1).to(loss.dtype) if keep is not None else max(positions, 1)
-    return loss / count
+    return loss / mean_divisor(keep, xs.shape[0], loss.dtype, loss.device)
 
 
 class LinearRKLLoss(torch.nn.Module):
@@ -815,7 +897,8 @@ class LinearRKLLoss(torch.nn.Module):
                  reduction: str = "mean", ignore_index: int = -100,
                  chunk_size: int | None = None, accum_dtype: torch.dtype | None = None,
                  backend: str = "auto", compiled: bool | None = None,
-                 drop_masked: bool = True, vocab_size: int | None = None):
+                 drop_masked: bool = True, vocab_size: int | None = None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         _checks.check_options("LinearRKLLoss", alpha=alpha, temperature=temperature,
                               direction=direction, reduction=reduction, backend=backend)
@@ -823,6 +906,8 @@ class LinearRKLLoss(torch.nn.Module):
         _checks.check_module_options("LinearRKLLoss", ignore_index=ignore_index,
                                      vocab_size=vocab_size, chunk_size=chunk_size,
                                      accum_dtype=accum_dtype, drop_masked=drop_masked)
+        check_compute_dtype("LinearRKLLoss", compute_dtype)
+        self.compute_dtype = compute_dtype
         self.alpha, self.temperature, self.direction = alpha, temperature, direction
         self.reduction, self.ignore_index, self.chunk_size = reduction, ignore_index, chunk_size
         self.accum_dtype, self.backend, self.compiled = accum_dtype, backend, compiled
@@ -838,7 +923,8 @@ class LinearRKLLoss(torch.nn.Module):
             labels=labels, ignore_index=self.ignore_index, temperature=self.temperature,
             direction=self.direction, reduction=self.reduction, chunk_size=self.chunk_size,
             accum_dtype=self.accum_dtype, backend=self.backend,
-            compiled=self.compiled, drop_masked=self.drop_masked, vocab_size=self.vocab_size)
+            compiled=self.compiled, drop_masked=self.drop_masked, vocab_size=self.vocab_size,
+            compute_dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, temperature={self.temperature}, "
@@ -846,4 +932,4 @@ class LinearRKLLoss(torch.nn.Module):
                 f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, "
                 f"accum_dtype={self.accum_dtype}, backend={self.backend!r}, "
                 f"compiled={self.compiled}, drop_masked={self.drop_masked}, "
-                f"vocab_size={self.vocab_size}")
+                f"vocab_size={self.vocab_size}, compute_dtype={self.compute_dtype}")

@@ -5,34 +5,31 @@ its slice of the vocabulary for all positions: logits as a DTensor ``Shard(-1)``
 mesh, or the lm_head weight as a DTensor ``Shard(0)``. :func:`~rkld_kernels.fused_rkl_loss` and
 :func:`~rkld_kernels.fused_linear_rkl_loss` route such inputs here.
 
-Each rank k streams its shard and keeps three floats per row: the log-sum-exps of the student
-and teacher logits over the shard, ``lse_s_k`` and ``lse_z_k``, and the KL divergence of the
-shard's own normalised distributions, ``KL_k``. With ``w_k = exp(lse_s_k - lse_s)`` and
-``u_k = exp(lse_z_k - lse_z)`` the shard's probability mass under the student and the teacher,
-the chain rule of the KL divergence gives the full-vocabulary loss
-
-    reverse:  KL(p || q) = sum_k w_k KL_k + sum_k w_k log(w_k / u_k)
-    forward:  KL(q || p) = sum_k u_k KL_k + sum_k u_k log(u_k / w_k)
-
-(every term non-negative: no cancellation). One all-reduce of ``world x rows x 3`` floats
-gives every rank every shard's statistics. The gradient of a shard needs only the full
-log-sum-exps and the row's loss (``torch_backend``'s formulas with ``log p = s/T - lse_s``), so
-the backward of :func:`vocab_parallel_rkl_loss` has no communication, and the student's gradient
-comes back as a DTensor with the student's placement. :func:`vocab_parallel_linear_rkl_loss`
-does the same chunk by chunk (one all-reduce of ``world x chunk x 3`` floats per token chunk);
-with hidden states replicated, ``dX = dlogits @ W`` is a sum over the shards, all-reduced once
-per call, and the weight gradient is local, sharded like the weight.
+Both run the same operators, chunk loops and per-row math as plain tensors
+(``torch_backend.rkl_rows``), with the vocabulary-parallel all-reduce as an option of that loop
+(the operators' ``group_name`` argument): each rank streams its slice of every row, and per
+chunk of rows a few floats per row are all-reduced over the mesh's process group -- the
+student's and the teacher's log-sum-exps over each slice (so that ``log_softmax`` of the slice
+plus a per-row shift is the full vocabulary's log-probability), the row's loss (a sum over the
+slices) and, in the gradient, the row sums that the one-hot fix-up takes the top entry from.
+Everything else -- teacher, masking, the fast and exact non-finite paths, the reductions, the
+fused-linear loss's GEMM precision scheme (float32 logits from the GEMM to the softmax for
+float16/bfloat16 heads) -- is the plain path's, so on one rank the results are bit-identical
+to it. With hidden states replicated, ``dX = dlogits @ W`` is a sum over the slices,
+all-reduced once per call, and the weight gradient is local, sharded like the weight. The
+student's logits gradient comes back with the student's placement.
 
 The losses are returned as DTensors with ``Replicate()`` placement. The vocabulary part runs in
-PyTorch on any device (``backend="auto"`` or ``"torch"``); these paths are autograd Functions,
-not custom operators, and support one backward (no second derivatives, no torch.func).
+PyTorch on any device (``backend="auto"`` or ``"torch"``); one backward (no second
+derivatives, no torch.func).
 """
 from __future__ import annotations
 
 import torch
 
 from . import _checks
-from .torch_backend import accumulation_dtype, default_chunk_rows, teacher_logits
+from .torch_backend import check_compute_dtype
+from .torch_backend import compute_dtype as compute_dtype_of
 
 try:
     import torch.distributed as dist
@@ -43,64 +40,6 @@ except ImportError:          # a torch build without distributed support
 
 def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-shard math
-# ---------------------------------------------------------------------------------------------
-def _scaled_logits(student, original, strengthened, alpha, temperature):
-    acc_dtype = accumulation_dtype(student.dtype)
-    s = student.to(acc_dtype)
-    z = teacher_logits(original, strengthened, alpha, acc_dtype)
-    if temperature != 1.0:
-        s, z = s / temperature, z / temperature
-    return s, z
-
-
-def _shard_stats(student, original, strengthened, alpha, temperature, reverse):
-    """``[rows, 3]``: lse_s_k, lse_z_k and KL_k of one shard ``[rows, V_k]`` (V_k may be 0)."""
-    s, z = _scaled_logits(student, original, strengthened, alpha, temperature)
-    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
-    lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
-    log_p, log_q = s - lse_s, z - lse_z
-    if reverse:
-        weight, log_ratio = log_p.exp(), log_p - log_q
-    else:
-        weight, log_ratio = log_q.exp(), log_q - log_p
-    # Entries of zero weight contribute 0 (their log ratio may be infinite); NaN propagates.
-    kl = torch.where(weight == 0, 0.0, weight * log_ratio).sum(dim=-1, keepdim=True)
-    return torch.cat([lse_s, lse_z, kl], dim=-1)
-
-
-def _combine(stats, group, reverse):
-    """Loss, lse_s and lse_z per row from every rank's shard statistics (one all-reduce)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    every = stats.new_zeros((world, *stats.shape))
-    every[rank] = stats
-    dist.all_reduce(every, group=group)
-    lse_s_k, lse_z_k, kl_k = every.unbind(-1)                 # [world, rows] each
-    lse_s, lse_z = torch.logsumexp(lse_s_k, dim=0), torch.logsumexp(lse_z_k, dim=0)
-    log_w, log_u = lse_s_k - lse_s, lse_z_k - lse_z
-    if reverse:
-        mass, log_ratio = log_w.exp(), log_w - log_u
-    else:
-        mass, log_ratio = log_u.exp(), log_u - log_w
-    loss = torch.where(mass == 0, 0.0, mass * (kl_k + log_ratio)).sum(dim=0)
-    return loss, lse_s, lse_z
-
-
-def _shard_grad(student, original, strengthened, lse_s, lse_z, loss, alpha, temperature,
-                reverse):
-    """dL_row/d student on one shard (compute dtype), from the full rows' statistics."""
-    s, z = _scaled_logits(student, original, strengthened, alpha, temperature)
-    log_p, log_q = s - lse_s.unsqueeze(-1), z - lse_z.unsqueeze(-1)
-    p = log_p.exp()
-    if reverse:
-        log_ratio = torch.where(p == 0, 0.0, log_p - log_q)
-        grad = p * (log_ratio - loss.unsqueeze(-1))
-    else:
-        grad = p - log_q.exp()
-    return grad / temperature if temperature != 1.0 else grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,72 +131,26 @@ def _check_backend(fn, backend):
                          f"PyTorch; backend must be 'auto' or 'torch'; got {backend!r}")
 
 
-def _reduce(loss_rows, keep, reduction, leading_shape):
-    if reduction == "none":
-        return loss_rows.reshape(leading_shape)
-    total = loss_rows.sum()
-    if reduction == "sum":
-        return total
-    count = keep.sum().clamp(min=1).to(total.dtype) if keep is not None else max(
-        loss_rows.numel(), 1)
-    return total / count
-
-
 # ---------------------------------------------------------------------------------------------
 # Logits: vocab_parallel_rkl_loss
 # ---------------------------------------------------------------------------------------------
-class _VocabParallelRKL(torch.autograd.Function):
-    """Per-row losses of local ``[rows, V_k]`` shards; gradient from the saved full statistics."""
-
-    @staticmethod
-    def forward(ctx, student, original, strengthened, keep, alpha, temperature, reverse, group):
-        rows, vocab = student.shape
-        stats = student.new_empty((rows, 3), dtype=accumulation_dtype(student.dtype))
-        step = default_chunk_rows(max(vocab, 1))
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
-            stats[part] = _shard_stats(student[part], original[part],
-                                       strengthened[part] if strengthened is not None else None,
-                                       alpha, temperature, reverse)
-        loss, lse_s, lse_z = _combine(stats, group, reverse)
-        if keep is not None:
-            loss = torch.where(keep, loss, 0.0)
-        ctx.hyper = (alpha, temperature, reverse)
-        ctx.save_for_backward(student, original, strengthened, keep, lse_s, lse_z, loss)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rows):
-        student, original, strengthened, keep, lse_s, lse_z, loss = ctx.saved_tensors
-        rows, vocab = student.shape
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        step = default_chunk_rows(max(vocab, 1))
-        for start in range(0, rows, step):
-            part = slice(start, start + step)
-            chunk = _shard_grad(student[part], original[part],
-                                strengthened[part] if strengthened is not None else None,
-                                lse_s[part], lse_z[part], loss[part], *ctx.hyper)
-            chunk = chunk * grad_rows[part].unsqueeze(-1)
-            if keep is not None:
-                chunk = chunk.masked_fill(~keep[part].unsqueeze(-1), 0.0)
-            grad[part] = chunk
-        return grad, None, None, None, None, None, None, None
-
-
 def vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits=None, *,
                             alpha: float = 8.0, labels=None, ignore_index: int = -100,
                             temperature: float = 1.0, direction: str = "reverse",
                             reduction: str = "mean", backend: str = "auto",
-                            vocab_size: int | None = None):
+                            vocab_size: int | None = None,
+                            compute_dtype: torch.dtype | None = None):
     """:func:`~rkld_kernels.fused_rkl_loss` of logits that are DTensors sharded on the vocabulary
     (``Shard(-1)`` on a 1-D mesh, all three on the same mesh); ``labels`` a plain tensor or a
     replicated DTensor. Returns the loss as a DTensor with ``Replicate()``; the student's
     gradient has the student's placement. ``vocab_size``: as in fused_rkl_loss, provided the
-    inputs' shards cover the same global entries on every rank."""
+    inputs' shards cover the same global entries on every rank. ``compute_dtype``: as in
+    fused_rkl_loss."""
+    from .fused_rkl import rkl_loss_op, saved_dtype_of
     fn = "fused_rkl_loss"
     _checks.check_options(fn, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    check_compute_dtype(fn, compute_dtype, student_logits.dtype)
     _check_backend(fn, backend)
     mesh = student_logits.device_mesh if is_dtensor(student_logits) else None
     named = {"student_logits": student_logits, "original_logits": original_logits,
@@ -287,116 +180,23 @@ def vocab_parallel_rkl_loss(student_logits, original_logits, strengthened_logits
     leading_shape = student.shape[:-1]
     vocab = student.shape[-1]
     keep = labels.reshape(-1) != ignore_index if labels is not None else None
-    loss_rows = _VocabParallelRKL.apply(
-        student.reshape(-1, vocab), original.reshape(-1, vocab),
+    student = student.reshape(-1, vocab)
+    compute = compute_dtype_of(student.dtype, compute_dtype)
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _ = rkl_loss_op(
+        student, original.reshape(-1, vocab),
         strengthened.reshape(-1, vocab) if strengthened is not None else None, keep,
-        float(alpha), float(temperature), direction == "reverse", mesh.get_group())
-    loss = _reduce(loss_rows, keep, reduction, leading_shape)
+        float(alpha), float(temperature), direction == "reverse", reduction, "torch", "never",
+        need_grad, saved_dtype_of(student.dtype, reduction, "torch", compute), compute,
+        mesh.get_group().group_name)
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Hidden states + sharded lm_head: vocab_parallel_linear_rkl_loss
 # ---------------------------------------------------------------------------------------------
-def _logits(x, weight, bias):
-    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-
-
-def _linear_pass(inputs, keep, hyper, chunk_size, group, *, grads, row_scale=None,
-                 saved_stats=None, accum_dtype=None, needs=(True, True, True)):
-    """One pass over the token chunks. Without ``saved_stats`` every chunk's shard statistics
-    are combined with one all-reduce; with them (a recomputing backward) no statistics are
-    exchanged. Returns ``(loss, lse_s, lse_z)`` per row and ``(dx, dw, db)`` when ``grads``
-    (``dx`` all-reduced over the vocabulary shards)."""
-    xs, ws, bs, xo, wo, bo, xg, wg, bg = inputs
-    alpha, temperature, reverse = hyper
-    rows, vocab = xs.shape[0], ws.shape[0]
-    acc_dtype = accumulation_dtype(ws.dtype)
-    if saved_stats is None:
-        loss = xs.new_empty(rows, dtype=acc_dtype)
-        lse_s, lse_z = torch.empty_like(loss), torch.empty_like(loss)
-    else:
-        loss, lse_s, lse_z = saved_stats
-    need_dx, need_dw, need_db = (grads and needs[0], grads and needs[1],
-                                 grads and needs[2] and bs is not None)
-    dx = torch.zeros(xs.shape, dtype=xs.dtype, device=xs.device) if need_dx else None
-    dw = torch.zeros(ws.shape, dtype=accum_dtype or ws.dtype, device=ws.device) if need_dw else None
-    db = torch.zeros(vocab, dtype=accum_dtype or bs.dtype, device=ws.device) if need_db else None
-    for start in range(0, rows, chunk_size):
-        part = slice(start, min(start + chunk_size, rows))
-        x = xs[part]
-        student = _logits(x, ws, bs)
-        original = _logits(xo[part], wo, bo)
-        strengthened = _logits(xg[part], wg, bg) if xg is not None else None
-        if saved_stats is None:
-            chunk_loss, lse_s[part], lse_z[part] = _combine(
-                _shard_stats(student, original, strengthened, alpha, temperature, reverse),
-                group, reverse)
-            loss[part] = (torch.where(keep[part], chunk_loss, 0.0) if keep is not None
-                          else chunk_loss)
-        if not grads:
-            continue
-        dlogits = _shard_grad(student, original, strengthened, lse_s[part], lse_z[part],
-                              loss[part], alpha, temperature, reverse)
-        if row_scale is not None:
-            dlogits = dlogits * row_scale[part].unsqueeze(-1)
-        if keep is not None:
-            dlogits = dlogits.masked_fill(~keep[part].unsqueeze(-1), 0.0)
-        dlogits_w = dlogits.to(ws.dtype)
-        if need_dx:
-            dx[part] = torch.mm(dlogits_w, ws)          # this shard's share of dX
-        if need_dw:
-            grad_rows = dlogits_w if dw.dtype == ws.dtype else dlogits.to(dw.dtype)
-            dw.addmm_(grad_rows.t(), x.to(dw.dtype))
-        if need_db:
-            db.add_(dlogits.sum(0))
-    if dx is not None:
-        dist.all_reduce(dx, group=group)
-    return (loss, lse_s, lse_z), (dx, dw, db)
-
-
-class _VocabParallelLinearRKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, hyper, chunk_size, accum_dtype,
-                per_row, group):
-        inputs = (xs, ws, bs, xo, wo, bo, xg, wg, bg)
-        needs = ctx.needs_input_grad[:3]
-        ctx.hyper, ctx.chunk_size, ctx.accum_dtype = hyper, chunk_size, accum_dtype
-        ctx.per_row, ctx.group, ctx.needs = per_row, group, needs
-        ctx.weight_dtypes = (ws.dtype, bs.dtype if bs is not None else None)
-        (loss, lse_s, lse_z), grads = _linear_pass(inputs, keep, hyper, chunk_size, group,
-                                                   grads=not per_row and any(needs),
-                                                   accum_dtype=accum_dtype, needs=needs)
-        if per_row:
-            ctx.save_for_backward(*inputs, keep, loss, lse_s, lse_z)
-            return loss
-        ctx.grads = grads
-        return loss.sum()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        if ctx.per_row:
-            *inputs, keep, loss, lse_s, lse_z = ctx.saved_tensors
-            _, (dx, dw, db) = _linear_pass(inputs, keep, ctx.hyper, ctx.chunk_size, ctx.group,
-                                           grads=True, row_scale=grad_loss,
-                                           saved_stats=(loss, lse_s, lse_z),
-                                           accum_dtype=ctx.accum_dtype, needs=ctx.needs)
-        else:
-            if ctx.grads is None:
-                raise RuntimeError("fused_linear_rkl_loss computes the gradient during the "
-                                   "forward pass for reduction='mean'/'sum' and supports one "
-                                   "backward per forward; recompute the loss")
-            (dx, dw, db), ctx.grads = ctx.grads, None
-            for grad in (dx, dw, db):
-                if grad is not None:
-                    grad.mul_(grad_loss)
-        weight_dtype, bias_dtype = ctx.weight_dtypes
-        dw = dw.to(weight_dtype) if dw is not None else None
-        db = db.to(bias_dtype) if db is not None else None
-        return (dx, dw, db) + (None,) * 12
-
-
 def vocab_parallel_linear_rkl_loss(student_hidden, student_weight, original_hidden,
                                    original_weight, strengthened_hidden=None,
                                    strengthened_weight=None, *, student_bias=None,
@@ -405,15 +205,21 @@ def vocab_parallel_linear_rkl_loss(student_hidden, student_weight, original_hidd
                                    temperature: float = 1.0, direction: str = "reverse",
                                    reduction: str = "mean", chunk_size: int | None = None,
                                    accum_dtype: torch.dtype | None = None,
-                                   backend: str = "auto", vocab_size: int | None = None):
+                                   backend: str = "auto", vocab_size: int | None = None,
+                                   compute_dtype: torch.dtype | None = None,
+                                   drop_masked: bool = True):
     """:func:`~rkld_kernels.fused_linear_rkl_loss` with lm_head weights (and biases) that are
     DTensors sharded over the vocabulary (``Shard(0)`` on one 1-D mesh) and hidden states
     replicated (plain tensors or ``Replicate()`` DTensors). ``strengthened_weight=None`` shares
     the original's head. Returns the loss as a ``Replicate()`` DTensor; the weight and bias
-    gradients are sharded like them, the hidden gradient is the full (all-reduced) one."""
+    gradients are sharded like them, the hidden gradient is the full (all-reduced) one. The
+    chunk loop is ``fused_linear``'s (its operator with ``group_name``); ``chunk_size``,
+    ``accum_dtype``, ``compute_dtype`` and ``drop_masked`` as in fused_linear_rkl_loss."""
+    from .fused_linear import run_linear_rkl_loss
     fn = "fused_linear_rkl_loss"
     _checks.check_options(fn, alpha=alpha, temperature=temperature, direction=direction,
                           reduction=reduction, backend=backend)
+    check_compute_dtype(fn, compute_dtype, student_hidden.dtype)
     _check_backend(fn, backend)
     if strengthened_hidden is not None and strengthened_weight is None:
         strengthened_weight = original_weight
@@ -479,17 +285,11 @@ def vocab_parallel_linear_rkl_loss(student_hidden, student_weight, original_hidd
     xs, xo, xg = flat(local_x["student"]), flat(local_x["original"]), flat(local_x.get(
         "strengthened"))
     keep = labels.reshape(-1) != ignore_index if labels is not None else None
-    vocab = max(1, local_w["student"].shape[0])
-    chunk_size = chunk_size or max(1, (160 << 20) // (5 * 4 * vocab))
-    hyper = (float(alpha), float(temperature), direction == "reverse")
-    loss = _VocabParallelLinearRKL.apply(
+    loss = run_linear_rkl_loss(
         xs, local_w["student"], local_b["student"], xo, local_w["original"],
         local_b["original"], xg, local_w.get("strengthened"), local_b.get("strengthened"), keep,
-        hyper, chunk_size, accum_dtype, reduction == "none", mesh.get_group())
-    if reduction == "none":
-        loss = loss.reshape(leading_shape)
-    elif reduction == "mean":
-        count = keep.sum().clamp(min=1).to(loss.dtype) if keep is not None else max(
-            xs.shape[0], 1)
-        loss = loss / count
+        leading_shape, alpha=alpha, temperature=temperature, direction=direction,
+        reduction=reduction, chunk_size=chunk_size, accum_dtype=accum_dtype, backend="torch",
+        compiled=False, drop_masked=drop_masked, compute_dtype=compute_dtype,
+        group_name=mesh.get_group().group_name)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)

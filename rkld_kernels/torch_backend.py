@@ -1,18 +1,33 @@
 """Chunked PyTorch backend: the same math as the Triton kernels, for CPUs and as a fallback.
 
 Rows are processed a chunk at a time in the compute dtype (:func:`compute_dtype`: float32 for
-float16/bfloat16 students, float64 for float32 and float64 ones), so no full-vocabulary work
-tensor larger than ``chunk_rows x V`` exists besides the gradient itself.
+float16/bfloat16/float32 students, float64 for float64 ones, or float64 when the caller asks for
+it with the losses' ``compute_dtype=torch.float64`` option), so no full-vocabulary work tensor
+larger than ``chunk_rows x V`` exists besides the gradient itself.
+
+This module is the one place of the per-row math (:func:`rkl_rows`): the single-device and the
+vocabulary-parallel paths of both losses run it (the latter with ``group``: each rank holds a
+slice of the vocabulary and a few per-row floats are all-reduced, see
+``rkld_kernels.tensor_parallel``), and so does the double backward (``differentiable=True``:
+the same formulas without in-place ops, so that autograd can differentiate them).
 The loss and the gradient of each chunk (optionally pre-multiplied by a scale, so that the usual
 backward needs no further pass) come out of one call, eager or through ``torch.compile``.
 
-Math per row, with s~ = s/T, z~ = z/T, p = softmax(s~), q = softmax(z~):
+Math per row, with s~ = s/T, z~ = z/T, p = softmax(s~), q = softmax(z~), d = (s - z) / T:
 
-    reverse:  L = sum_v p (log p - log q)      dL/ds_v = p_v ((log p_v - log q_v) - L) / T
-    forward:  L = sum_v q (log q - log p)      dL/ds_v = (p_v - q_v) / T
+    reverse:  L = sum_v p (log p - log q)      dL/ds_v = p_v (d_v - E_p[d]) / T
+    forward:  L = sum_v q (log q - log p)      dL/ds_v = (p_v - q_v) / T = q_v expm1(d_v - c) / T
 
-(the reverse gradient is DESIGN.md's p_j (d_j - E_p[d]) / T, since log p - log q = d - lse_s +
-lse_z and L = E_p[d] - lse_s + lse_z). Entries whose weight is exactly 0 contribute 0.
+with c = lse_s - lse_z = log E_q[exp(d)] = log1p(E_q[expm1(d)]) (DESIGN's closed forms; log p -
+log q = d - c). The gradient is taken from d, formed before the division by T: where the student
+is close to its teacher (the start of unlearning) d is nearly exact, while log p and log q are
+each off by an ulp of |log p| (~1e-6 at logits of size 10 in float32), far more than their
+difference; q (forward) comes from the fused softmax (a few ulp), p (reverse) from exp(log p)
+(an error of p's own size, which the naive formula shares). So in float32 the gradient's
+error is well under that of the naive float32 formula (0.0x-0.8x on tests/test_precision.py's
+cases). In forward, q expm1(x) is computed as exp(log q + x) - q where x >= 1 (nothing cancels
+there, and exp(x) alone could overflow), and c from the log-sum-exps where c >= 10. Entries whose
+weight is exactly 0 contribute 0.
 
 A row's gradient entries sum to 0 (sum_v p_v = sum_v q_v = 1). Where the student is nearly
 one-hot, the entry at its top token t is a difference of two numbers far larger than itself
@@ -45,13 +60,46 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-element math for inputs of ``dtype``: float32 for float16/bfloat16,
-    float64 for float32 and float64. float32 inputs need it for their gradient to be within
-    2x the float32 rounding floor: exp and log in float32 alone are off by ~1e-6 relative on
-    logits of size 10, 16x that floor. (float32 logits is rare in LLM training; the 16-bit
-    path is float32 throughout.)"""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+# The default compute dtype of float32 inputs on the triton backend. The kernels' float32
+# specialisation (ACC constexpr) computes the gradient from exp2 of log-domain arguments, and on
+# tests/test_precision.py's float32 cases its error is 2-3x that of the naive float32 formula,
+# outside the float32 contract; until the kernels take the gradient from d = (s - z) / T as
+# torch_backend.rkl_rows does, float32 inputs on triton default to the float64 specialisation.
+# ``compute_dtype=torch.float32`` selects the float32 code explicitly.
+TRITON_FLOAT32_COMPUTE = torch.float64
+
+# The values the losses' ``compute_dtype`` option accepts (None: the default of the input dtype).
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype, requested: torch.dtype | None = None,
+                  backend: str = "torch") -> torch.dtype:
+    """The dtype of the per-element math for inputs of ``dtype``: ``requested`` (the losses'
+    ``compute_dtype`` option) when given, else float32 for float16/bfloat16/float32 inputs and
+    float64 for float64 ones.
+
+    float32 arithmetic meets the precision contract for float32 inputs in its float32 form
+    (loss within 1e-3, gradient error at most 2x that of the naive float32 formula); reaching
+    the float32 rounding floor itself needs float64 (exp and log in float32 alone are off by
+    ~1e-6 relative on logits of size 10, 16x that floor), which costs 2-3x and is therefore
+    the explicit option ``compute_dtype=torch.float64``. ``backend="triton"``: see
+    :data:`TRITON_FLOAT32_COMPUTE`."""
+    if requested is not None:
+        return requested
+    if dtype == torch.float32 and backend == "triton":
+        return TRITON_FLOAT32_COMPUTE
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_compute_dtype(fn: str, requested, input_dtype: torch.dtype | None = None) -> None:
+    """One-line error for a bad ``compute_dtype`` option of the losses."""
+    if requested is not None and requested not in COMPUTE_DTYPES:
+        raise ValueError(f"{fn}: compute_dtype must be None (float32 inside, float64 for "
+                         f"float64 inputs), torch.float32 or torch.float64; got {requested!r}")
+    if (requested is not None and input_dtype is not None and input_dtype.is_floating_point
+            and torch.promote_types(requested, input_dtype) != requested):
+        raise ValueError(f"{fn}: compute_dtype must be at least as precise as the inputs "
+                         f"({input_dtype}); got {requested}")
 
 
 # Compiled, the per-chunk math is a few fused loops that stream each row, so cache residency
@@ -104,36 +152,44 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.Tensor | None,
              alpha: float, temperature: float, reverse: bool, need_grad: bool,
              grad_out: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None, *,
-             compiled: bool = False, compute: torch.dtype | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             compiled: bool = False, compute: torch.dtype | None = None, group=None,
+             differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss per row and, if asked, dL_row/d student ([rows, V]).
 
     The math runs in ``compute`` (default :func:`compute_dtype` of the student's dtype; the
-    fused-linear loss passes float32 for the float32 logits of float16/bfloat16 heads). The
-    loss is in that dtype, and never negative: KL >= 0, so a row whose rounded sum falls
-    below 0 (a KL of 1e-10 at temperature 0.05 can) is returned as 0, which is also nearer
-    the exact value. The gradient is written into ``grad_out`` when given (any float dtype,
-    rounded once), else returned in the compute dtype, multiplied by ``grad_scale`` (a 0-d
-    tensor, so that a compiled version does not specialise on its value) when given. Inputs
-    are 2-D ``[rows, V]`` of any float dtype and strides; they are never modified.
+    fused-linear loss passes the dtype of its logits). The loss is in that dtype, and never
+    negative: KL >= 0, so a row whose rounded sum falls below 0 (a KL of 1e-10 at temperature
+    0.05 can) is returned as 0, which is also nearer the exact value. The gradient is written
+    into ``grad_out`` when given (any float dtype, rounded once), else returned in the compute
+    dtype, multiplied by ``grad_scale`` (a 0-d tensor, so that a compiled version does not
+    specialise on its value) when given. Inputs are 2-D ``[rows, V]`` of any float dtype and
+    strides; they are never modified.
+
+    ``group``: the rows are this rank's slice of the vocabulary (vocabulary parallelism); the
+    per-row log-sum-exps, the loss and the one-hot fix-up's row sums are all-reduced over the
+    process group, every rank calls this with the same rows (see :func:`_vocab_parallel`).
+    ``differentiable``: the same formulas with out-of-place ops and no host reads, for a
+    backward with ``create_graph=True`` (no ``grad_out``).
 
     Non-finite logits (-inf vocabulary masking, NaN) need boolean fix-ups that are slow on CPU.
     On CPU the chunk is first computed without them: every place where they matter turns the
     row's loss into NaN or inf, so a finite loss proves the fast result exact; otherwise the
-    chunk is recomputed with the fix-ups. On CUDA (no host syncs; see
-    :func:`host_reads_allowed`) the exact path always runs.
+    chunk is recomputed with the fix-ups (the loss is the all-reduced one under ``group``, so
+    every rank decides alike). On CUDA (no host syncs; see :func:`host_reads_allowed`) the
+    exact path always runs.
 
     ``compiled=True`` runs both paths through ``torch.compile`` (see :func:`run_rkl_rows`).
     """
-    impl = _compiled_rkl_rows() if compiled else _rkl_rows
+    impl = _compiled_rkl_rows() if compiled and group is None and not differentiable \
+        else _rkl_rows
     compute = compute or compute_dtype(student.dtype)
-    if host_reads_allowed(student.device):
-        loss, grad = impl(student, original, strengthened, alpha, temperature, reverse,
-                          need_grad, grad_out, grad_scale, False, compute)
+    args = (student, original, strengthened, alpha, temperature, reverse, need_grad, grad_out,
+            grad_scale)
+    if host_reads_allowed(student.device) and not differentiable:
+        loss, grad = impl(*args, False, compute, group, False)
         if bool(torch.isfinite(loss).all()):
             return loss, grad
-    return impl(student, original, strengthened, alpha, temperature, reverse, need_grad,
-                grad_out, grad_scale, True, compute)
+    return impl(*args, True, compute, group, differentiable)
 
 
 # A row whose top probability exceeds this gets its top gradient entry from the others (see
@@ -143,73 +199,192 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
 ONE_HOT_TOP_PROBABILITY = 2.0 / 3.0
 
 
-def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, at_top: torch.Tensor) -> None:
+class _Ops:
+    """The in-place ops of :func:`_rkl_rows` (on its own temporaries), or their out-of-place
+    forms when autograd must differentiate the result (``differentiable``)."""
+
+    def __init__(self, differentiable: bool):
+        self.differentiable = differentiable
+
+    def sub(self, a, b):
+        return a - b if self.differentiable else a.sub_(b)
+
+    def add(self, a, b):
+        return a + b if self.differentiable else a.add_(b)
+
+    def mul(self, a, b):
+        return a * b if self.differentiable else a.mul_(b)
+
+    def div(self, a, b):
+        return a / b if self.differentiable else a.div_(b)
+
+    def fill(self, a, mask, value):
+        return a.masked_fill(mask, value) if self.differentiable else a.masked_fill_(mask, value)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum of ``t`` over the ranks of ``group`` (in place; returns ``t``)."""
+    import torch.distributed as dist
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _vocab_parallel(s: torch.Tensor, z: torch.Tensor, group):
+    """Per-row shifts ``lse_k - lse`` ([rows, 1] each) from this rank's log-sum-exps ``lse_k``
+    of the (tempered) student and teacher logits to the full vocabulary's ``lse``, from one
+    all-reduce of ``world x rows x 2`` floats. ``log_softmax`` of the shard plus the shift is
+    the full vocabulary's log-probability; on one rank the shift is exactly 0. Also returns
+    ``lse_s - lse_z`` of the full rows ([rows, 1])."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = torch.stack([torch.logsumexp(s, dim=-1), torch.logsumexp(z, dim=-1)])   # [2, rows]
+    every = local.new_zeros((world, *local.shape))
+    every[rank] = local
+    full = torch.logsumexp(_all_reduce(every, group), dim=0)
+    shift = (local - full).unsqueeze(-1)
+    return shift[0], shift[1], (full[0] - full[1]).unsqueeze(-1)
+
+
+def _to_full(log_k: torch.Tensor, shift: torch.Tensor, ops: _Ops) -> torch.Tensor:
+    """The full vocabulary's log-probabilities from a shard's ``log_softmax``: a shard whose
+    logits are all -inf holds no mass (shift -inf) and its NaN entries become -inf."""
+    return ops.fill(ops.add(log_k, shift), torch.isneginf(shift), float("-inf"))
+
+
+def _top_from_the_others(grad: torch.Tensor, p_top: torch.Tensor, at_top: torch.Tensor,
+                         group, ops: _Ops) -> torch.Tensor:
     """In rows where the student's top probability ``p_top`` (``[rows, 1]``; ``at_top`` is the
     bool mask of its column) exceeds 2/3, replace the gradient at the top token by minus the
-    sum of the row's other entries (in place; ``grad`` in the compute dtype, any upstream scale
-    applied): ``top - sum(row)`` is that sum up to one rounding of its size. Above 1/2 the
-    maximum is unique, so the mask has one column. A NaN row is left as it is. (A mask rather
-    than ``max``'s indices: reductions with indices are slow on CPU.)"""
-    total = grad.sum(dim=-1, keepdim=True).masked_fill_(~(p_top > ONE_HOT_TOP_PROBABILITY), 0.0)
-    grad.sub_(at_top * total)
+    sum of the row's other entries (``grad`` in the compute dtype, any upstream scale applied):
+    ``top - sum(row)`` is that sum up to one rounding of its size. Above 1/2 the maximum is
+    unique, so the mask has one column (and under ``group`` one rank holds it; the row sums are
+    all-reduced). A NaN row is left as it is. (A mask rather than ``max``'s indices: reductions
+    with indices are slow on CPU.)"""
+    total = grad.sum(dim=-1, keepdim=True)
+    if group is not None:
+        total = _all_reduce(total, group)
+    total = ops.fill(total, ~(p_top > ONE_HOT_TOP_PROBABILITY), 0.0)
+    return ops.sub(grad, at_top * total)
+
+
+def _q_expm1(q: torch.Tensor, log_q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q (exp(x) - 1)`` without cancellation or overflow: ``q expm1(x)`` where x < 1 (where
+    exp(x) is near 1 and the difference cancels), ``exp(log q + x) - q`` elsewhere (where it
+    does not, and where exp(x) alone could overflow while q exp(x) is a probability)."""
+    small = x < 1.0
+    return torch.where(small, q * torch.expm1(x.clamp(max=1.0)),
+                       torch.exp(torch.where(small, 0.0, log_q + x)) - q)
+
+
+def _full_probabilities(x: torch.Tensor, shift: torch.Tensor | None, ops: _Ops) -> torch.Tensor:
+    """softmax(x) over the row (fused: a few ulp of relative error), or under vocabulary
+    parallelism the slice's softmax times its share ``exp(shift)`` of the row's mass (0 for a
+    slice of -inf logits)."""
+    prob = torch.softmax(x, dim=-1)
+    if shift is None:
+        return prob
+    return ops.fill(ops.mul(prob, shift.exp()), torch.isneginf(shift), 0.0)
+
+
+def _row_max(t: torch.Tensor) -> torch.Tensor:
+    """Per-row maximum ``[rows, 1]`` (0 for a rank's empty vocabulary slice)."""
+    if t.shape[-1] == 0:
+        return t.new_zeros((t.shape[0], 1))
+    return t.amax(dim=-1, keepdim=True)
 
 
 def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
-              grad_out, grad_scale, exact_non_finite, compute):
+              grad_out, grad_scale, exact_non_finite, compute, group=None,
+              differentiable=False):
+    ops = _Ops(differentiable)
     s = student.to(compute)
     z = teacher_logits(original, strengthened, alpha, compute, exact_non_finite)
+    # d = (s - z) / T, the difference taken before the division (exact where s ~ z).
+    d = s - z
     if temperature != 1.0:
+        d = ops.div(d, temperature)
         s = s / temperature
         z = z / temperature
     # ATen's log_softmax is one fused, vectorised kernel: cheaper than max/exp/sum by hand.
     log_p = torch.log_softmax(s, dim=-1)
     log_q = torch.log_softmax(z, dim=-1)
+    if group is not None:
+        shift_s, shift_z, lse_gap = _vocab_parallel(s, z, group)
+        log_p, log_q = _to_full(log_p, shift_s, ops), _to_full(log_q, shift_z, ops)
     if reverse:
         weight = log_p.exp()
-        log_ratio = log_p.sub_(log_q)          # log p - log q, in the log_p buffer
+        log_ratio = ops.sub(log_p, log_q)      # log p - log q, in the log_p buffer
     else:
         weight = log_q.exp()
-        log_ratio = log_q.sub_(log_p)          # log q - log p, in the log_q buffer
+        log_ratio = log_q - log_p              # log q is kept for the gradient
     if exact_non_finite:
         # Entries of zero weight contribute nothing, but their log ratio may be +-inf, giving
         # 0 * inf = NaN: zero them first. A NaN weight (NaN input) is not zero and propagates.
-        log_ratio.masked_fill_(weight == 0, 0.0)
+        log_ratio = ops.fill(log_ratio, weight == 0, 0.0)
     loss = _row_dot(weight, log_ratio)
+    if group is not None:
+        loss = _all_reduce(loss, group)
     # clamp_min keeps NaN; the gradient below uses the unclamped sum, consistent with weight.
     row_loss = loss.squeeze(-1).clamp_min(0.0)
     if not need_grad:
         return row_loss, None
+    # Under group the one-hot fix-up all-reduces: every rank takes it (the top is on one).
+    fix_top = group is not None or differentiable
+    # The gradient from d = (s - z) / T (exact where the student is close to its teacher)
+    # rather than from log p - log q (each log-softmax off by an ulp of |log p|, far more than
+    # their difference): see the module docstring.
     if reverse:
-        # p_v ((log p_v - log q_v) - L) / T, in the compute dtype; then the top entry of
-        # near-one-hot rows; one rounding into a low-precision grad_out.
-        p_top = weight.amax(dim=-1, keepdim=True)     # weight is p, unscaled yet
-        at_top = weight == p_top if _may_be_one_hot(p_top) else None
+        # p_v (d_v - E_p[d]) / T.
+        p = weight              # exp(log p): its relative error (~ulp x |log p|) is p's alone
+        if exact_non_finite:
+            d = ops.fill(d, p == 0, 0.0)
+        mean_d = _row_dot(p, d)
+        if group is not None:
+            mean_d = _all_reduce(mean_d, group)
+        p_top = _row_max(p)
+        at_top = p == p_top if fix_top or _may_be_one_hot(p_top) else None
         if grad_scale is not None:
-            weight.mul_(grad_scale / temperature)
+            p = ops.mul(p, grad_scale / temperature)
         elif temperature != 1.0:
-            weight.div_(temperature)
+            p = ops.div(p, temperature)
         if at_top is None:
-            return row_loss, torch.mul(log_ratio.sub_(loss), weight, out=grad_out)
-        grad = log_ratio.sub_(loss).mul_(weight)
+            return row_loss, torch.mul(d.sub_(mean_d), p, out=grad_out)
+        grad = ops.mul(ops.sub(d, mean_d), p)
     else:
-        # (p_v - q_v) / T. p - q cancels, so both come from the fused softmax (relative error
-        # of a few ulp) rather than from exp(log_softmax), whose error grows with |log p|.
-        p = torch.softmax(s, dim=-1)
-        q = torch.softmax(z, dim=-1)
-        p_top = p.amax(dim=-1, keepdim=True)
-        at_top = p == p_top if _may_be_one_hot(p_top) else None
-        if at_top is None:
-            if grad_scale is not None:
-                return row_loss, torch.mul(p.sub_(q), grad_scale / temperature, out=grad_out)
-            if temperature != 1.0:
-                return row_loss, torch.div(p.sub_(q), temperature, out=grad_out)
-            return row_loss, torch.sub(p, q, out=grad_out)
-        grad = p.sub_(q)
+        # p_v - q_v = q_v expm1(d_v - c) / T with c = lse_s - lse_z = log E_q[exp(d)]
+        # = log1p(E_q[expm1(d)]): each factor accurate, no difference of two probabilities.
+        q = _full_probabilities(z, shift_z if group is not None else None, ops)
+        spread = _q_expm1(q, log_q, d)
+        if exact_non_finite:
+            # -inf teacher entries (q = 0 and d = +inf or NaN) hold no mass. (Not q == 0: an
+            # underflowed q times exp(d) may be most of the student's mass.)
+            spread = ops.fill(spread, torch.isneginf(log_q), 0.0)
+        shift = spread.sum(dim=-1, keepdim=True)
+        if group is not None:
+            shift = _all_reduce(shift, group)
+        else:
+            lse_gap = torch.logsumexp(s, dim=-1, keepdim=True) - torch.logsumexp(
+                z, dim=-1, keepdim=True)
+        # Where the student is far from the teacher (c >= 10) there is nothing to cancel and
+        # E_q[expm1(d)] could overflow: c from the log-sum-exps.
+        c = torch.where(lse_gap < 10.0, torch.log1p(shift), lse_gap)
+        grad = _q_expm1(q, log_q, ops.sub(d, c))
+        if exact_non_finite:
+            # Where q = 0 the gradient is p itself (d may be infinite or NaN there).
+            p = _full_probabilities(s, shift_s if group is not None else None, ops)
+            grad = torch.where(q == 0, p, grad)
+        p_top = _row_max(grad + q)
+        at_top = grad + q == p_top if fix_top or _may_be_one_hot(p_top) else None
         if grad_scale is not None:
-            grad.mul_(grad_scale / temperature)
+            grad = ops.mul(grad, grad_scale / temperature)
         elif temperature != 1.0:
-            grad.div_(temperature)
-    _top_from_the_others(grad, p_top, at_top)
+            grad = ops.div(grad, temperature)
+        if at_top is None:
+            if grad_out is not None:
+                grad_out.copy_(grad)
+                grad = grad_out
+            return row_loss, grad
+    grad = _top_from_the_others(grad, p_top, at_top, group, ops)
     if grad_out is not None:
         grad_out.copy_(grad)
         grad = grad_out
@@ -226,98 +401,118 @@ def _may_be_one_hot(p_top: torch.Tensor) -> bool:
     return bool((p_top > ONE_HOT_TOP_PROBABILITY).any())
 
 
+def differentiable_rows_grad(student: torch.Tensor, original: torch.Tensor,
+                             strengthened: torch.Tensor | None, keep: torch.Tensor | None,
+                             alpha: float, temperature: float, reverse: bool,
+                             compute: torch.dtype) -> torch.Tensor:
+    """dL_row/d student ``[rows, V]`` (``compute`` dtype) from :func:`rkl_rows` with
+    ``differentiable=True``, for double backward and ``torch.func``: autograd can
+    differentiate it (exact second derivatives, at the naive formula's memory). Masked rows are
+    replaced by zeros before any op (so NaN there cannot reach a derivative) and get gradient 0.
+    """
+    s, o = student.to(compute), original.to(compute)
+    g = strengthened.to(compute) if strengthened is not None else None
+    if keep is not None:
+        kept = keep.unsqueeze(-1)
+        s, o = torch.where(kept, s, 0.0), torch.where(kept, o, 0.0)
+        g = torch.where(kept, g, 0.0) if g is not None else None
+    _, grad = rkl_rows(s, o, g, alpha, temperature, reverse, True, compute=compute,
+                       differentiable=True)
+    return torch.where(keep.unsqueeze(-1), grad, 0.0) if keep is not None else grad
+
+
 def rkl_loss_and_grad(student: torch.Tensor, original: torch.Tensor,
                       strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                       alpha: float, temperature: float, reverse: bool, need_grad: bool,
                       chunk_rows: int | None = None, compiled: bool | None = False,
-                      grad_scale: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      grad_scale: torch.Tensor | None = None, compute: torch.dtype | None = None,
+                      group=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row losses (accumulation dtype, [rows], 0 at masked rows) and the gradient ([rows, V],
-    zero at masked rows), processing ``chunk_rows`` rows at a time.
+    zero at masked rows), processing ``chunk_rows`` rows at a time: the chunk loop of
+    ``fused_rkl_loss``'s torch backend, single-device and vocabulary-parallel (``group``: the
+    rows are this rank's vocabulary slice; see :func:`rkl_rows`).
 
     With ``grad_scale`` the gradient is pre-scaled and rounded once to the student's dtype.
     Without it (``reduction="none"``, whose per-row upstream gradient is known only in
-    backward) it is kept in the accumulation dtype, so that the caller's scaling and the final
-    rounding to a float16/bfloat16 student's dtype (autograd casts a gradient to its input's
-    dtype) are one rounding, not two.
+    backward) it is kept in the compute dtype, so that the caller's scaling and the final
+    rounding to the student's dtype (autograd casts a gradient to its input's dtype) are one
+    rounding, not two.
 
     Masked rows are skipped entirely on CPU: they cost nothing and cannot leak NaN. Elsewhere
     (no host syncs, see :func:`host_reads_allowed`) every row is computed and the masked ones
     are zeroed afterwards with ``torch.where`` / ``masked_fill``, so NaN there cannot leak
-    either. ``compiled``:
-    run the per-chunk math through ``torch.compile`` (True), eagerly (False), or decide from
-    the call's size (None; see :func:`compile_mode`). ``grad_scale`` (0-d tensor) multiplies
-    the gradient as it is computed, at no extra pass.
+    either. ``compiled``: run the per-chunk math through ``torch.compile`` (True), eagerly
+    (False), or decide from the call's size (None; see :func:`compile_mode`); the
+    vocabulary-parallel path runs eagerly. ``grad_scale`` (0-d tensor) multiplies the gradient
+    as it is computed, at no extra pass. ``compute``: see :func:`compute_dtype`.
     """
     rows, vocab = student.shape
+    compute = compute or compute_dtype(student.dtype)
     loss = torch.zeros(rows, dtype=accumulation_dtype(student.dtype), device=student.device)
+    skip_masked = keep is not None and host_reads_allowed(student.device)
     grad = None
     if need_grad:
-        grad_dtype = (student.dtype if grad_scale is not None
-                      else accumulation_dtype(student.dtype))
+        grad_dtype = student.dtype if grad_scale is not None else compute
         grad = torch.empty((rows, vocab), dtype=grad_dtype, device=student.device)
-        if keep is not None and host_reads_allowed(student.device):
+        if skip_masked:
             # Skipped (masked) rows are the only ones never written: zero just those, rather
             # than the whole [rows, V] buffer (a full pass over the gradient's memory).
             grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
-    if keep is not None and not host_reads_allowed(student.device):
-        return _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha,
-                                     temperature, reverse, need_grad, chunk_rows, compiled,
-                                     grad_scale)
     kept = rows
-    if keep is not None:
+    if skip_masked:
         kept_rows = keep.nonzero().squeeze(1)   # no sync on CPU (host_reads_allowed)
         kept = kept_rows.numel()
-    mode = compile_mode(compiled, student.device, kept * vocab)
-    chunk_rows = chunk_rows or default_chunk_rows(vocab, compiled=mode != "off")
-    if keep is not None:
+    mode = "off" if group is not None else compile_mode(compiled, student.device, kept * vocab)
+    # Under ``group`` every rank must cut the same chunks: they are sized by the widest slice.
+    chunk_rows = chunk_rows or default_chunk_rows(group_max(vocab, group),
+                                                  compiled=mode != "off")
+    if skip_masked:
         bounds = torch.searchsorted(kept_rows, torch.arange(0, rows + chunk_rows, chunk_rows,
                                                             device=keep.device)).tolist()
+    options = dict(caller="fused_rkl_loss", compute=compute, group=group)
     for chunk, start in enumerate(range(0, rows, chunk_rows)):
-        stop = min(start + chunk_rows, rows)
-        if keep is not None:
+        part = slice(start, min(start + chunk_rows, rows))
+        if skip_masked:
             lo, hi = bounds[chunk], bounds[chunk + 1]
             if lo == hi:
                 continue
-            if hi - lo < stop - start:          # partly masked: gather the kept rows only
+            if hi - lo < part.stop - start:     # partly masked: gather the kept rows only
                 index = kept_rows[lo:hi]
                 g = strengthened.index_select(0, index) if strengthened is not None else None
                 chunk_loss, chunk_grad = run_rkl_rows(
                     mode, student.index_select(0, index), original.index_select(0, index), g,
-                    alpha, temperature, reverse, need_grad, grad_scale=grad_scale,
-                    caller="fused_rkl_loss")
+                    alpha, temperature, reverse, need_grad, grad_scale=grad_scale, **options)
                 loss.index_copy_(0, index, chunk_loss.to(loss.dtype))
                 if grad is not None:
                     grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
                 continue
-        g = strengthened[start:stop] if strengthened is not None else None
-        chunk_loss, _ = run_rkl_rows(mode, student[start:stop], original[start:stop], g, alpha,
-                                     temperature, reverse, need_grad,
-                                     grad_out=grad[start:stop] if grad is not None else None,
-                                     grad_scale=grad_scale, caller="fused_rkl_loss")
-        loss[start:stop] = chunk_loss
-    return loss, grad
-
-
-def _masked_loss_and_grad(student, original, strengthened, keep, loss, grad, alpha, temperature,
-                          reverse, need_grad, chunk_rows, compiled, grad_scale):
-    """:func:`rkl_loss_and_grad` without reading ``keep`` on the host: every row is computed,
-    then masked rows get loss 0 and gradient 0 (whatever NaN their logits held)."""
-    rows, vocab = student.shape
-    mode = compile_mode(compiled, student.device, rows * vocab)
-    chunk_rows = chunk_rows or default_chunk_rows(vocab, compiled=mode != "off")
-    for start in range(0, rows, chunk_rows):
-        part = slice(start, min(start + chunk_rows, rows))
-        kept = keep[part]
         chunk_loss, _ = run_rkl_rows(mode, student[part], original[part],
                                      strengthened[part] if strengthened is not None else None,
                                      alpha, temperature, reverse, need_grad,
                                      grad_out=grad[part] if grad is not None else None,
-                                     grad_scale=grad_scale, caller="fused_rkl_loss")
-        loss[part] = torch.where(kept, chunk_loss, 0.0)
-        if grad is not None:
-            grad[part].masked_fill_(~kept.unsqueeze(1), 0.0)
+                                     grad_scale=grad_scale, **options)
+        if keep is not None and not skip_masked:
+            # Sync-free masking: every row was computed; masked ones get loss 0 and
+            # gradient 0, whatever NaN their logits held.
+            kept_part = keep[part]
+            loss[part] = torch.where(kept_part, chunk_loss, 0.0)
+            if grad is not None:
+                grad[part].masked_fill_(~kept_part.unsqueeze(1), 0.0)
+        else:
+            loss[part] = chunk_loss
     return loss, grad
+
+
+def group_max(value: int, group) -> int:
+    """``value``'s maximum over the ranks of ``group`` (``value`` itself without one): chunk
+    sizes of the vocabulary-parallel path, which every rank must cut alike."""
+    if group is None:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.int64,
+                     device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +545,12 @@ def check_compiled_arg(fn: str, compiled) -> None:
 
 def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, temperature: float,
                  reverse: bool, need_grad: bool, grad_out=None, grad_scale=None,
-                 caller: str = "rkld_kernels", compute: torch.dtype | None = None):
-    """:func:`rkl_rows`, through ``torch.compile`` when ``mode`` (see :func:`compile_mode`) says so."""
+                 caller: str = "rkld_kernels", compute: torch.dtype | None = None,
+                 group=None):
+    """:func:`rkl_rows`, through ``torch.compile`` when ``mode`` (see :func:`compile_mode`) says
+    so (never under ``group``: the vocabulary-parallel path runs eagerly)."""
     args = (student, original, strengthened, alpha, temperature, reverse, need_grad)
-    if mode == "on" or (mode == "auto" and not _compile_failed):
+    if group is None and (mode == "on" or (mode == "auto" and not _compile_failed)):
         try:
             return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compiled=True,
                             compute=compute)
@@ -364,7 +561,8 @@ def run_rkl_rows(mode: str, student, original, strengthened, alpha: float, tempe
             warnings.warn(f"{caller}: torch.compile of the vocabulary pass failed "
                           f"({type(err).__name__}: {err}); using eager PyTorch from now on "
                           f"(compiled=False skips the attempt)", RuntimeWarning, stacklevel=3)
-    return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compute=compute)
+    return rkl_rows(*args, grad_out=grad_out, grad_scale=grad_scale, compute=compute,
+                    group=group)
 
 
 # Holds the error once torch.compile has failed in this process (e.g. no C++ compiler for

@@ -23,10 +23,12 @@ that Triton compiles the kernels outside the capture.
 On CPU tensors the kernels run under Triton's interpreter (for tests), which has to be switched
 on with ``TRITON_INTERPRET=1`` before triton is first imported.
 
-Precision: the kernels compute in the compute dtype of the student
-(``torch_backend.compute_dtype``): float32 for float16/bfloat16 students, float64 for float32
-and float64 ones, a specialisation selected by the ``ACC`` constexpr (the float32 code is the
-same whether or not the float64 one exists; float32 inputs pay float64 arithmetic, full rate
+Precision: the kernels compute in the compute dtype the losses pass (their ``compute_dtype``
+option; by default ``torch_backend.compute_dtype(dtype, None, "triton")``): float32 for
+float16/bfloat16 students, float64 for float64 ones and, for now, for float32 ones
+(``torch_backend.TRITON_FLOAT32_COMPUTE``: the float32 code's gradient is 2-3x the naive float32
+formula's error on the precision tests), a specialisation selected by the ``ACC`` constexpr
+(the float32 code is the same whether or not the float64 one exists; float64 runs at full rate
 on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput). ``alpha``,
 ``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32
 scalars (Triton's type for Python floats) for the float32 code and as float64 ones for the
@@ -276,8 +278,8 @@ def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count,
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
     the student as a placeholder pointer that the kernel never reads (the flags say so).
-    ``compute``: the kernels' dtype (default ``compute_dtype`` of the student's)."""
-    acc_dtype = compute or compute_dtype(student.dtype)
+    ``compute``: the kernels' dtype (default: ``compute_dtype`` of the student's on triton)."""
+    acc_dtype = compute or compute_dtype(student.dtype, None, "triton")
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     flags = dict(HAS_STRENGTHENED=strengthened is not None, HAS_KEEP=keep is not None,
                  REVERSE=bool(reverse), ACC=acc)

@@ -1,6 +1,7 @@
 """The losses as PyTorch operators: torch.compile(fullgraph=True) with the compiled backward,
 torch.library.opcheck, torch.func (grad, vmap), second derivatives, no host reads off CPU,
 and vocab_size= for vocabularies that differ by padding."""
+import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -157,11 +158,12 @@ def test_inductor_compiles_the_linear_loss():
 
 
 def test_compiled_graphs_name_the_dtypes_of_the_gradient_buffers():
-    """The operators' gradient buffers (float64 for float32 inputs) have their dtypes as
-    operator arguments in the traced graph. torch.compile's caches key a graph by its calls and
-    their arguments, not by the fake implementations' outputs: a dtype rule that lived only in
-    a fake once changed under a cached compiled backward, which then read float64 buffers as
-    float32 (wrong gradients, no error)."""
+    """The operators' gradient buffers (float32 for float32 inputs by default, float64 with
+    compute_dtype=torch.float64) and the compute dtype have their dtypes as operator arguments
+    in the traced graph. torch.compile's caches key a graph by its calls and their arguments,
+    not by the fake implementations' outputs: a dtype rule that lived only in a fake once
+    changed under a cached compiled backward, which then read float64 buffers as float32
+    (wrong gradients, no error)."""
     torch._dynamo.reset()
     calls = []
 
@@ -170,16 +172,23 @@ def test_compiled_graphs_name_the_dtypes_of_the_gradient_buffers():
         return graph.forward
 
     (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
-    torch.compile(lambda xs, ws: fused_linear_rkl_loss(xs, ws, xo, wo, xg, labels=labels,
-                                                       backend="torch"),
-                  fullgraph=True, backend=backend)(xs, ws)
-    student, original, strengthened, labels = logits_problem(torch.float32)
-    torch.compile(lambda s: fused_rkl_loss(s, original, strengthened, labels=labels,
-                                           reduction="none", backend="torch"),
-                  fullgraph=True, backend=backend)(student)
-    linear_args, logits_args = calls
-    assert linear_args[14] == torch.float64 and linear_args[-1] == torch.float64   # dw, dx
-    assert logits_args[-1] == torch.float32        # the kept gradient of reduction="none"
+    student, original, strengthened, labels_logits = logits_problem(torch.float32)
+    for compute in (None, torch.float64):
+        torch.compile(lambda xs, ws: fused_linear_rkl_loss(xs, ws, xo, wo, xg, labels=labels,
+                                                           backend="torch",
+                                                           compute_dtype=compute),
+                      fullgraph=True, backend=backend)(xs, ws)
+        torch.compile(lambda s: fused_rkl_loss(s, original, strengthened, labels=labels_logits,
+                                               reduction="none", backend="torch",
+                                               compute_dtype=compute),
+                      fullgraph=True, backend=backend)(student)
+    names = ("accum_dtype", "dx_dtype", "compute_dtype")
+    positions = [14, 22, 23]
+    for (linear_args, logits_args), wide in zip((calls[0:2], calls[2:4]),
+                                                (torch.float32, torch.float64)):
+        assert [linear_args[i] for i in positions] == [wide] * 3, names     # dw, dx, math
+        # The kept gradient of reduction="none" and the compute dtype.
+        assert logits_args[11] == wide and logits_args[12] == wide
 
 
 # --- opcheck ----------------------------------------------------------------------------------
@@ -390,6 +399,35 @@ def test_linear_loss_reads_nothing_on_the_host_with_drop_masked_false(device_rul
                               backend="torch")
     torch.testing.assert_close(loss, _reference_linear(xs, ws, bs, xo, wo, xg, labels),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_nan_hidden_states_contribute_nothing_without_host_reads(device_rules, reduction):
+    """Padding often holds garbage: with drop_masked=False (the sync-free path) NaN hidden
+    states at masked positions must not reach any gradient (0 x NaN in the weight-gradient
+    GEMM made the lm_head gradient NaN), and every gradient equals that of clean inputs."""
+    (xs, ws, bs), xo, wo, xg, labels = linear_problem(torch.float32)
+    masked = labels == -100
+    dirty = [t.detach().clone() for t in (xs, xo, xg)]
+    for t in dirty:
+        t[masked] = float("nan")
+
+    def run(student_hidden, original_hidden, strengthened_hidden, host_check):
+        leaves = [student_hidden.detach().clone().requires_grad_(), ws, bs]
+        with _FailOnHostReads() if host_check else contextlib.nullcontext():
+            loss = fused_linear_rkl_loss(leaves[0], ws, original_hidden, wo, strengthened_hidden,
+                                         student_bias=bs, labels=labels, chunk_size=4,
+                                         reduction=reduction, backend="torch",
+                                         drop_masked=False)
+            grads = grads_of(loss.sum(), leaves)
+        return loss, grads
+
+    loss, grads = run(*dirty, host_check=True)
+    clean_loss, clean_grads = run(xs, xo, xg, host_check=False)
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    for name, grad, clean in zip(("hidden", "weight", "bias"), grads, clean_grads):
+        assert torch.isfinite(grad).all(), f"NaN in the {name} gradient"
+        torch.testing.assert_close(grad, clean, rtol=0, atol=0, msg=name)
 
 
 def test_cpu_shortcuts_are_host_reads():

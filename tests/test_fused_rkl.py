@@ -428,3 +428,25 @@ def test_scaled_upstream_gradient(reduction):
                           backend="torch")
     (loss * -3.5).backward()
     torch.testing.assert_close(s.grad, truth[1] * -3.5)
+
+
+def test_compute_dtype_option_is_checked():
+    """compute_dtype: None, torch.float32 or torch.float64, never below the inputs' precision;
+    a bad value is one line naming the option, for both losses and their module forms."""
+    from rkld_kernels import LinearRKLLoss, fused_linear_rkl_loss
+    logits = torch.randn(3, 11)
+    hidden, weight = torch.randn(3, 4), torch.randn(11, 4)
+    for call in (lambda c: fused_rkl_loss(logits, logits, compute_dtype=c),
+                 lambda c: fused_linear_rkl_loss(hidden, weight, hidden, weight,
+                                                 compute_dtype=c),
+                 lambda c: RKLLoss(compute_dtype=c), lambda c: LinearRKLLoss(compute_dtype=c)):
+        for bad in (torch.float16, "float64", torch.int64):
+            with pytest.raises(ValueError, match="compute_dtype must be None"):
+                call(bad)
+    with pytest.raises(ValueError, match="compute_dtype must be at least as precise"):
+        fused_rkl_loss(logits.double(), logits.double(), compute_dtype=torch.float32)
+    # The option changes the arithmetic, not the result's dtype: float32 losses either way.
+    for compute in (None, torch.float32, torch.float64):
+        assert fused_rkl_loss(logits, logits + 1e-3, compute_dtype=compute).dtype == torch.float32
+        assert fused_linear_rkl_loss(hidden, weight, hidden + 1e-3, weight,
+                                     compute_dtype=compute).dtype == torch.float32

@@ -5,11 +5,17 @@ the loss and its gradient are small differences of large numbers. Every entry po
 
 - loss (float32): within 1e-3 relative of the float64 loss of the same rounded inputs, or 1e-6
   absolute when that is larger; never NaN, never negative;
-- gradient (float16, bfloat16 and float32): error (Frobenius norm, against float64 autograd of
-  the same rounded inputs) at most 2x the error of rounding the exact gradient to that dtype
-  (the floor). Triton's CPU interpreter converts float32 to bfloat16 by truncation, not
-  rounding, so its bfloat16 results are judged against the truncation floor. (float32 inputs
-  are computed in float64 inside: float32 exp/log alone would be 16x that floor.)
+- gradient (float16 and bfloat16, and float32 with ``compute_dtype=torch.float64``): error
+  (Frobenius norm, against float64 autograd of the same rounded inputs) at most 2x the error of
+  rounding the exact gradient to that dtype (the floor). Triton's CPU interpreter converts
+  float32 to bfloat16 by truncation, not rounding, so its bfloat16 results are judged against
+  the truncation floor. float32 inputs by default (float32 arithmetic inside; float32 exp/log
+  alone would be 16x the floor): at most 2x the error of the naive float32 formula (the
+  reference backend in float32), PyTorch's own error in that dtype.
+
+Every entry point is checked: both backends of both losses, and their vocabulary-parallel
+(DTensor) forms on a one-process gloo mesh, which must run the same chunk loop as plain
+tensors (bit-identical results on one rank).
 
 Where the exact gradient is 0 or nearly (student == teacher), the float64 ground truth is itself
 only known to a few float64 ulps of the gradient's natural scale (1/T per logit); that much is
@@ -31,11 +37,24 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from rkld_kernels import fused_linear, fused_linear_rkl_loss, fused_rkl_loss
 from rkld_kernels.triton_backend import interpreter_enabled
 
 LOW = (torch.bfloat16, torch.float16)
+# float32 is checked in its default (float32 arithmetic, the naive formula's rule) and with the
+# float64 option (the rounding floor's rule).
+FLOAT64_OPTION = {"compute_dtype": torch.float64}
+
+
+def precisions(dtype):
+    return ({}, FLOAT64_OPTION) if dtype == torch.float32 else ({},)
+
+
+def naive_rule(dtype, options) -> bool:
+    """Whether the gradient is held to 2x the naive formula's error (float32 by default)."""
+    return dtype == torch.float32 and options.get("compute_dtype") != torch.float64
 NOISES = (0.0, 1e-2)
 # (temperature, scale of the logits): T = 0.05 on logits of the spread T = 1 sees (see above).
 TEMPERATURES = ((1.0, 1.0), (4.0, 1.0), (0.05, 0.05))
@@ -86,11 +105,17 @@ def truth_resolution(exact: torch.Tensor, unit: float) -> float:
 
 
 def assert_grad_within_contract(grad: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
-                                what: str, unit: float, *, truncating: bool = False) -> None:
+                                what: str, unit: float, *, truncating: bool = False,
+                                naive: torch.Tensor | None = None) -> None:
+    """``naive``: the naive formula's gradient in ``dtype``; then the rule is 2x its error."""
     assert grad.dtype == dtype, what
     assert not torch.isnan(grad).any(), f"{what}: NaN gradient"
-    allowed = 2 * floor_error(exact, dtype, truncating)
-    rule = f"2x the {'truncation' if truncating else 'rounding'} floor"
+    if naive is not None:
+        allowed = 2 * error(naive, exact)
+        rule = "2x the naive formula's error"
+    else:
+        allowed = 2 * floor_error(exact, dtype, truncating)
+        rule = f"2x the {'truncation' if truncating else 'rounding'} floor"
     allowed += truth_resolution(exact, unit)
     got = error(grad, exact)
     assert got <= allowed, (f"{what}: gradient error {got:.3g} exceeds {rule} ({allowed:.3g}); "
@@ -157,10 +182,15 @@ def check_rkl_case(backend, dtype, device, logits, what, reduction="mean", grad_
                                                reduction, grad_output, **options)
     rows, grad = rkl_loss_and_grad(backend, logits, dtype, device, reduction, grad_output,
                                    **options)
+    naive = None
+    if naive_rule(dtype, options):
+        _, naive = rkl_loss_and_grad("reference", logits, dtype, "cpu", reduction, grad_output,
+                                     **options)
     assert_loss_within_contract(rows, exact_rows, what)
     truncating = backend == "triton" and device == "cpu"
     unit = 1 / options.get("temperature", 1.0)
-    assert_grad_within_contract(grad, exact_grad, dtype, what, unit, truncating=truncating)
+    assert_grad_within_contract(grad, exact_grad, dtype, what, unit, truncating=truncating,
+                                naive=naive)
 
 
 @pytest.mark.parametrize("strengthened", [True, False])
@@ -170,9 +200,10 @@ def test_fused_rkl_loss_torch_backend(dtype, direction, strengthened, device):
     for noise in NOISES:
         for temperature, scale in TEMPERATURES:
             logits = make_logits(4, 2053, noise, strengthened, scale=scale)
-            check_rkl_case("torch", dtype, device, logits,
-                           f"noise {noise}, T {temperature}", direction=direction,
-                           temperature=temperature)
+            for precision in precisions(dtype):
+                check_rkl_case("torch", dtype, device, logits,
+                               f"noise {noise}, T {temperature}, {precision}",
+                               direction=direction, temperature=temperature, **precision)
 
 
 @triton_interpreted
@@ -184,9 +215,10 @@ def test_fused_rkl_loss_triton_backend(dtype, direction, strengthened, device):
     for noise in NOISES:
         for temperature, scale in TEMPERATURES:
             logits = make_logits(3, 515, noise, strengthened, masked_columns=16, scale=scale)
-            check_rkl_case("triton", dtype, device, logits,
-                           f"noise {noise}, T {temperature}", direction=direction,
-                           temperature=temperature)
+            for precision in precisions(dtype):
+                check_rkl_case("triton", dtype, device, logits,
+                               f"noise {noise}, T {temperature}, {precision}",
+                               direction=direction, temperature=temperature, **precision)
 
 
 @triton_interpreted
@@ -247,8 +279,10 @@ def test_one_hot_student_at_temperature_0_05(backend, direction, strengthened, d
         _triton_or_skip(device)
     logits = one_hot_logits(direction, strengthened, masked_columns=16)
     for dtype in (*LOW, torch.float32):
-        check_rkl_case(backend, dtype, device, logits, f"one-hot student, {dtype}",
-                       temperature=0.05, direction=direction)
+        for precision in precisions(dtype):
+            check_rkl_case(backend, dtype, device, logits,
+                           f"one-hot student, {dtype}, {precision}", temperature=0.05,
+                           direction=direction, **precision)
 
 
 def test_one_hot_top_entry_is_what_the_direct_formula_loses():
@@ -348,13 +382,17 @@ def check_linear_case(backend, dtype, device, problem, labels, what, **options):
     exact_rows, exact = linear_loss_and_grads("reference", problem, labels, torch.float64,
                                               "cpu", **options)
     rows, grads = linear_loss_and_grads(backend, problem, labels, dtype, device, **options)
+    naive = {}
+    if naive_rule(dtype, options):
+        _, naive = linear_loss_and_grads("reference", problem, labels, dtype, "cpu", **options)
     assert_loss_within_contract(rows, exact_rows, what)
     unit = max(v.abs().nan_to_num(0, 0, 0).max().item() for v in problem.values())
     unit /= options.get("temperature", 1.0)
     for k in exact:
         # dL/dlogits leaves the vocabulary pass in float32 on every backend, so every
         # rounding to a low-precision dtype is torch's (to nearest), interpreter or not.
-        assert_grad_within_contract(grads[k], exact[k], dtype, f"{what}, {k}", unit)
+        assert_grad_within_contract(grads[k], exact[k], dtype, f"{what}, {k}", unit,
+                                    naive=naive.get(k))
 
 
 @pytest.mark.parametrize("biases", [False, True])
@@ -364,9 +402,11 @@ def test_fused_linear_rkl_loss_torch_backend(dtype, biases, device):
         problem, labels = make_heads(17, 32, 2053, noise, biases)
         for temperature in (1.0, 4.0, 0.05):
             for direction in ("reverse", "forward"):
-                check_linear_case("torch", dtype, device, problem, labels,
-                                  f"noise {noise}, T {temperature}, {direction}",
-                                  temperature=temperature, direction=direction, chunk_size=8)
+                for precision in precisions(dtype):
+                    check_linear_case("torch", dtype, device, problem, labels,
+                                      f"noise {noise}, T {temperature}, {direction}, "
+                                      f"{precision}", temperature=temperature,
+                                      direction=direction, chunk_size=8, **precision)
 
 
 @triton_interpreted
@@ -377,9 +417,10 @@ def test_fused_linear_rkl_loss_triton_backend(dtype, biases, device):
     for noise in NOISES:
         problem, labels = make_heads(5, 16, 515, noise, biases)
         for temperature in (1.0, 0.05):
-            check_linear_case("triton", dtype, device, problem, labels,
-                              f"noise {noise}, T {temperature}", temperature=temperature,
-                              chunk_size=4)
+            for precision in precisions(dtype):
+                check_linear_case("triton", dtype, device, problem, labels,
+                                  f"noise {noise}, T {temperature}, {precision}",
+                                  temperature=temperature, chunk_size=4, **precision)
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -426,3 +467,144 @@ def test_fused_linear_rkl_loss_per_position_upstream_gradient(device):
         grads = run(dtype, device, "torch", problem)
         for k in STUDENT:
             assert_grad_within_contract(grads[k], exact[k], dtype, f"{dtype}, {k}", unit=10.0)
+
+
+# --- vocabulary-parallel (DTensor) forms ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A one-process gloo mesh (the process group is created for this module and destroyed
+    after it, unless one already existed)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _shard(mesh, t, dim, grad=False):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if t is None:
+        return None
+    d = distribute_tensor(t, mesh, [Shard(dim)])
+    return d.requires_grad_() if grad else d
+
+
+def dtensor_rkl_loss_and_grad(mesh, logits, dtype, reduction="mean", **options):
+    """:func:`rkl_loss_and_grad` with the logits as DTensors ``Shard(-1)``."""
+    student, original, strengthened, labels = (
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in logits)
+    rows = fused_rkl_loss(_shard(mesh, student, -1), _shard(mesh, original, -1),
+                          _shard(mesh, strengthened, -1), labels=labels, reduction="none",
+                          **options)
+    leaf = _shard(mesh, student, -1, grad=True)
+    loss = fused_rkl_loss(leaf, _shard(mesh, original, -1), _shard(mesh, strengthened, -1),
+                          labels=labels, reduction=reduction, **options)
+    loss.to_local().sum().backward()
+    return rows.to_local().detach(), leaf.grad.full_tensor()
+
+
+@pytest.mark.parametrize("strengthened", [True, False])
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sharded_logits_within_contract(mesh, dtype, direction, strengthened):
+    """Logits as DTensors ``Shard(-1)`` (tensor-parallel lm_head output) meet the contract."""
+    for noise in NOISES:
+        for temperature, scale in ((1.0, 1.0), (0.05, 0.05)):
+            logits = rounded(make_logits(4, 1031, noise, strengthened, scale=scale), dtype)
+            for precision in precisions(dtype):
+                options = dict(direction=direction, temperature=temperature, **precision)
+                what = f"DTensor logits, noise {noise}, T {temperature}, {precision}"
+                exact_rows, exact = rkl_loss_and_grad("reference", logits, torch.float64,
+                                                      "cpu", **options)
+                rows, grad = dtensor_rkl_loss_and_grad(mesh, logits, dtype, **options)
+                naive = None
+                if naive_rule(dtype, precision):
+                    _, naive = rkl_loss_and_grad("reference", logits, dtype, "cpu", **options)
+                assert_loss_within_contract(rows, exact_rows, what)
+                assert_grad_within_contract(grad, exact, dtype, what, 1 / temperature,
+                                            naive=naive)
+
+
+def dtensor_linear_loss_and_grads(mesh, problem, labels, dtype, reduction="mean", **options):
+    """:func:`linear_loss_and_grads` with the lm_head weights (and biases) as DTensors
+    ``Shard(0)`` and the hidden states plain (replicated)."""
+    p = {k: v.to(dtype) for k, v in problem.items()}
+
+    def heads(grad):
+        return {k: (_shard(mesh, v, 0, grad=grad and k in STUDENT)
+                    if "weight" in k or "bias" in k else v) for k, v in p.items()}
+
+    rows = fused_linear_rkl_loss(**heads(False), labels=labels, reduction="none", **options)
+    inputs = heads(True)
+    inputs["student_hidden"] = inputs["student_hidden"].clone().requires_grad_()
+    loss = fused_linear_rkl_loss(**inputs, labels=labels, reduction=reduction, **options)
+    loss.to_local().sum().backward()
+    grads = {k: inputs[k].grad for k in STUDENT if k in inputs}
+    return rows.to_local().detach(), {k: g.full_tensor() if hasattr(g, "full_tensor") else g
+                                      for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("strengthened", [True, False])
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sharded_lm_head_within_contract(mesh, dtype, direction, strengthened):
+    """lm_head weights as DTensors ``Shard(0)`` meet the contract: the tensor-parallel path
+    keeps the logits in float32 from the GEMM to the softmax (it was 2.8e-2 off in bf16 when
+    it computed them in the weight's dtype)."""
+    for noise in NOISES:
+        problem, labels = make_heads(17, 32, 2053, noise, biases=True)
+        if not strengthened:
+            for k in ("strengthened_hidden", "strengthened_weight", "strengthened_bias"):
+                problem.pop(k)
+        problem = rounded(problem, dtype)
+        for temperature in (1.0, 0.05):
+            for precision in precisions(dtype):
+                options = dict(direction=direction, temperature=temperature, chunk_size=8,
+                               **precision)
+                what = f"DTensor lm_head, noise {noise}, T {temperature}, {precision}"
+                exact_rows, exact = linear_loss_and_grads("reference", problem, labels,
+                                                          torch.float64, "cpu", **options)
+                rows, grads = dtensor_linear_loss_and_grads(mesh, problem, labels, dtype,
+                                                            **options)
+                naive = {}
+                if naive_rule(dtype, precision):
+                    _, naive = linear_loss_and_grads("reference", problem, labels, dtype,
+                                                     "cpu", **options)
+                assert_loss_within_contract(rows, exact_rows, what)
+                unit = max(v.abs().nan_to_num(0, 0, 0).max().item() for v in problem.values())
+                for k in exact:
+                    assert_grad_within_contract(grads[k], exact[k], dtype, f"{what}, {k}",
+                                                unit / temperature, naive=naive.get(k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tensor_parallel_runs_the_plain_chunk_loop(mesh, dtype):
+    """On one rank the vocabulary-parallel path is the plain path with no-op all-reduces, so
+    both losses and every gradient are bit-identical: a second chunk loop or a second copy of
+    the per-row math (with its own roundings) would fail this."""
+    logits = rounded(make_logits(6, 1031, 1e-2, True, masked_columns=16), dtype)
+    problem, labels = make_heads(17, 32, 2053, 1e-2, biases=True)
+    problem = rounded(problem, dtype)
+    for direction in ("reverse", "forward"):
+        for reduction in ("mean", "none"):
+            options = dict(direction=direction, reduction=reduction, temperature=0.5)
+            plain = rkl_loss_and_grad("torch", logits, dtype, "cpu", compiled=False,
+                                      **options)
+            sharded = dtensor_rkl_loss_and_grad(mesh, logits, dtype, **options)
+            for a, b in zip(plain, sharded):
+                assert torch.equal(a, b), (direction, reduction, "logits")
+            options["chunk_size"] = 8
+            plain_rows, plain_grads = linear_loss_and_grads("torch", problem, labels, dtype,
+                                                            "cpu", compiled=False, **options)
+            rows, grads = dtensor_linear_loss_and_grads(mesh, problem, labels, dtype,
+                                                        **options)
+            assert torch.equal(plain_rows, rows), (direction, reduction, "lm_head loss")
+            for k in plain_grads:
+                assert torch.equal(plain_grads[k], grads[k]), (direction, reduction, k)
