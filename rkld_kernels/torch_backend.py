@@ -358,7 +358,11 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         if exact_non_finite:
             # -inf teacher entries (q = 0 and d = +inf or NaN) hold no mass. (Not q == 0: an
             # underflowed q times exp(d) may be most of the student's mass.)
-            spread = ops.fill(spread, torch.isneginf(log_q), 0.0)
+            teacher_hole = torch.isneginf(log_q)
+            spread = ops.fill(spread, teacher_hole, 0.0)
+            # The sum over the teacher's support then misses the student's mass outside it,
+            # so rows with such mass take c from the log-sum-exps (nothing cancels there).
+            escaped = (teacher_hole & ~torch.isneginf(s)).any(dim=-1, keepdim=True)
         shift = spread.sum(dim=-1, keepdim=True)
         if group is not None:
             shift = _all_reduce(shift, group)
@@ -368,6 +372,10 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         # Where the student is far from the teacher (c >= 10) there is nothing to cancel and
         # E_q[expm1(d)] could overflow: c from the log-sum-exps.
         c = torch.where(lse_gap < 10.0, torch.log1p(shift), lse_gap)
+        if exact_non_finite:
+            if group is not None:
+                escaped = _all_reduce(escaped.to(shift.dtype), group) > 0
+            c = torch.where(escaped, lse_gap, c)
         grad = _q_expm1(q, log_q, ops.sub(d, c))
         if exact_non_finite:
             # Where q = 0 the gradient is p itself (d may be infinite or NaN there).
