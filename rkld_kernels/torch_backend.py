@@ -18,8 +18,8 @@ Math per row, with s~ = s/T, z~ = z/T, p = softmax(s~), q = softmax(z~), d = (s 
     reverse:  L = sum_v p (log p - log q)      dL/ds_v = p_v (d_v - E_p[d]) / T
     forward:  L = sum_v q (log q - log p)      dL/ds_v = (p_v - q_v) / T = q_v expm1(d_v - c) / T
 
-with c = lse_s - lse_z = log E_q[exp(d)] = log1p(E_q[expm1(d)]) (DESIGN's closed forms; log p -
-log q = d - c). The gradient is taken from d, formed before the division by T: where the student
+with c = lse_s - lse_z = log E_q[exp(d)] = log1p(E_q[expm1(d)]) (docs/design.md#closed-forms;
+log p - log q = d - c). The gradient is taken from d, formed before the division by T: where the student
 is close to its teacher (the start of unlearning) d is nearly exact, while log p and log q are
 each off by an ulp of |log p| (~1e-6 at logits of size 10 in float32), far more than their
 difference; q (forward) comes from the fused softmax (a few ulp), p (reverse) from exp(log p)
