@@ -273,6 +273,15 @@ def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count,
     return launch_config(vocab, block_v, element_size, repeats, min_repeats)
 
 
+def precise_float32(student_dtype: torch.dtype, acc_dtype: torch.dtype) -> bool:
+    """Whether the kernels run their ``PRECISE`` float32 code (``triton_kernels.rkl_stats``):
+    float32 logits computed in float32. Its gradient is within 2x the naive float32 formula's
+    error, where the plain float32 code (exp2 of rounded log2-domain arguments, the 16-bit
+    inputs' code, whose machine code it keeps) is 2-3x it. float16/bfloat16 students and the
+    float64 specialisation take the plain code."""
+    return student_dtype == torch.float32 and acc_dtype == torch.float32
+
+
 def _common_args(student, original, strengthened, keep, reverse, compute=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
     the student as a placeholder pointer that the kernel never reads (the flags say so).
@@ -280,7 +289,8 @@ def _common_args(student, original, strengthened, keep, reverse, compute=None):
     acc_dtype = compute or compute_dtype(student.dtype)
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     flags = dict(HAS_STRENGTHENED=strengthened is not None, HAS_KEEP=keep is not None,
-                 REVERSE=bool(reverse), ACC=acc)
+                 REVERSE=bool(reverse), ACC=acc,
+                 PRECISE=precise_float32(student.dtype, acc_dtype))
     inputs = [t for t in (student, original, strengthened) if t is not None]
     strengthened = strengthened if strengthened is not None else student
     keep = keep if keep is not None else student
@@ -346,9 +356,10 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     if splits > 1:
         launches.append(KernelLaunch(
             rkl_stats_combine_kernel, (rows,),
-            (partial, keep_arg, stats, loss, rows, splits, partial.stride(0)),
+            (partial, keep_arg, stats, loss, rows, splits, partial.stride(0), scale, scale),
             dict(HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
-                 SPLITS_BLOCK=triton.next_power_of_2(splits), ACC=flags["ACC"]), 1))
+                 SPLITS_BLOCK=triton.next_power_of_2(splits), ACC=flags["ACC"],
+                 PRECISE=flags["PRECISE"]), 1))
     return loss, stats, launches
 
 
