@@ -50,6 +50,10 @@ STAT_COUNT = 5
 PARTIAL_COUNT = 6
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# PRECISE forward: a student weight (relative to its thread's reference) above this where the
+# teacher's is 0 sends the row's shift to the log-sum-exps (see accumulate_tile); lighter ones
+# change the shift by less than float32 can show.
+ORPHAN_WEIGHT = tl.constexpr(2.0 ** -100)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -143,15 +147,15 @@ def rebase_precise(m_w, l_w, m_u, l_u, a, b, new_m_w, new_m_u, scale, scale_lo):
     growth is ``(new - old) * log2(e) / T``, taken as ``hi + lo`` (``split_product``) so that
     ``2^-growth`` is exact to an ulp or two, not to ``growth``'s rounding (which a sum carries
     over to every gradient entry of its row). ``b`` (see ``accumulate_tile``) scales as
-    ``l_w`` does. References at -inf move for free; references that started at the lowest
-    finite value give a growth of inf and ``2^-inf = 0``."""
+    ``l_w`` does (a NaN ``b`` stays NaN). References at -inf move for free; references that
+    started at the lowest finite value give a growth of inf and ``2^-inf = 0``."""
     grow_w, err_w = split_product(tl.where(m_w == float("-inf"), 0.0, new_m_w - m_w), scale,
                                   scale_lo)
     grow_u, err_u = split_product(tl.where(m_u == float("-inf"), 0.0, new_m_u - m_u), scale,
                                   scale_lo)
     scale_w = exp2_compensated(-grow_w, -err_w)
     a = tl.where(scale_w == 0, 0.0, (a - l_w * (grow_w - grow_u)) * scale_w)
-    b = tl.where(scale_w == 0, 0.0, b * scale_w)
+    b = tl.where((scale_w == 0) & (b == b), 0.0, b * scale_w)
     return l_w * scale_w, l_u * exp2_compensated(-grow_u, -err_u), a, b
 
 
@@ -214,18 +218,24 @@ def accumulate_tile(m_w, l_w, m_u, l_u, a, b, g_max, student_row, original_row,
         w_rel = w * scale - new_m_w[None, :, None]
         u_rel = u * scale - new_m_u[None, :, None]
         e_w = tl.exp2(w_rel)
-        e_u = tl.exp2(u_rel)
     # Zero weight contributes 0 even where the difference is infinite or NaN.
     d = tl.where(e_w == 0, 0.0, w_rel - u_rel)
     l_w += tl.sum(tl.sum(e_w, axis=2), axis=0)
-    l_u += tl.sum(tl.sum(e_u, axis=2), axis=0)
+    if PRECISE:
+        l_u += tl.sum(tl.sum(e_u, axis=2), axis=0)
+    else:
+        l_u += tl.sum(tl.sum(tl.exp2(u_rel), axis=2), axis=0)
     a += tl.sum(tl.sum(e_w * d, axis=2), axis=0)
     if PRECISE:
         if REVERSE:
-            cross = e_w * (w - u)
+            cross = tl.where(e_w == 0, 0.0, e_w * (w - u))
         else:
-            cross = e_w * expm1_log2((u - w) * scale)
-        b += tl.sum(tl.sum(tl.where(e_w == 0, 0.0, cross), axis=2), axis=0)
+            # E_q[expm1(d)] leaves out student mass where the teacher has none (q = 0, a -inf
+            # or underflowed teacher logit): such a column (of a weight that matters) makes
+            # b NaN, and the row takes its shift from the log-sum-exps (store_row_stats).
+            cross = tl.where(e_w == 0, tl.where(e_u > ORPHAN_WEIGHT, float("nan"), 0.0),
+                             e_w * expm1_log2((u - w) * scale))
+        b += tl.sum(tl.sum(cross, axis=2), axis=0)
     return new_m_w, l_w, new_m_u, l_u, a, b, g_max
 
 
