@@ -31,7 +31,10 @@ on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput)
 ``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32
 scalars (Triton's type for Python floats) for the float32 code and as float64 ones for the
 float64 code, each computed in double
-precision on the host and rounded once. Rows of a nearly one-hot student get their top
+precision on the host and rounded once. float32 logits computed in float32 (the ``compute``
+argument, e.g. the fused-linear loss's chunk logits) run a ``PRECISE`` variant of the float32
+code (``precise_float32``; ``triton_kernels.rkl_stats`` says what it changes) whose gradient is
+within 2x the naive float32 formula's error. Rows of a nearly one-hot student get their top
 token's gradient from the other entries (``triton_kernels.rkl_grad``; one more small launch,
 ``rkl_grad_top_kernel``, per backward).
 """

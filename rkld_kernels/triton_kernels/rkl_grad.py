@@ -13,6 +13,17 @@ which is p (d - E_p[d]) / T (docs/design.md#closed-forms) with the maxima taken 
 upstream per-row gradient, ln 2 and 1/T fold into one per-row factor; masked rows get zeros
 without loading their logits.
 
+The ``PRECISE`` code (float32 logits in float32; see ``rkl_stats``) takes the references as
+logits, p (and q) from compensated exponentials (``probability``), and d = (s - z) log2(e) / T
+with the difference taken before the scaling (exact where the student is close to its teacher):
+
+    reverse:  dL/ds_v = p_v * ln 2 * (d_v - E_p[d]) / T
+    forward:  dL/ds_v = q_v expm1((d_v - c) ln 2) / T  where (d_v - c) ln 2 < 1,
+                      = (p_v - q_v) / T                  elsewhere
+
+with ``E_p[d]`` and ``c = log2 E_q[2^d]`` (the log-sum-exp difference) from the statistics' cross
+plane; ``expm1`` by its series near 0, so nothing cancels where p ~ q.
+
 Nearly one-hot students. A row's gradient entries sum to 0. Where the student's top
 probability p_t is close to 1, the entry at t is a difference of two numbers far larger than
 itself (reverse: ``(x_s - x_z) - E_p[x_s - x_z]`` at t; forward: ``p_t - q_t``), below the
@@ -43,6 +54,7 @@ from .rkl_stats import (
     expm1_log2,
     log2_scale,
     low_part,
+    offset_difference,
 )
 
 # Rows whose log2 of the student's sum (relative to its maximum) lies in this range have a top
@@ -91,7 +103,10 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
         p = probability(s, m_s, log_l_s, scale, scale_lo)
         # d = (s - z) log2(e) / T, the difference taken before the scaling; shift in the
         # same units (see the module docstring).
-        d = (s - z) * scale - shift
+        if REVERSE:
+            d = offset_difference(s, z, m_s - m_z) * scale - shift
+        else:
+            d = (s - z) * scale - shift
         if REVERSE:
             grad = tl.where(p == 0, 0.0, p * d) * factor
         else:

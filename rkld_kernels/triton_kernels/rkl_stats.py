@@ -21,6 +21,32 @@ multiply-add of the logit, the scale and the (rounded) reference point, so a log
 its digits. Entries with ``w = -inf`` (zero weight) contribute exactly 0 (never 0 * inf); a
 thread that has seen only ``-inf`` uses 0 as its reference (a guard on its scalar maximum, not
 on every element); NaN anywhere in a row reaches ``l_w`` or ``l_u`` and so the loss.
+
+float32 logits computed in float32 (``PRECISE``, chosen by the launcher) take a variant whose
+gradient is within 2x the error of the naive float32 formula (PyTorch's log-softmaxes in
+float32, against float64 of the same inputs; tests/test_precision.py). Above, each exponent
+is rounded to float32 in log2 units before its ``exp2`` (half an ulp of ``|w' - m_w|``, 2e-7
+relative at logits 10 apart), where the naive formula's ``exp(s - max)`` often gets an exact
+argument; every gradient entry inherits the sums' error, and the float32 gradient came out 2-3x
+the naive formula's error at T = 1. So the ``PRECISE`` code
+
+- keeps logits as references (``m_w, m_u`` are maxima of ``w, u``): ``w - m_w`` is exact near
+  the maximum, where the terms that matter are;
+- forms ``(w - m_w) * log2(e) / T`` as ``hi + lo`` (``split_product``: the product's rounding
+  error from a fused multiply-add, and the part of ``log2(e) / T`` below float32's resolution,
+  from the float64 host scalar) and takes ``2^hi * (1 + ln 2 * lo)`` (``exp2_compensated``),
+  in the sums and in every rebasing;
+- adds the threads' sums in float64 and computes the row's statistics in float64 (once per
+  program, after the loop), rounding each once;
+- sums ``b``, the gradient's shift, from differences of logits taken before any scaling:
+  reverse ``E_p[s - z]``, forward ``E_q[expm1(d)]`` with ``d = (s - z) / T`` (the log-sum-exp
+  difference ``c = log1p(E_q[expm1(d)])`` without the cancellation of two log-sum-exps), the
+  plane ``STAT_CROSS`` then holding ``E_p[s - z] * log2(e) / T`` or ``c * log2(e)``.
+
+It costs about 2x the plain float32 code's instructions in the stats pass and 1.4x in the
+gradient (no spills, still memory-bound; see bench/kernel_report.py). 16-bit logits keep the
+plain code, machine code unchanged; the fused-linear loss's chunk logits are float32 for every
+head dtype, so they take ``PRECISE`` when computed in float32.
 """
 import triton
 import triton.language as tl
@@ -142,19 +168,36 @@ def log1p(r):
 
 
 @triton.jit
-def rebase_precise(m_w, l_w, m_u, l_u, a, b, new_m_w, new_m_u, scale, scale_lo):
+def offset_difference(x, y, offset):
+    """``(x - y) - offset`` without the rounding of ``x - y`` (its error from a two-sum): exact
+    where ``x - y`` is close to ``offset`` (logits 1e4 apart whose maxima are too) and where it
+    is exact itself (a student close to its teacher). Infinite operands give ``+-inf`` (the
+    error term is dropped where it is NaN)."""
+    hi = x - y
+    t = hi - x
+    lo = (x - (hi - t)) - (y + t)
+    return (hi - offset) + tl.where(lo == lo, lo, 0.0)
+
+
+@triton.jit
+def rebase_precise(m_w, l_w, m_u, l_u, a, b, new_m_w, new_m_u, scale, scale_lo,
+                   REVERSE: tl.constexpr):
     """``rebase`` for the float32 code's references, which are logits (not log2 units): the
     growth is ``(new - old) * log2(e) / T``, taken as ``hi + lo`` (``split_product``) so that
     ``2^-growth`` is exact to an ulp or two, not to ``growth``'s rounding (which a sum carries
     over to every gradient entry of its row). ``b`` (see ``accumulate_tile``) scales as
-    ``l_w`` does (a NaN ``b`` stays NaN). References at -inf move for free; references that
-    started at the lowest finite value give a growth of inf and ``2^-inf = 0``."""
+    ``l_w`` does (a NaN ``b`` stays NaN), after moving (reverse) from the old offset
+    ``m_w - m_u`` to the new one. References at -inf move for free; references that started at
+    the lowest finite value give a growth of inf and ``2^-inf = 0``."""
     grow_w, err_w = split_product(tl.where(m_w == float("-inf"), 0.0, new_m_w - m_w), scale,
                                   scale_lo)
     grow_u, err_u = split_product(tl.where(m_u == float("-inf"), 0.0, new_m_u - m_u), scale,
                                   scale_lo)
     scale_w = exp2_compensated(-grow_w, -err_w)
     a = tl.where(scale_w == 0, 0.0, (a - l_w * (grow_w - grow_u)) * scale_w)
+    if REVERSE:
+        moved = (new_m_w - new_m_u) - (m_w - m_u)
+        b -= l_w * tl.where((m_w == float("-inf")) | (m_u == float("-inf")), 0.0, moved)
     b = tl.where((scale_w == 0) & (b == b), 0.0, b * scale_w)
     return l_w * scale_w, l_u * exp2_compensated(-grow_u, -err_u), a, b
 
@@ -205,7 +248,7 @@ def accumulate_tile(m_w, l_w, m_u, l_u, a, b, g_max, student_row, original_row,
     new_m_u = tl.maximum(m_u, max_u)
     if PRECISE:
         l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, new_m_w, new_m_u, scale,
-                                        scale_lo)
+                                        scale_lo, REVERSE)
         # Logits minus their reference: exact near the maximum, where the terms that matter
         # are; then (w - m_w) * log2(e) / T as hi + lo.
         w_rel, w_err = split_product(w - new_m_w[None, :, None], scale, scale_lo)
@@ -228,7 +271,8 @@ def accumulate_tile(m_w, l_w, m_u, l_u, a, b, g_max, student_row, original_row,
     a += tl.sum(tl.sum(e_w * d, axis=2), axis=0)
     if PRECISE:
         if REVERSE:
-            cross = tl.where(e_w == 0, 0.0, e_w * (w - u))
+            offset = (new_m_w - new_m_u)[None, :, None]
+            cross = tl.where(e_w == 0, 0.0, e_w * offset_difference(w, u, offset))
         else:
             # E_q[expm1(d)] leaves out student mass where the teacher has none (q = 0, a -inf
             # or underflowed teacher logit): such a column (of a weight that matters) makes
@@ -259,6 +303,7 @@ def store_row_stats(stats_ptr, loss_ptr, row, rows, kept, m_w, l_w, m_u, l_u, a,
     loss = (cross - log_l_w + log_l_u) * tl.full([], LN2, ACC)
     if PRECISE:
         if REVERSE:
+            # E_p[s - z] relative to the offset m_w - m_u (offset_difference).
             cross = b / l_w * scale
         else:
             ratio = b / l_w
@@ -393,7 +438,8 @@ def rkl_stats_kernel(
     if PRECISE:
         # The threads' sums add up in float64 (once per program, after the loop): a float32
         # tree of them is off by an ulp or so, which every gradient entry of the row inherits.
-        l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo)
+        l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo,
+                                        REVERSE)
         l_w = tl.sum(l_w.to(tl.float64), axis=0)
         l_u = tl.sum(l_u.to(tl.float64), axis=0)
         a = tl.sum(a.to(tl.float64), axis=0)
@@ -445,7 +491,7 @@ def rkl_stats_combine_kernel(
     if PRECISE:
         b = tl.load(parts + 5 * partial_plane_stride, mask=present, other=0.0)
         l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, row_m_w, row_m_u, scale,
-                                        low_part(scale_f64, PRECISE))
+                                        low_part(scale_f64, PRECISE), REVERSE)
         l_w = tl.sum(l_w.to(tl.float64), axis=0)
         l_u = tl.sum(l_u.to(tl.float64), axis=0)
         a = tl.sum(a.to(tl.float64), axis=0)
