@@ -39,11 +39,12 @@ the naive formula's error at T = 1. So the ``PRECISE`` code
 - adds the threads' sums in float64 and computes the row's statistics in float64 (once per
   program, after the loop), rounding each once;
 - sums ``b``, the gradient's shift, from differences of logits taken before any scaling:
-  reverse ``E_p[s - z]``, forward ``E_q[expm1(d)]`` with ``d = (s - z) / T`` (the log-sum-exp
+  reverse ``E_p[s - z]`` (relative to the offset ``m_w - m_u``, see ``offset_difference``),
+  forward ``E_q[expm1(d)]`` with ``d = (s - z) / T`` (the log-sum-exp
   difference ``c = log1p(E_q[expm1(d)])`` without the cancellation of two log-sum-exps), the
   plane ``STAT_CROSS`` then holding ``E_p[s - z] * log2(e) / T`` or ``c * log2(e)``.
 
-It costs about 2x the plain float32 code's instructions in the stats pass and 1.4x in the
+It costs about 2.6x the plain float32 code's instructions in the stats pass and 2x in the
 gradient (no spills, still memory-bound; see bench/kernel_report.py). 16-bit logits keep the
 plain code, machine code unchanged; the fused-linear loss's chunk logits are float32 for every
 head dtype, so they take ``PRECISE`` when computed in float32.
