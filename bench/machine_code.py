@@ -488,7 +488,8 @@ class Case:
     name), forward then backward, as ``fused_rkl_loss`` (or, with ``fused_linear``, the
     fused-linear loss's chunk pass: no keep mask, an expanded upstream gradient) makes it.
     ``compute`` names the kernels' dtype when it is not the backend's default for ``dtype``
-    (float64 arithmetic for float32 inputs)."""
+    (float64 arithmetic for float32 inputs); ``precise`` the PRECISE choice when it is not the
+    default (False: the float32 chunk logits of bfloat16 heads)."""
     name: str
     rows: int
     vocab: int
@@ -499,6 +500,7 @@ class Case:
     keep: bool = True
     fused_linear: bool = False
     compute: str | None = None
+    precise: bool | None = None
 
 
 CASES = (
@@ -510,7 +512,8 @@ CASES = (
     Case("fp32 distillation 4096x32000 T=2", 4096, 32000, "float32", strengthened=False,
          temperature=2.0),
     Case("bf16 RKLD V-split 16x32000", 16, 32000),
-    Case("fused-linear fp32 chunk 418x128256", 418, 128256, "float32", fused_linear=True),
+    Case("fused-linear fp32 chunk 418x128256", 418, 128256, "float32", fused_linear=True,
+         precise=False),
     Case("fp32 RKLD 4096x32000 float32 compute", 4096, 32000, "float32", compute="float32"),
     Case("fp32 RKLD 4096x32000 float64 compute", 4096, 32000, "float32", compute="float64"),
     Case("fp64 RKLD 4096x32000", 4096, 32000, "float64"),
@@ -536,14 +539,15 @@ def case_launches(case: Case, sm_count: int = H100_SMS):
         compute = getattr(torch, case.compute)
     loss, stats, forward = backend.plan_forward(student, original, strengthened, keep, *hyper,
                                                 sm_count=sm_count, empty=fake_empty,
-                                                compute=compute)
+                                                compute=compute, precise=case.precise)
     if case.fused_linear:
         grad_rows = fake_tensor((), loss.dtype).expand(case.rows)
     else:
         grad_rows = fake_tensor((case.rows,), loss.dtype)
     _, backward = backend.plan_backward(student, original, strengthened, keep, stats,
                                         grad_rows, *hyper, sm_count=sm_count,
-                                        empty=fake_empty, compute=compute)
+                                        empty=fake_empty, compute=compute,
+                                        precise=case.precise)
     return [("forward", launch) for launch in forward] + [("backward", launch)
                                                           for launch in backward]
 

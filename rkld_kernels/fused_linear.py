@@ -127,6 +127,7 @@ class _Plan:
     need_dw: bool
     need_db: bool
     compute: torch.dtype    # dtype of the logits, the vocabulary pass and dX/dW/db
+    precise: bool = False   # triton: float32 heads in float32 take the kernels' PRECISE code
     group: object = None    # vocabulary parallelism: the process group to all-reduce over
 
 
@@ -149,7 +150,8 @@ def _make_plan(xs, ws, bs, alpha, temperature, reverse, chunk_size, accum_dtype,
                  compile=(compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
                           if backend == "torch" and group is None else "off"),
                  per_row=per_row, need_dx=need_dx, need_dw=need_dw,
-                 need_db=need_db and bs is not None, compute=compute, group=group)
+                 need_db=need_db and bs is not None, compute=compute,
+                 precise=ws.dtype == torch.float32 and compute == torch.float32, group=group)
 
 
 def _masked_run(inputs, keep, drop_masked, options, *, grads, row_scale=None, compute=None,
@@ -592,16 +594,19 @@ def _vocabulary_pass(plan: _Plan, student, original, strengthened, need_grad: bo
     ``r`` multiplied by ``row_scale[r]`` (1 when None)."""
     if plan.backend == "triton":
         from .triton_backend import triton_rkl_backward, triton_rkl_forward
-        # The logits' dtype is the compute dtype.
+        # The logits' dtype is the compute dtype. The float32 logits of float16/bfloat16 heads
+        # take the plain float32 code (their contract is the 16-bit rounding floor); those of
+        # float32 heads the PRECISE one (the float32 rule).
         hyper = (plan.alpha, plan.temperature, plan.reverse)
         loss, stats = triton_rkl_forward(student, original, strengthened, None, *hyper,
-                                         compute=student.dtype)
+                                         compute=student.dtype, precise=plan.precise)
         if not need_grad:
             return loss, None
         if row_scale is None:
             row_scale = loss.new_ones(()).expand(loss.shape[0])
         return loss, triton_rkl_backward(student, original, strengthened, None, stats,
-                                         row_scale, *hyper, compute=student.dtype)
+                                         row_scale, *hyper, compute=student.dtype,
+                                         precise=plan.precise)
     # rkl_rows makes a dozen elementwise passes over its rows; a few rows at a time they stay
     # in the CPU's caches instead of streaming through memory.
     # The logits come in the compute dtype, which is what rkl_rows computes in. Under
@@ -770,8 +775,7 @@ def fused_linear_rkl_loss(student_hidden: torch.Tensor, student_weight: torch.Te
             None: every weight must have the student's number of rows.
         compute_dtype: the dtype of the logits and of the arithmetic inside, on every backend
             (torch, triton, vocabulary-parallel). None (default): float32 for
-            float16/bfloat16/float32 heads, float64 for float64 ones (the triton backend keeps
-            float64 for float32 heads for now: see ``torch_backend.TRITON_FLOAT32_COMPUTE``).
+            float16/bfloat16/float32 heads, float64 for float64 ones.
             ``torch.float64``: float64 GEMMs, vocabulary pass and gradient accumulators, for
             the last digits of float32 inputs; measured on this project's CPU it costs about
             2.8x the float32 default's time and twice its chunk memory plus a float64 copy of

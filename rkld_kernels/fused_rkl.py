@@ -79,7 +79,7 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
                                 temperature=temperature, reduction=reduction, backend=backend)
     _checks.check_choice("torch.ops.rkld.rkl_loss", "compiled", compiled,
                          tuple(COMPILED_FROM_CODE))
-    compute = _compute_dtype(student.dtype, compute_dtype, backend)
+    compute = _compute_dtype(student.dtype, compute_dtype)
     if backend == "triton":
         from .triton_backend import triton_rkl_forward
         loss_rows, (stats,) = triton_rkl_forward(student, original, strengthened, keep, alpha,
@@ -107,9 +107,8 @@ def _rkl_loss_impl(student: torch.Tensor, original: torch.Tensor,
     return reduce_rows(loss_rows, keep, reduction, (rows,)), saved
 
 
-def _compute_dtype(student_dtype: torch.dtype, requested: torch.dtype | None,
-                   backend: str) -> torch.dtype:
-    return compute_dtype(student_dtype, requested, backend)
+def _compute_dtype(student_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    return compute_dtype(student_dtype, requested)
 
 
 def saved_dtype_of(student_dtype: torch.dtype, reduction: str, backend: str,
@@ -123,7 +122,7 @@ def saved_dtype_of(student_dtype: torch.dtype, reduction: str, backend: str,
     graph by its operator calls and their arguments, not by what the fake implementation
     returns, so a rule that lived only in the fake could change under a cached compiled
     backward, which would then read the buffer as another dtype."""
-    compute = compute or compute_dtype(student_dtype, None, backend)
+    compute = compute or compute_dtype(student_dtype)
     if backend == "triton":
         return compute
     return compute if reduction == "none" else student_dtype
@@ -140,8 +139,7 @@ def _rkl_loss_fake(student, original, strengthened, keep, alpha, temperature, re
     acc_dtype = accumulation_dtype(student.dtype)
     loss = student.new_empty((rows,) if reduction == "none" else (), dtype=acc_dtype)
     dtype = saved_dtype or saved_dtype_of(student.dtype, reduction, backend,
-                                          _compute_dtype(student.dtype, compute_dtype,
-                                                         backend))
+                                          _compute_dtype(student.dtype, compute_dtype))
     if not need_grad:
         saved = student.new_empty(0)
     elif backend == "triton":
@@ -162,8 +160,7 @@ def _rkl_loss_triton_backward_impl(student: torch.Tensor, original: torch.Tensor
     from .triton_backend import triton_rkl_backward
     return triton_rkl_backward(student, original, strengthened, keep, (stats,), grad_rows,
                                alpha, temperature, reverse,
-                               compute=_compute_dtype(student.dtype, compute_dtype,
-                                                      "triton"))
+                               compute=_compute_dtype(student.dtype, compute_dtype))
 
 
 rkl_loss_triton_backward_op = custom_op("rkl_loss_triton_backward",
@@ -211,8 +208,7 @@ def _rkl_backward(ctx, grad_loss, _grad_saved):
                                f"torch.func transforms are not implemented for them")
         grad = differentiable_rows_grad(student, original, strengthened, keep, alpha,
                                         temperature, reverse,
-                                        _compute_dtype(student.dtype, compute_dtype,
-                                                       backend))
+                                        _compute_dtype(student.dtype, compute_dtype))
         row_grad = upstream_per_row(grad_loss, keep, reduction, rows).unsqueeze(-1)
         return ((grad * row_grad).to(student.dtype), *none)
     if backend == "triton":
@@ -327,8 +323,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
             gradient is 0 in the columns left out. None: all three must have one shape.
         compute_dtype: the dtype of the arithmetic inside, on every backend (torch, triton,
             vocabulary-parallel). None (default): float32 for float16/bfloat16/float32 inputs,
-            float64 for float64 ones (the triton backend keeps float64 for float32 inputs for
-            now: see ``torch_backend.TRITON_FLOAT32_COMPUTE``). ``torch.float64``: float64
+            float64 for float64 ones. ``torch.float64``: float64
             arithmetic for the last digits of float32 inputs (the float32 rounding floor); it
             costs, measured on this project's CPU, 2x the time of the float32 default
             (2048 x 32000) and 1.4x its peak extra memory (on GPUs, their float64 rate).
@@ -396,7 +391,7 @@ def fused_rkl_loss(student_logits: torch.Tensor, original_logits: torch.Tensor,
     # the forward skips the fused gradient.
     functorch = functorch_active()
     need_grad = torch.is_grad_enabled() and student.requires_grad and not functorch
-    compute = _compute_dtype(student.dtype, compute_dtype, backend)
+    compute = _compute_dtype(student.dtype, compute_dtype)
     args = (student, original, strengthened, keep, float(alpha), float(temperature),
             direction == "reverse", reduction, backend, COMPILED_CODES[compiled], need_grad,
             saved_dtype_of(student.dtype, reduction, backend, compute), compute, None)

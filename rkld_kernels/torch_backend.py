@@ -60,20 +60,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# The default compute dtype of float32 inputs on the triton backend. The kernels' float32
-# specialisation (ACC constexpr) computes the gradient from exp2 of log-domain arguments, and on
-# tests/test_precision.py's float32 cases its error is 2-3x that of the naive float32 formula,
-# outside the float32 contract; until the kernels take the gradient from d = (s - z) / T as
-# torch_backend.rkl_rows does, float32 inputs on triton default to the float64 specialisation.
-# ``compute_dtype=torch.float32`` selects the float32 code explicitly.
-TRITON_FLOAT32_COMPUTE = torch.float64
-
 # The values the losses' ``compute_dtype`` option accepts (None: the default of the input dtype).
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
-def compute_dtype(dtype: torch.dtype, requested: torch.dtype | None = None,
-                  backend: str = "torch") -> torch.dtype:
+def compute_dtype(dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """The dtype of the per-element math for inputs of ``dtype``: ``requested`` (the losses'
     ``compute_dtype`` option) when given, else float32 for float16/bfloat16/float32 inputs and
     float64 for float64 ones.
@@ -82,12 +73,10 @@ def compute_dtype(dtype: torch.dtype, requested: torch.dtype | None = None,
     (loss within 1e-3, gradient error at most 2x that of the naive float32 formula); reaching
     the float32 rounding floor itself needs float64 (exp and log in float32 alone are off by
     ~1e-6 relative on logits of size 10, 16x that floor), which costs 2-3x and is therefore
-    the explicit option ``compute_dtype=torch.float64``. ``backend="triton"``: see
-    :data:`TRITON_FLOAT32_COMPUTE`."""
+    the explicit option ``compute_dtype=torch.float64``. The rule is the same on every backend
+    (the Triton kernels' float32 code for float32 logits is their ``PRECISE`` variant)."""
     if requested is not None:
         return requested
-    if dtype == torch.float32 and backend == "triton":
-        return TRITON_FLOAT32_COMPUTE
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -24,16 +24,18 @@ On CPU tensors the kernels run under Triton's interpreter (for tests), which has
 on with ``TRITON_INTERPRET=1`` before triton is first imported.
 
 Precision: the kernels compute in the compute dtype the losses pass (their ``compute_dtype``
-option; by default ``torch_backend.compute_dtype(dtype, None, "triton")``): float32 for
-float16/bfloat16 students, float64 for float64 ones and, for now, for float32 ones
-(``torch_backend.TRITON_FLOAT32_COMPUTE``: the float32 code's gradient is 2-3x the naive float32
-formula's error on the precision tests), a specialisation selected by the ``ACC`` constexpr
-(the float32 code is the same whether or not the float64 one exists; float64 runs at full rate
-on H100/H200-class GPUs but much slower on GPUs with reduced float64 throughput). ``alpha``,
+option; by default ``torch_backend.compute_dtype(dtype)``): float32 for float16/bfloat16/float32
+students, float64 for float64 ones or when the option asks for it, a specialisation selected by
+the ``ACC`` constexpr (the float32 code is the same whether or not the float64 one exists;
+float64 runs at full rate on H100/H200-class GPUs but much slower on GPUs with reduced float64
+throughput). ``alpha``,
 ``T`` (``1 / T`` for the gradient) and ``log2(e) / T`` reach the kernels twice, as float32
 scalars (Triton's type for Python floats) for the float32 code and as float64 ones for the
 float64 code, each computed in double
-precision on the host and rounded once. Rows of a nearly one-hot student get their top
+precision on the host and rounded once. float32 logits computed in float32 (float32 students,
+and the fused-linear loss's chunk logits of float32 heads) run a ``PRECISE`` variant of the float32
+code (``precise_float32``; ``triton_kernels.rkl_stats`` says what it changes) whose gradient is
+within 2x the naive float32 formula's error. Rows of a nearly one-hot student get their top
 token's gradient from the other entries (``triton_kernels.rkl_grad``; one more small launch,
 ``rkl_grad_top_kernel``, per backward).
 """
@@ -275,14 +277,28 @@ def _tile_for(inputs, acc_dtype, rows: int, vocab: int, block_v, sm_count,
     return launch_config(vocab, block_v, element_size, repeats, min_repeats)
 
 
-def _common_args(student, original, strengthened, keep, reverse, compute=None):
+def precise_float32(student_dtype: torch.dtype, acc_dtype: torch.dtype) -> bool:
+    """Whether the kernels run their ``PRECISE`` float32 code (``triton_kernels.rkl_stats``):
+    float32 logits computed in float32. Its gradient is within 2x the naive float32 formula's
+    error, where the plain float32 code (exp2 of rounded log2-domain arguments, the 16-bit
+    inputs' code, whose machine code it keeps) is 2-3x it. float16/bfloat16 students and the
+    float64 specialisation take the plain code."""
+    return student_dtype == torch.float32 and acc_dtype == torch.float32
+
+
+def _common_args(student, original, strengthened, keep, reverse, compute=None, precise=None):
     """Flags and placeholders shared by both kernels. Absent optional tensors are replaced by
     the student as a placeholder pointer that the kernel never reads (the flags say so).
-    ``compute``: the kernels' dtype (default: ``compute_dtype`` of the student's on triton)."""
-    acc_dtype = compute or compute_dtype(student.dtype, None, "triton")
+    ``compute``: the kernels' dtype (default: ``compute_dtype`` of the student's on triton).
+    ``precise``: whether float32 logits computed in float32 take the ``PRECISE`` code (default:
+    ``precise_float32``); the fused-linear loss passes False for the float32 chunk logits of
+    float16/bfloat16 heads, whose contract the plain float32 code meets."""
+    acc_dtype = compute or compute_dtype(student.dtype)
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     flags = dict(HAS_STRENGTHENED=strengthened is not None, HAS_KEEP=keep is not None,
-                 REVERSE=bool(reverse), ACC=acc)
+                 REVERSE=bool(reverse), ACC=acc,
+                 PRECISE=(precise_float32(student.dtype, acc_dtype) if precise is None
+                          else bool(precise) and acc_dtype == torch.float32))
     inputs = [t for t in (student, original, strengthened) if t is not None]
     strengthened = strengthened if strengthened is not None else student
     keep = keep if keep is not None else student
@@ -305,7 +321,7 @@ def _alpha_zero(strengthened, alpha: float) -> bool:
 
 def plan_forward(student, original, strengthened, keep, alpha: float, temperature: float,
                  reverse: bool, *, splits: int | None = None, block_v: int | None = None,
-                 sm_count: int | None = None, empty=None, compute=None):
+                 sm_count: int | None = None, empty=None, compute=None, precise=None):
     """Outputs and launches of the forward pass, without running anything.
 
     ``empty(shape, dtype)`` allocates the outputs (default: ``torch.empty`` on the student's
@@ -319,7 +335,7 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
             return torch.empty(shape, dtype=dtype, device=student.device)
     rows, vocab = student.shape
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
-        student, original, strengthened, keep, reverse, compute)
+        student, original, strengthened, keep, reverse, compute, precise)
     loss = empty((rows,), accumulation_dtype(student.dtype))
     stats = empty((STAT_COUNT, rows), acc_dtype)
     if rows == 0:
@@ -348,15 +364,16 @@ def plan_forward(student, original, strengthened, keep, alpha: float, temperatur
     if splits > 1:
         launches.append(KernelLaunch(
             rkl_stats_combine_kernel, (rows,),
-            (partial, keep_arg, stats, loss, rows, splits, partial.stride(0)),
+            (partial, keep_arg, stats, loss, rows, splits, partial.stride(0), scale, scale),
             dict(HAS_KEEP=flags["HAS_KEEP"], REVERSE=flags["REVERSE"],
-                 SPLITS_BLOCK=triton.next_power_of_2(splits), ACC=flags["ACC"]), 1))
+                 SPLITS_BLOCK=triton.next_power_of_2(splits), ACC=flags["ACC"],
+                 PRECISE=flags["PRECISE"]), 1))
     return loss, stats, launches
 
 
 def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, alpha: float,
                   temperature: float, reverse: bool, *, block_v: int | None = None,
-                  sm_count: int | None = None, empty=None, compute=None):
+                  sm_count: int | None = None, empty=None, compute=None, precise=None):
     """The gradient tensor and the launches that fill it, without running anything (see
     ``plan_forward``; with few rows the tiles shrink as the stats kernel's splits do): the
     gradient kernel, then ``rkl_grad_top_kernel`` (the one-hot rows' top entries).
@@ -369,7 +386,7 @@ def plan_backward(student, original, strengthened, keep, row_stats, grad_rows, a
     if rows == 0:
         return grad, []
     strengthened_arg, keep_arg, flags, inputs, acc_dtype = _common_args(
-        student, original, strengthened, keep, reverse, compute)
+        student, original, strengthened, keep, reverse, compute, precise)
     tile = _tile_for(inputs, acc_dtype, rows, vocab, block_v, sm_count,
                      min_repeats=_GRAD_MIN_REPEATS)
     # The gradient is contiguous: its row stride is V.
@@ -402,7 +419,7 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
                        strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                        alpha: float, temperature: float, reverse: bool, *,
                        splits: int | None = None, block_v: int | None = None,
-                       compute: torch.dtype | None = None
+                       compute: torch.dtype | None = None, precise: bool | None = None
                        ) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
     """Per-row losses and the statistics the backward needs.
 
@@ -416,14 +433,14 @@ def triton_rkl_forward(student: torch.Tensor, original: torch.Tensor,
     ``block_v`` the block width; both exist so tests can reach every code path on CPU.
     ``compute`` is the kernels' dtype (default ``compute_dtype`` of the student's; the
     fused-linear loss passes float32 for the float32 logits of float16/bfloat16 heads); the
-    statistics are in it.
+    statistics are in it. ``precise``: see ``_common_args`` (the backward must get the same).
     """
     _check_inputs(student, original, strengthened, keep)
     keep = keep.contiguous() if keep is not None else None
     loss, stats, launches = plan_forward(student, original, strengthened, keep, alpha,
                                          temperature, reverse, splits=splits, block_v=block_v,
                                          sm_count=device_sm_count(student.device),
-                                         compute=compute)
+                                         compute=compute, precise=precise)
     for launch in launches:
         launch()
     # KL >= 0: a row whose rounded sum fell below 0 (a KL of 1e-10 at temperature 0.05 can) is
@@ -436,7 +453,8 @@ def triton_rkl_backward(student: torch.Tensor, original: torch.Tensor,
                         strengthened: torch.Tensor | None, keep: torch.Tensor | None,
                         stats, grad_rows: torch.Tensor, alpha: float, temperature: float,
                         reverse: bool, *, block_v: int | None = None,
-                        compute: torch.dtype | None = None) -> torch.Tensor:
+                        compute: torch.dtype | None = None,
+                        precise: bool | None = None) -> torch.Tensor:
     """``grad[r] = grad_rows[r] * dL_r / d student[r]`` as a contiguous tensor of the student's
     dtype and shape, zero at masked rows. ``stats`` is what ``triton_rkl_forward`` returned;
     ``grad_rows`` may have any stride (autograd hands over expanded scalars)."""
@@ -445,7 +463,8 @@ def triton_rkl_backward(student: torch.Tensor, original: torch.Tensor,
     (row_stats,) = stats
     grad, launches = plan_backward(student, original, strengthened, keep, row_stats, grad_rows,
                                    alpha, temperature, reverse, block_v=block_v,
-                                   sm_count=device_sm_count(student.device), compute=compute)
+                                   sm_count=device_sm_count(student.device), compute=compute,
+                                   precise=precise)
     for launch in launches:
         launch()
     return grad

@@ -13,6 +13,17 @@ which is p (d - E_p[d]) / T (docs/design.md#closed-forms) with the maxima taken 
 upstream per-row gradient, ln 2 and 1/T fold into one per-row factor; masked rows get zeros
 without loading their logits.
 
+The ``PRECISE`` code (float32 logits in float32; see ``rkl_stats``) takes the references as
+logits, p (and q) from compensated exponentials (``probability``), and d = (s - z) log2(e) / T
+with the difference taken before the scaling (exact where the student is close to its teacher):
+
+    reverse:  dL/ds_v = p_v * ln 2 * (d_v - E_p[d]) / T
+    forward:  dL/ds_v = q_v expm1((d_v - c) ln 2) / T  where (d_v - c) ln 2 < 1,
+                      = (p_v - q_v) / T                  elsewhere
+
+with ``E_p[d]`` and ``c = log2 E_q[2^d]`` (the log-sum-exp difference) from the statistics' cross
+plane; ``expm1`` by its series near 0, so nothing cancels where p ~ q.
+
 Nearly one-hot students. A row's gradient entries sum to 0. Where the student's top
 probability p_t is close to 1, the entry at t is a difference of two numbers far larger than
 itself (reverse: ``(x_s - x_z) - E_p[x_s - x_z]`` at t; forward: ``p_t - q_t``), below the
@@ -39,7 +50,11 @@ from .rkl_stats import (
     STAT_MAX_STUDENT,
     STAT_MAX_TEACHER,
     acc_scalar,
+    exp2_compensated,
+    expm1_log2,
     log2_scale,
+    low_part,
+    offset_difference,
 )
 
 # Rows whose log2 of the student's sum (relative to its maximum) lies in this range have a top
@@ -57,11 +72,23 @@ def one_hot_row(log_l_s):
 
 
 @triton.jit
+def probability(x, m, log_l, scale, scale_lo):
+    """``2^((x - m) log2(e) / T - log2 l)`` for the ``PRECISE`` code (``m`` a logit): ``x - m``
+    is exact near the maximum, and the exponent's rounding error is recovered by a fused
+    multiply-add (exactly for the product, to half an ulp of ``log2 l`` for the sum) and
+    applied by ``exp2_compensated``."""
+    x_rel = x - m
+    hi = tl.fma(x_rel, scale, -log_l)
+    lo = tl.fma(x_rel, scale_lo, tl.fma(x_rel, scale, -hi) - log_l)
+    return exp2_compensated(hi, lo)
+
+
+@triton.jit
 def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, lead, vocab,
-              alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+              alpha, scale, scale_lo, m_s, log_l_s, m_z, log_l_z, shift, factor,
               HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr, MASKED: tl.constexpr,
               ONE_HOT: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
-              ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr):
+              ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr, PRECISE: tl.constexpr = False):
     """Write one tile of the gradient (``shift`` and ``factor`` are the per-row constants).
     With ``ONE_HOT`` (one repeat: ``THREADS x TILE_K`` columns) also return each thread's
     share of the one-hot sums as ``[THREADS]`` tensors: the sum of its unrounded gradient, the
@@ -72,13 +99,30 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
     if HAS_STRENGTHENED:
         g = to_acc(load_tile(strengthened_row, offsets, lead, vocab, MASKED), ACC)
         z = teacher_logits(z, g, alpha, ALPHA_ZERO)
-    x_s = s * scale - m_s
-    x_z = z * scale - m_z
-    p = tl.exp2(x_s - log_l_s)
-    if REVERSE:
-        grad = tl.where(p == 0, 0.0, p * ((x_s - x_z) - shift)) * factor
+    if PRECISE:
+        p = probability(s, m_s, log_l_s, scale, scale_lo)
+        # d = (s - z) log2(e) / T, the difference taken before the scaling; shift in the
+        # same units (see the module docstring).
+        if REVERSE:
+            d = offset_difference(s, z, m_s - m_z) * scale - shift
+        else:
+            d = (s - z) * scale - shift
+        if REVERSE:
+            grad = tl.where(p == 0, 0.0, p * d) * factor
+        else:
+            q = probability(z, m_z, log_l_z, scale, scale_lo)
+            # p - q = q expm1(d) where the student is close to its teacher (d < 1 nat);
+            # elsewhere nothing cancels (and where q = 0, p is the gradient).
+            near = d * LN2 < 1.0
+            grad = tl.where(near, q * expm1_log2(tl.where(near, d, 0.0)), p - q) * factor
     else:
-        grad = (p - tl.exp2(x_z - log_l_z)) * factor
+        x_s = s * scale - m_s
+        x_z = z * scale - m_z
+        p = tl.exp2(x_s - log_l_s)
+        if REVERSE:
+            grad = tl.where(p == 0, 0.0, p * ((x_s - x_z) - shift)) * factor
+        else:
+            grad = (p - tl.exp2(x_z - log_l_z)) * factor
     if ONE_HOT:
         # Columns outside the row hold p = 0 and gradient 0 (their logits load as -inf). At
         # most one entry of a row has p > 1/2. The tile's dims 0 and 2 live in one thread.
@@ -102,11 +146,11 @@ def grad_tile(grad_row, student_row, original_row, strengthened_row, offsets, le
 
 @triton.jit
 def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                      alpha, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                      alpha, scale, scale_lo, m_s, log_l_s, m_z, log_l_z, shift, factor,
                       HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
                       ONE_HOT: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr,
                       TILE_K: tl.constexpr, ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr,
-                      MASKED: tl.constexpr = True):
+                      MASKED: tl.constexpr = True, PRECISE: tl.constexpr = False):
     """``grad_tile`` one repeat at a time: for a partial tile (``MASKED``), whose masked
     (scalar) loads keep their registers to a repeat's worth that way, and for the one-hot rows'
     tiles (full ones without masks). With ``ONE_HOT`` returns the tile's sum of the unrounded
@@ -121,8 +165,8 @@ def partial_grad_tile(grad_row, student_row, original_row, strengthened_row, til
         part, column, entry = grad_tile(
             grad_row + sub_step, student_row + sub_step, original_row + sub_step,
             strengthened_row + sub_step, sub_offsets, tile_lead - sub_step, vocab, alpha,
-            scale, m_s, log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, MASKED,
-            ONE_HOT, THREADS, TILE_K, ACC, ALPHA_ZERO)
+            scale, scale_lo, m_s, log_l_s, m_z, log_l_z, shift, factor, HAS_STRENGTHENED,
+            REVERSE, MASKED, ONE_HOT, THREADS, TILE_K, ACC, ALPHA_ZERO, PRECISE)
         if ONE_HOT:
             total += part
             top_column = tl.maximum(top_column, column)
@@ -140,7 +184,7 @@ def rkl_grad_kernel(
     top_grad_ptr,
     HAS_STRENGTHENED: tl.constexpr, HAS_KEEP: tl.constexpr, REVERSE: tl.constexpr,
     VEC: tl.constexpr, TILE_R: tl.constexpr, THREADS: tl.constexpr, TILE_K: tl.constexpr,
-    ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr = False,
+    ACC: tl.constexpr, ALPHA_ZERO: tl.constexpr = False, PRECISE: tl.constexpr = False,
 ):
     """Grid ``(rows, tiles)``: program (r, b) writes tile b of row r of the contiguous
     ``[rows, V]`` gradient, in the gradient's dtype (tiles as in ``logits.row_geometry``; the
@@ -168,6 +212,7 @@ def rkl_grad_kernel(
             strengthened_row = (strengthened_ptr
                                 + tl.multiple_of(row * stride_strengthened - lead, VEC) + step)
             scale = log2_scale(scale_f32, scale_f64, ACC)
+            scale_lo = low_part(scale_f64, PRECISE)
             alpha_acc = acc_scalar(alpha, alpha_f64, ACC)
             # 1 / T from the host (rounded once): a division would cost a program more
             # instructions than a V-split tile has columns per thread.
@@ -177,11 +222,12 @@ def rkl_grad_kernel(
             m_z = tl.load(stats_ptr + STAT_MAX_TEACHER * rows + row)
             log_l_z = tl.load(stats_ptr + STAT_LOG_SUM_TEACHER * rows + row)
             factor = tl.load(grad_rows_ptr + row * stride_grad_rows).to(ACC) * inv_temperature_acc
-            if REVERSE:
+            if REVERSE or PRECISE:
                 shift = tl.load(stats_ptr + STAT_CROSS * rows + row)
-                factor = factor * tl.full([], LN2, ACC)
             else:
                 shift = 0.0
+            if REVERSE:
+                factor = factor * tl.full([], LN2, ACC)
             full = (tile >= full_lo) & (tile < full_hi)
             if one_hot_row(log_l_s):
                 # One repeat at a time, as partial tiles go: the extra sums keep a whole tile's
@@ -191,29 +237,29 @@ def rkl_grad_kernel(
                 if full:
                     total, top_column, top_entry = partial_grad_tile(
                         grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        alpha_acc, scale, scale_lo, m_s, log_l_s, m_z, log_l_z, shift, factor,
                         HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
-                        ALPHA_ZERO, False)
+                        ALPHA_ZERO, False, PRECISE)
                 else:
                     total, top_column, top_entry = partial_grad_tile(
                         grad_row, student_row, original_row, strengthened_row, tile_lead, vocab,
-                        alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift, factor,
+                        alpha_acc, scale, scale_lo, m_s, log_l_s, m_z, log_l_z, shift, factor,
                         HAS_STRENGTHENED, REVERSE, True, TILE_R, THREADS, TILE_K, ACC,
-                        ALPHA_ZERO, True)
+                        ALPHA_ZERO, True, PRECISE)
                 slot = row * tl.num_programs(1) + tile
                 tl.store(tile_sums_ptr + slot, total)
                 tl.store(top_index_ptr + slot, top_column)
                 tl.store(top_grad_ptr + slot, top_entry)
             elif full:
                 grad_tile(grad_row, student_row, original_row, strengthened_row, offsets,
-                          tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z, shift,
-                          factor, HAS_STRENGTHENED, REVERSE, False, False, THREADS, TILE_K, ACC,
-                          ALPHA_ZERO)
+                          tile_lead, vocab, alpha_acc, scale, scale_lo, m_s, log_l_s, m_z,
+                          log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, False, False,
+                          THREADS, TILE_K, ACC, ALPHA_ZERO, PRECISE)
             else:
                 partial_grad_tile(grad_row, student_row, original_row, strengthened_row,
-                                  tile_lead, vocab, alpha_acc, scale, m_s, log_l_s, m_z, log_l_z,
-                                  shift, factor, HAS_STRENGTHENED, REVERSE, False, TILE_R,
-                                  THREADS, TILE_K, ACC, ALPHA_ZERO)
+                                  tile_lead, vocab, alpha_acc, scale, scale_lo, m_s, log_l_s, m_z,
+                                  log_l_z, shift, factor, HAS_STRENGTHENED, REVERSE, False,
+                                  TILE_R, THREADS, TILE_K, ACC, ALPHA_ZERO, True, PRECISE)
         else:
             zeros = tl.zeros([BLOCK], grad_ptr.dtype.element_ty)
             tl.store(grad_row + offsets, zeros,
