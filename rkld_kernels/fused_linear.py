@@ -871,13 +871,13 @@ def run_linear_rkl_loss(xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, leading_shape,
     # the forward skips the fused gradient.
     functorch = functorch_active()
     grad_enabled = torch.is_grad_enabled() and not functorch
-    compute = compute_dtype_of(ws.dtype, compute_dtype, backend)
+    compute = compute_dtype_of(ws.dtype, compute_dtype)
     args = (xs, ws, bs, xo, wo, bo, xg, wg, bg, keep, float(alpha), float(temperature),
             direction == "reverse", chunk_size or 0, accum_dtype or compute, backend,
             COMPILED_CODES[compiled], reduction == "none", grad_enabled and xs.requires_grad,
             grad_enabled and ws.requires_grad,
             grad_enabled and bs is not None and bs.requires_grad,
-            drop_masked, compute_dtype_of(xs.dtype, compute_dtype, backend), compute,
+            drop_masked, compute_dtype_of(xs.dtype, compute_dtype), compute,
             group_name)
     loss = (_LinearRKLFunction.apply(*args) if functorch else linear_rkl_loss_op(*args))[0]
     if reduction == "none":
