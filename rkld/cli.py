@@ -42,7 +42,8 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     d = lambda name: _default(config_class, name)  # noqa: E731
     g = parser.add_argument_group("data and model")
     g.add_argument("--model", required=True,
-                   help="Hugging Face model folder or hub name; 'tiny' builds a small Llama with "
+                   help="Hugging Face model folder or hub name, a .gguf file or smollm2-135m "
+                        "(converted once, then cached); 'tiny' builds a small Llama with "
                         "a tokenizer trained on the data (finetune/strengthen only)")
     g.add_argument("--data", default=d("data"),
                    help="'synthetic' (or 'synthetic:phrasings=K': every fact trained in K "
@@ -587,6 +588,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     restore_bars = _quiet_hub_bars() if getattr(args, "no_progress", False) else None
     try:
+        _resolve_pretrained(args)
         return args.handler(args)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -602,6 +604,23 @@ def main(argv=None) -> int:
         if restore_bars is not None:
             restore_bars()
         _leave_process_group()
+
+
+# Commands whose --model/--strengthened name a model to load; `demo` and `benchmark` read
+# --model as a choice of their own (rkld.real_demo, rkld.benchmark).
+_LOADS_MODELS = ("finetune", "strengthen", "unlearn", "eval", "inspect-teacher")
+
+
+def _resolve_pretrained(args) -> None:
+    """A .gguf file or a known name (smollm2-135m) given as --model/--strengthened becomes
+    the Hugging Face folder converted from it, once (rkld.pretrained)."""
+    if args.command not in _LOADS_MODELS:
+        return
+    from .pretrained import resolve_model_ref
+    for name in ("model", "strengthened"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, resolve_model_ref(getattr(args, name),
+                                                  progress=not getattr(args, "no_progress", False)))
 
 
 def _quiet_hub_bars():
