@@ -310,6 +310,11 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--generation-batch-size", type=int, default=32)
     parser.add_argument("--no-generation", action="store_true",
                         help="likelihood metrics only (no ROUGE, so no model utility)")
+    parser.add_argument("--engine", default="cached", choices=["cached", "plain"],
+                        help="cached: each prompt runs once, its KV cache shared by the answers' "
+                             "likelihood and greedy generation; plain: every sequence whole, "
+                             "transformers' generate (several processes always run it) "
+                             "(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results in --out computed for another model or setting")
     parser.add_argument("--no-progress", action="store_true")
@@ -353,7 +358,7 @@ def register_eval(subparsers) -> None:
                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                             template=args.template, batch_size=args.batch_size,
                             generation_batch_size=args.generation_batch_size,
-                            progress=not args.no_progress)
+                            engine=args.engine, progress=not args.no_progress)
         summary = run_eval(args.model, args.data, args.out, config=config,
                            reference=args.reference, seed=args.data_seed,
                            max_authors=args.max_authors, overwrite=args.overwrite)
