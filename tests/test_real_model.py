@@ -24,20 +24,15 @@ from rkld_kernels import fused_linear_rkl_loss
 TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
 
 
-@pytest.fixture(scope="session")
-def gguf_cache(tmp_path_factory):
-    """RKLD_CACHE_DIR pointing at a cache folder of this test run, for the whole session."""
-    patch = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("rkld-cache")
-    patch.setenv(pretrained.CACHE_ENV, str(root))
-    yield root
-    patch.undo()
+@pytest.fixture
+def smollm2(smollm2_folder):
+    """The converted folder of smollm2-135m (conftest: the one conversion of the run)."""
+    return Path(smollm2_folder)
 
 
-@pytest.fixture(scope="session")
-def smollm2(gguf_cache):
-    """The converted folder of smollm2-135m (the one conversion of the run)."""
-    return Path(pretrained.resolve_model_ref("smollm2-135m", progress=False))
+@pytest.fixture
+def gguf_cache(smollm2):
+    return smollm2.parent.parent
 
 
 @pytest.fixture
