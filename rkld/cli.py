@@ -481,6 +481,13 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("protocol")
     p.add_argument("--out", required=True, help="output folder (reused: finished stages with "
                    "the same command are not run again)")
+    p.add_argument("--model", default=d("model"),
+                   help="tiny (a small Llama trained from scratch) or a pretrained model: "
+                        "smollm2-135m, a .gguf file or a model folder, fine-tuned into the "
+                        "target and retain models (default: %(default)s)")
+    p.add_argument("--template", default=None,
+                   help="prompt format of every stage (default: auto for tiny; ChatML without "
+                        "the system line for a pretrained model)")
     p.add_argument("--data", default=d("data"), help="(default: %(default)s)")
     p.add_argument("--data-seed", type=int, default=None, help="which synthetic benchmark")
     p.add_argument("--max-authors", type=int, default=d("max_authors"),
@@ -519,13 +526,31 @@ def _protocol(args, default_data_seed: int):
             raise ValueError(f"--method-args {item!r}: expected METHOD=ARGS, e.g. "
                              f"rkld='--alpha 8'")
         method_args[name.strip()] = value
-    return Protocol(out=args.out, data=args.data,
+    settings = dict(out=args.out, data=args.data,
                     data_seed=default_data_seed if args.data_seed is None else args.data_seed,
                     max_authors=args.max_authors, forget=args.forget,
                     retain_seeds=tuple(args.retain_seeds), unlearn_args=args.unlearn_args,
                     method_args=method_args, finetune_args=args.finetune_args,
                     strengthen_args=args.strengthen_args, max_new_tokens=args.max_new_tokens,
                     threads=args.threads, allow_weak=args.allow_weak)
+    settings.update(_model_settings(args))
+    return Protocol(**settings)
+
+
+def _model_settings(args) -> dict:
+    """--model and the settings a pretrained model changes where the command line left the
+    tiny model's defaults (rkld.benchmark.PRETRAINED_DEFAULTS)."""
+    from .benchmark import PRETRAINED_DEFAULTS, Protocol
+    settings = {"model": args.model, "template": args.template or "auto"}
+    if args.model == "tiny":
+        return settings
+    for name, value in PRETRAINED_DEFAULTS.items():
+        if name == "template":
+            if args.template is None:
+                settings[name] = value
+        elif getattr(args, name, None) in (None, _default(Protocol, name)):
+            settings[name] = value
+    return settings
 
 
 def register_sweep(subparsers) -> None:
