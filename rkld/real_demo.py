@@ -13,15 +13,17 @@ prints their commands):
    and world-fact questions (general knowledge the pretrained model brought along), and shown
    side by side: generated answers, answer probabilities, forget quality, model utility.
 
-Sizes are chosen for a 2-core CPU: two authors by default (TOFU: the first as the retain
-author, the last as the forget author, 20 questions each), short prompts (ChatML without the
-default system line), short generations. With 20 forget questions forget quality takes few
+Sizes are chosen for a 2-core CPU: by default the built-in synthetic benchmark's fictitious
+authors (three, 10 short questions each: two retain authors, the last one forgotten); with a
+folder of TOFU files, two TOFU authors (20 questions each: the first retained, the last
+forgotten); short prompts (ChatML without the default system line), short generations. With 20 forget questions forget quality takes few
 values: a demonstration, not a measurement (``rkld benchmark`` is the protocol for claims).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +49,8 @@ class RealDemoConfig:
     out: str = "rkld_demo"
     model: str = "smollm2-135m"
     data: str = "synthetic"           # or a folder of TOFU JSON files
-    max_authors: int = 2              # kept authors; forget10 holds the last one
+    max_authors: int | None = None    # kept authors (None: 3 synthetic, 2 TOFU); forget10
+                                      # holds the last one
     forget: str = "forget10"
     seed: int = 0
     data_seed: int = 0
@@ -83,6 +86,8 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
     try:
         base = resolve_model_ref(cfg.model, progress=cfg.progress)
         converted = time.time() - started
+        if cfg.max_authors is None:
+            cfg.max_authors = 3 if cfg.data.startswith("synthetic") else 2
         benchmark = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
         record = {"config": asdict(cfg), "base_model": base, "benchmark": benchmark.name,
                   "stages": {"convert": {"seconds": converted}}}
@@ -96,9 +101,11 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
             print(f"[demo] {name}: rkld {function.__name__} -> {config.out}", flush=True)
             start = time.time()
             function(config)
+            command = command_line(function.__name__, config.to_dict())
             record["stages"][name] = {"seconds": time.time() - start, "out": config.out,
-                                      "command": command_line(function.__name__,
-                                                              config.to_dict())}
+                                      # the name the user gave, not the cache folder
+                                      "command": command.replace(shlex.quote(base),
+                                                                 shlex.quote(cfg.model))}
             _write_json(out / DEMO_RECORD, record)
 
         from .train import finetune, strengthen, unlearn
