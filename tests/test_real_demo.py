@@ -33,6 +33,7 @@ def test_real_demo_runs_every_stage_and_shows_answers_side_by_side(tmp_path, cap
     assert set(results) == {"target", "retain", "rkld"}
     assert results["retain"]["forget_quality"] is None
     assert 0 <= results["rkld"]["forget_quality"] <= 1
+    assert results["rkld"]["model_utility"] is None          # synthetic: no general knowledge
     report = (out / "report.md").read_text()
     assert "| question | true answer | target | rkld |" in report
     assert report.count("(p ") == 2 * 2 * 3           # 2 models x 2 authors x 3 questions
