@@ -144,9 +144,22 @@ def _rows(model, batch):
     return supervised_positions(hidden, batch["labels"])
 
 
+def _train_top_layers(model, layers: int = 4) -> list:
+    """Only the last ``layers`` decoder layers and the final norm train (the backward pass stops
+    there), which keeps these steps on a 135M model to seconds on a CPU."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for layer in model.model.layers[-layers:] for p in layer.parameters()]
+    trainable += list(model.model.norm.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
 def test_rkld_steps_lower_the_forget_answers_probability(smollm2):
     """Strengthen a copy on 4 real TOFU forget answers, then 3 RKLD steps (the fused-linear
-    loss on the teachers' cached final hidden states) lower those answers' probability."""
+    loss on the teachers' cached final hidden states, the lm_head as the teachers' and the
+    student's head) lower those answers' probability. The top layers train, the rest is frozen."""
     torch.manual_seed(0)
     rows = load_benchmark(TOFU.resolve(), max_authors=20).split("forget10")[:4]
     model, tokenizer = load_model(smollm2)
@@ -155,7 +168,7 @@ def test_rkld_steps_lower_the_forget_answers_probability(smollm2):
     before = _forget_probability(model, batch)
 
     strengthened = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(strengthened.parameters(), lr=5e-5)
+    optimizer = torch.optim.AdamW(_train_top_layers(strengthened), lr=1e-4)
     for _ in range(2):
         loss = strengthened(**batch).loss
         loss.backward()
@@ -169,7 +182,7 @@ def test_rkld_steps_lower_the_forget_answers_probability(smollm2):
     strengthened_weight = output_head(strengthened)[0].detach()
     del strengthened, optimizer
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    optimizer = torch.optim.AdamW(_train_top_layers(model), lr=1e-4)
     losses = []
     for _ in range(3):
         student_rows, _ = _rows(model, batch)
