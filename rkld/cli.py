@@ -313,7 +313,7 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--engine", default="cached", choices=["cached", "plain"],
                         help="cached: each prompt runs once, its KV cache shared by the answers' "
                              "likelihood and greedy generation; plain: every sequence whole, "
-                             "transformers' generate (several processes always run it) "
+                             "transformers' generate (an FSDP-sharded model always runs it) "
                              "(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results in --out computed for another model or setting")

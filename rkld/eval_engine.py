@@ -95,14 +95,17 @@ def _answer_nlls(weight, bias, rows_hidden: torch.Tensor, targets: torch.Tensor)
 def cached_eval_passes(model, prompts: list, answers: list, *, batch_size: int,
                        question_batch_size: int, pad_id: int, stop_ids: list,
                        max_new_tokens: int, max_length: int, generate: bool = True,
-                       progress=None):
+                       progress=None, rank: int = 0, world: int = 1):
     """avgNLL of every answer and greedy generations of every prompt, each prompt run once.
 
     ``prompts``: token lists, one per question. ``answers``: ``(question index, answer tokens
     with EOS)`` pairs; an answer is cut so that prompt + answer fit ``max_length`` (as
     ``encode_qa`` cuts). ``progress``: a callable ``(n_done_questions)`` or None. Returns
     ``(nlls, generations)``: a float per answer, and per prompt the generated token ids up to
-    (without) the first stop token, or None when ``generate`` is False.
+    (without) the first stop token, or None when ``generate`` is False. With ``world`` > 1
+    (several processes, each holding the whole model), question group g runs on process
+    g mod world and the others' entries stay None: the groups are formed globally, so every
+    value is computed exactly as in one process.
     """
     device = next(model.parameters()).device
     weight, bias = output_head(model)
@@ -117,7 +120,7 @@ def cached_eval_passes(model, prompts: list, answers: list, *, batch_size: int,
     generations = [None] * len(prompts) if generate else None
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = 0
-    for group in question_groups(prompts, question_batch_size):
+    for group in question_groups(prompts, question_batch_size)[rank::world]:
         ids, mask = _left_padded([prompts[q] for q in group], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

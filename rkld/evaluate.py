@@ -81,9 +81,9 @@ class EvalConfig:
     batch_size: int = 32             # sequences per likelihood forward pass
     generation_batch_size: int = 32  # prompts per generate() call (per prompt pass, "cached")
     # "cached": each question's prompt runs once and its KV cache serves the likelihood of all
-    # its answers and its greedy generation (rkld.eval_engine; one process). "plain": every
-    # sequence runs whole and generation is transformers' generate() (also what several
-    # processes run). Same numbers up to floating-point summation order.
+    # its answers and its greedy generation (rkld.eval_engine; processes share the question
+    # groups). "plain": every sequence runs whole and generation is transformers' generate()
+    # (also what an FSDP-sharded model runs). Same numbers up to floating-point summation order.
     engine: str = "cached"
     progress: bool = True
 
@@ -311,9 +311,11 @@ def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shar
     return [gathered[i] for i in range(len(prompts))]
 
 
-def _cached_passes(model, tokenizer, sets: dict, requests: list, config: EvalConfig):
+def _cached_passes(model, tokenizer, sets: dict, requests: list, config: EvalConfig,
+                   shards: _Shards):
     """The likelihood of every request and the generations, each prompt run once
-    (rkld.eval_engine). Returns (nlls, {(prefix, index): text} or None)."""
+    (rkld.eval_engine; with several processes each runs its share of the question groups and
+    the results are gathered). Returns (nlls, {(prefix, index): text} or None)."""
     from .eval_engine import cached_eval_passes
     keys = [(prefix, i) for prefix, rows in sets.items() for i in range(len(rows))]
     prompts = [encode_prompt(tokenizer, sets[prefix][i]["question"], config.template)
@@ -324,7 +326,7 @@ def _cached_passes(model, tokenizer, sets: dict, requests: list, config: EvalCon
         q = position[(request.metric.split("_Q_A_")[0], request.index)]
         answers.append((q, request.example["input_ids"][len(prompts[q]):]))
     bar = _progress(None, len(prompts), "eval (prompts run once)", config.progress) \
-        if config.progress else None
+        if config.progress and shards.is_main else None
     stops = stop_token_ids(model, tokenizer)
     try:
         nlls, tokens = cached_eval_passes(
@@ -332,10 +334,20 @@ def _cached_passes(model, tokenizer, sets: dict, requests: list, config: EvalCon
             question_batch_size=config.generation_batch_size, pad_id=_pad_id(tokenizer),
             stop_ids=stops, max_new_tokens=config.max_new_tokens,
             max_length=config.max_length, generate=config.generation,
-            progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
+            progress=None if bar is None else (lambda n: bar.update(n - bar.n)),
+            rank=shards.rank, world=shards.world)
     finally:
         if bar is not None:
             bar.close()
+    if shards.world > 1:
+        mine = ([(k, v) for k, v in enumerate(nlls) if v is not None],
+                [(q, t) for q, t in enumerate(tokens or []) if t is not None])
+        parts = shards.gather([mine])
+        gathered_nlls = dict(pair for part in parts for pair in part[0])
+        gathered_tokens = dict(pair for part in parts for pair in part[1])
+        nlls = [gathered_nlls[k] for k in range(len(nlls))]
+        if tokens is not None:
+            tokens = [gathered_tokens[q] for q in range(len(tokens))]
     if tokens is None:
         return nlls, None
     texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -373,8 +385,8 @@ def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None
         sets = _eval_splits(benchmark, config.forget_split)
         requests = _likelihood_requests(sets, tokenizer, config)
         generations = None
-        if config.engine == "cached" and not shards.distributed:
-            nlls, generations = _cached_passes(model, tokenizer, sets, requests, config)
+        if config.engine == "cached" and not shards.lockstep:
+            nlls, generations = _cached_passes(model, tokenizer, sets, requests, config, shards)
         else:
             nlls = _average_nlls(model, tokenizer, requests, config, shards)
         if config.generation and generations is None:
