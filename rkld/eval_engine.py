@@ -26,6 +26,8 @@ Public API:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .models import capture_final_hidden, output_head
@@ -73,7 +75,11 @@ def _cache_rows(cache, rows: torch.Tensor):
 def _forward(model, input_ids, attention_mask, cache, positions):
     """One forward with the cache; returns (final hidden [B, T, H], logits of the last
     position [B, V], the updated cache)."""
-    with capture_final_hidden(model) as captured:
+    with capture_final_hidden(model) as captured, warnings.catch_warnings():
+        # transformers 5.x renames the argument (`cache`); the old name works in every release
+        # the package supports (>= 4.56), so its deprecation notice is silenced here.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated",
+                                category=FutureWarning)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True)
     return captured[0], out.logits[:, -1], out.past_key_values
