@@ -16,8 +16,9 @@ prints their commands):
 Sizes are chosen for a 2-core CPU: by default the built-in synthetic benchmark's fictitious
 authors (three, 10 short questions each: two retain authors, the last one forgotten); with a
 folder of TOFU files, two TOFU authors (20 questions each: the first retained, the last
-forgotten); short prompts (ChatML without the default system line), short generations. With 20 forget questions forget quality takes few
-values: a demonstration, not a measurement (``rkld benchmark`` is the protocol for claims).
+forgotten); short prompts (ChatML without the default system line), short generations. With
+10-20 forget questions forget quality takes few values: a demonstration, not a measurement
+(``rkld benchmark`` is the protocol for claims).
 """
 from __future__ import annotations
 
