@@ -22,6 +22,9 @@ from rkld.models import final_hidden, load_model, output_head, supervised_positi
 from rkld_kernels import fused_linear_rkl_loss
 
 TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
+# One torch thread: on a shared 2-core machine two threads ran this model's small matrix
+# products several times slower (threads spinning while the other core is busy).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
