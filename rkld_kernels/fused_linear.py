@@ -97,8 +97,8 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 # chunk measured about 2x slower per element); fewer, larger calls amortise the per-op overhead.
 # On CUDA a whole chunk goes in one call, which is what keeps the GPU busy; so it does compiled
 # (torch.compile fuses the passes into a few streaming loops, and each call's OpenMP barriers
-# cost far more on a busy 2-core CPU than the cache misses they would save: 32-row calls
-# measured 1.1x the time of whole-chunk calls there).
+# can cost more on a busy 2-core CPU than the cache misses they would save: in a 1024-token
+# benchmark there, 32-row calls measured 1.07x the time of whole-chunk calls).
 _CPU_PASS_BYTES = 4 << 20
 
 def default_chunk_size(vocab_size: int, device: torch.device | str,

@@ -420,7 +420,8 @@ def _may_be_one_hot(p_top: torch.Tensor) -> bool:
     """Whether any row may need :func:`_top_from_the_others`: read on the host when that is
     free (CPU, eager), so that the common case keeps its single fused pass into the gradient;
     compiled (the check would break the graph) or off CPU, always (then it costs two fused
-    reductions and a pass)."""
+    reductions and a pass). On CPU the compiled path mostly avoids that: :func:`rkl_rows` runs
+    it with ``defer_top`` and fixes only the rows that need it after the graph."""
     if torch.compiler.is_compiling() or not host_reads_allowed(p_top.device):
         return True
     return bool((p_top > ONE_HOT_TOP_PROBABILITY).any())
