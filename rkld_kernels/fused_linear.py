@@ -95,7 +95,10 @@ _DEFAULT_CHUNK_BUDGET_BYTES = 160 << 20       # 262 tokens at V = 32000
 # V = 32000). Its dozen elementwise passes then work on a few such buffers, which stay in a CPU's
 # last-level cache instead of streaming a whole chunk through memory each time (a whole 256-row
 # chunk measured about 2x slower per element); fewer, larger calls amortise the per-op overhead.
-# On CUDA a whole chunk goes in one call, which is what keeps the GPU busy.
+# On CUDA a whole chunk goes in one call, which is what keeps the GPU busy; so it does compiled
+# (torch.compile fuses the passes into a few streaming loops, and each call's OpenMP barriers
+# can cost more on a busy 2-core CPU than the cache misses they would save: in a 1024-token
+# benchmark there, 32-row calls measured 1.07x the time of whole-chunk calls).
 _CPU_PASS_BYTES = 4 << 20
 
 def default_chunk_size(vocab_size: int, device: torch.device | str,
@@ -143,12 +146,13 @@ def _make_plan(xs, ws, bs, alpha, temperature, reverse, chunk_size, accum_dtype,
     # the widest vocabulary slice.
     vocab = max(1, group_max(ws.shape[0], group))
     chunk_size = chunk_size or default_chunk_size(vocab, device, ws.dtype, compute)
+    mode = (compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
+            if backend == "torch" and group is None else "off")
     return _Plan(alpha=alpha, temperature=temperature, reverse=reverse, chunk_size=chunk_size,
                  accum_dtype=accum_dtype, backend=backend,
                  rows_per_pass=(max(1, _CPU_PASS_BYTES // (_element_size(compute) * vocab))
-                                if device.type == "cpu" else chunk_size),
-                 compile=(compile_mode(COMPILED_FROM_CODE[compiled], device, rows * vocab)
-                          if backend == "torch" and group is None else "off"),
+                                if device.type == "cpu" and mode == "off" else chunk_size),
+                 compile=mode,
                  per_row=per_row, need_dx=need_dx, need_dw=need_dw,
                  need_db=need_db and bs is not None, compute=compute,
                  precise=ws.dtype == torch.float32 and compute == torch.float32, group=group)

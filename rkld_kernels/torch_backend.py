@@ -169,16 +169,37 @@ def rkl_rows(student: torch.Tensor, original: torch.Tensor, strengthened: torch.
 
     ``compiled=True`` runs both paths through ``torch.compile`` (see :func:`run_rkl_rows`).
     """
-    impl = _compiled_rkl_rows() if compiled and group is None and not differentiable \
-        else _rkl_rows
+    compiled = compiled and group is None and not differentiable
+    impl = _compiled_rkl_rows() if compiled else _rkl_rows
     compute = compute or compute_dtype(student.dtype)
     args = (student, original, strengthened, alpha, temperature, reverse, need_grad, grad_out,
             grad_scale)
-    if host_reads_allowed(student.device) and not differentiable:
-        loss, grad = impl(*args, False, compute, group, False)
-        if bool(torch.isfinite(loss).all()):
-            return loss, grad
-    return impl(*args, True, compute, group, differentiable)
+    if not host_reads_allowed(student.device) or differentiable:
+        return impl(*args, True, compute, group, differentiable)
+    # Compiled, the graph cannot ask the host whether a row needs the one-hot fix-up, so it
+    # would always pay its extra reduction and pass over the gradient; instead it returns the
+    # rows' top probabilities and the fix-up runs afterwards on the rows that need it (when the
+    # gradient is kept in the compute dtype, whose entries the fix-up sums).
+    defer = compiled and need_grad and (grad_out is None or grad_out.dtype == compute)
+    out = impl(*args, False, compute, group, False, defer)
+    if not bool(torch.isfinite(out[0]).all()):
+        out = impl(*args, True, compute, group, False, defer)
+    if defer:
+        _fix_top_rows(out[1], student, out[2])
+    return out[0], out[1]
+
+
+def _fix_top_rows(grad: torch.Tensor, student: torch.Tensor, p_top: torch.Tensor) -> None:
+    """:func:`_top_from_the_others` after the fact, in place, on the rows of ``grad`` (compute
+    dtype, scale applied) whose top probability ``p_top`` ([rows, 1]) exceeds 2/3 (a host
+    read: CPU only). There the maximum is unique, so the top token is the student logits'
+    argmax (a NaN row has a NaN ``p_top`` and is left as it is)."""
+    rows = (p_top.squeeze(-1) > ONE_HOT_TOP_PROBABILITY).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    total = grad.index_select(0, rows).sum(dim=-1)
+    top = student.index_select(0, rows).argmax(dim=-1)
+    grad.index_put_((rows, top), -total, accumulate=True)
 
 
 # A row whose top probability exceeds this gets its top gradient entry from the others (see
@@ -284,7 +305,9 @@ def _row_max(t: torch.Tensor) -> torch.Tensor:
 
 def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need_grad,
               grad_out, grad_scale, exact_non_finite, compute, group=None,
-              differentiable=False):
+              differentiable=False, defer_top=False):
+    # defer_top: leave the one-hot fix-up to the caller and return the rows' top probabilities
+    # as a third result (see rkl_rows).
     ops = _Ops(differentiable)
     s = student.to(compute)
     z = teacher_logits(original, strengthened, alpha, compute, exact_non_finite)
@@ -331,13 +354,14 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
         if group is not None:
             mean_d = _all_reduce(mean_d, group)
         p_top = _row_max(p)
-        at_top = p == p_top if fix_top or _may_be_one_hot(p_top) else None
+        at_top = p == p_top if not defer_top and (fix_top or _may_be_one_hot(p_top)) else None
         if grad_scale is not None:
             p = ops.mul(p, grad_scale / temperature)
         elif temperature != 1.0:
             p = ops.div(p, temperature)
         if at_top is None:
-            return row_loss, torch.mul(d.sub_(mean_d), p, out=grad_out)
+            grad = torch.mul(d.sub_(mean_d), p, out=grad_out)
+            return (row_loss, grad, p_top) if defer_top else (row_loss, grad)
         grad = ops.mul(ops.sub(d, mean_d), p)
     else:
         # p_v - q_v = q_v expm1(d_v - c) / T with c = lse_s - lse_z = log E_q[exp(d)]
@@ -371,7 +395,8 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
             p = _full_probabilities(s, shift_s if group is not None else None, ops)
             grad = torch.where(q == 0, p, grad)
         p_top = _row_max(grad + q)
-        at_top = grad + q == p_top if fix_top or _may_be_one_hot(p_top) else None
+        at_top = (grad + q == p_top if not defer_top and (fix_top or _may_be_one_hot(p_top))
+                  else None)
         if grad_scale is not None:
             grad = ops.mul(grad, grad_scale / temperature)
         elif temperature != 1.0:
@@ -380,7 +405,7 @@ def _rkl_rows(student, original, strengthened, alpha, temperature, reverse, need
             if grad_out is not None:
                 grad_out.copy_(grad)
                 grad = grad_out
-            return row_loss, grad
+            return (row_loss, grad, p_top) if defer_top else (row_loss, grad)
     grad = _top_from_the_others(grad, p_top, at_top, group, ops)
     if grad_out is not None:
         grad_out.copy_(grad)
@@ -392,7 +417,8 @@ def _may_be_one_hot(p_top: torch.Tensor) -> bool:
     """Whether any row may need :func:`_top_from_the_others`: read on the host when that is
     free (CPU, eager), so that the common case keeps its single fused pass into the gradient;
     compiled (the check would break the graph) or off CPU, always (then it costs two fused
-    reductions and a pass)."""
+    reductions and a pass). On CPU the compiled path mostly avoids that: :func:`rkl_rows` runs
+    it with ``defer_top`` and fixes only the rows that need it after the graph."""
     if torch.compiler.is_compiling() or not host_reads_allowed(p_top.device):
         return True
     return bool((p_top > ONE_HOT_TOP_PROBABILITY).any())

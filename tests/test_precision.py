@@ -693,3 +693,27 @@ def test_fused_linear_rkl_loss_on_smollm2_hidden_states(smollm2_folder, device):
         check_linear_case("torch", dtype, device, problem, labels,
                           f"SmolLM2 lm_head, {dtype}, {direction}", direction=direction,
                           alpha=8.0, chunk_size=32)
+
+
+@pytest.mark.parametrize("strengthened", [True, False])
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_one_hot_student_compiled(direction, strengthened):
+    """The compiled vocabulary pass leaves the one-hot fix-up to a step after the graph (on the
+    rows whose top probability exceeds 2/3 only): the same contract as eager, for float32 (the
+    fix-up after the graph) and bfloat16 (inside it), both reductions."""
+    logits = one_hot_logits(direction, strengthened, masked_columns=16)
+    for dtype in (torch.float32, torch.bfloat16):
+        for reduction in ("mean", "none"):
+            grad_output = torch.tensor([0.5, 2.0, 1.0]) if reduction == "none" else None
+            inputs = rounded(logits, dtype)
+            exact_rows, exact_grad = rkl_loss_and_grad(
+                "reference", inputs, torch.float64, "cpu", reduction, grad_output,
+                temperature=0.05, direction=direction)
+            rows, grad = rkl_loss_and_grad("torch", inputs, dtype, "cpu", reduction, grad_output,
+                                           temperature=0.05, direction=direction, compiled=True)
+            _, naive = rkl_loss_and_grad("reference", inputs, dtype, "cpu", reduction,
+                                         grad_output, temperature=0.05, direction=direction)
+            what = f"compiled one-hot student, {dtype}, {reduction}"
+            assert_loss_within_contract(rows, exact_rows, what)
+            assert_grad_within_contract(grad, exact_grad, dtype, what, 1 / 0.05,
+                                        naive=naive if naive_rule(dtype, {}) else None)
