@@ -685,11 +685,10 @@ def test_fused_linear_rkl_loss_on_smollm2_hidden_states(smollm2_folder, device):
     problem = {k: v.double() for k, v in case.items()}
     labels = torch.zeros(targets.numel(), dtype=torch.long)
     labels[::7] = -100                          # some positions ignored, as in a real batch
-    # bfloat16, forward direction is left out: on these inputs its loss misses the contract
-    # (measured: 1.8x the allowed 1e-3 relative on a row whose exact loss is 4.2e-4; reverse
-    # 0.93x; float32 inputs 6e-5x), an open finding of this case, stated in the README.
-    for dtype, direction in ((torch.bfloat16, "reverse"), (torch.float32, "reverse"),
-                             (torch.float32, "forward")):
+    # bfloat16 forward failed here (1.8x the allowed 1e-3 relative on a row whose exact loss
+    # is 4.2e-4) while the torch backend summed q (log q - log p); it now takes c - E_q[d].
+    for dtype, direction in ((torch.bfloat16, "reverse"), (torch.bfloat16, "forward"),
+                             (torch.float32, "reverse"), (torch.float32, "forward")):
         check_linear_case("torch", dtype, device, problem, labels,
                           f"SmolLM2 lm_head, {dtype}, {direction}", direction=direction,
                           alpha=8.0, chunk_size=32)
