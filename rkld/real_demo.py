@@ -22,7 +22,6 @@ forgotten); short prompts (ChatML without the default system line), short genera
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -37,6 +36,7 @@ from .config import FinetuneConfig, StrengthenConfig, UnlearnConfig
 from .data import Benchmark, load_benchmark, retain_split_for
 from .evaluate import EvalConfig, evaluate_model, with_reference, write_outputs
 from .models import load_model
+from .storage import atomic_write_json
 
 DEMO_RECORD = "demo.json"
 MODELS = ("target", "retain", "rkld")
@@ -107,7 +107,7 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
                                       # the name the user gave, not the cache folder
                                       "command": command.replace(shlex.quote(base),
                                                                  shlex.quote(cfg.model))}
-            _write_json(out / DEMO_RECORD, record)
+            atomic_write_json(out / DEMO_RECORD, record)
 
         from .train import finetune, strengthen, unlearn
         stage("target", finetune, FinetuneConfig(
@@ -156,8 +156,8 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
                 row.update(model_utility=None, ra_Q_A_Prob=None, wf_Q_A_Prob=None)
         total = time.time() - started
         record["total_seconds"] = total
-        _write_json(out / DEMO_RECORD, record)
-        _write_json(out / "results.json", results)
+        atomic_write_json(out / DEMO_RECORD, record)
+        atomic_write_json(out / "results.json", results)
         text = _report(cfg, record, results, logs, eval_bench)
         (out / "report.md").write_text(text)
         print(text)
@@ -179,12 +179,6 @@ def _evaluation_benchmark(benchmark, cfg: RealDemoConfig):
             rows = rows[:cfg.general_questions]
         splits[name] = rows
     return Benchmark(benchmark.name, splits, getattr(benchmark, "qa_per_author", None))
-
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
 
 
 def _fmt(value, digits: int = 3) -> str:
