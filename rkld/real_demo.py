@@ -77,6 +77,10 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
     """Run the demo; return the results (also in ``OUT/results.json``)."""
     from .demo import _prepare_output
     from .pretrained import resolve_model_ref
+    # The data first: a refused --data costs no conversion and leaves no output folder.
+    if cfg.max_authors is None:
+        cfg.max_authors = 3 if cfg.data.startswith("synthetic") else 2
+    benchmark = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
     started = time.time()
     out = _prepare_output(Path(cfg.out))
     threads = torch.get_num_threads()
@@ -87,9 +91,6 @@ def run_real_demo(cfg: RealDemoConfig) -> dict:
     try:
         base = resolve_model_ref(cfg.model, progress=cfg.progress)
         converted = time.time() - started
-        if cfg.max_authors is None:
-            cfg.max_authors = 3 if cfg.data.startswith("synthetic") else 2
-        benchmark = load_benchmark(cfg.data, seed=cfg.data_seed, max_authors=cfg.max_authors)
         record = {"config": asdict(cfg), "base_model": base, "benchmark": benchmark.name,
                   "stages": {"convert": {"seconds": converted}}}
         common = {"data": cfg.data, "seed": cfg.seed, "data_seed": cfg.data_seed,
