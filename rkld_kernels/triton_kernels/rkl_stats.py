@@ -204,6 +204,28 @@ def rebase_precise(m_w, l_w, m_u, l_u, a, b, new_m_w, new_m_u, scale, scale_lo,
 
 
 @triton.jit
+def merge_sums(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo,
+               REVERSE: tl.constexpr, PRECISE: tl.constexpr):
+    """The row's sums from per-thread (or per-split) ones: each rebased onto the maxima
+    ``top_w`` / ``top_u``, then added up. The ``PRECISE`` code adds in float64 (a float32 tree
+    is off by an ulp or so, which every gradient entry of the row inherits) and carries ``b``;
+    the plain code returns ``b`` as it came."""
+    if PRECISE:
+        l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo,
+                                        REVERSE)
+        l_w = tl.sum(l_w.to(tl.float64), axis=0)
+        l_u = tl.sum(l_u.to(tl.float64), axis=0)
+        a = tl.sum(a.to(tl.float64), axis=0)
+        b = tl.sum(b.to(tl.float64), axis=0)
+    else:
+        l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, top_w, top_u)
+        l_w = tl.sum(l_w, axis=0)
+        l_u = tl.sum(l_u, axis=0)
+        a = tl.sum(a, axis=0)
+    return l_w, l_u, a, b
+
+
+@triton.jit
 def accumulate_tile(m_w, l_w, m_u, l_u, a, b, g_max, student_row, original_row,
                     strengthened_row, offsets, lead, vocab, alpha, scale, scale_lo,
                     HAS_STRENGTHENED: tl.constexpr, REVERSE: tl.constexpr,
@@ -436,20 +458,9 @@ def rkl_stats_kernel(
     # The one cross-thread step: rebase every thread's sums onto the program's maxima.
     top_w = tl.max(m_w, axis=0)
     top_u = tl.max(m_u, axis=0)
-    if PRECISE:
-        # The threads' sums add up in float64 (once per program, after the loop): a float32
-        # tree of them is off by an ulp or so, which every gradient entry of the row inherits.
-        l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo,
-                                        REVERSE)
-        l_w = tl.sum(l_w.to(tl.float64), axis=0)
-        l_u = tl.sum(l_u.to(tl.float64), axis=0)
-        a = tl.sum(a.to(tl.float64), axis=0)
-        b = tl.sum(b.to(tl.float64), axis=0)
-    else:
-        l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, top_w, top_u)
-        l_w = tl.sum(l_w, axis=0)
-        l_u = tl.sum(l_u, axis=0)
-        a = tl.sum(a, axis=0)
+    # (once per program, after the loop)
+    l_w, l_u, a, b = merge_sums(m_w, l_w, m_u, l_u, a, b, top_w, top_u, scale, scale_lo,
+                                REVERSE, PRECISE)
     if FINALIZE:
         store_row_stats(stats_ptr, loss_ptr, row, rows, kept, top_w, l_w, top_u, l_u, a, b,
                         scale, REVERSE, ACC, PRECISE)
@@ -491,17 +502,9 @@ def rkl_stats_combine_kernel(
     scale = log2_scale(scale_f32, scale_f64, ACC)
     if PRECISE:
         b = tl.load(parts + 5 * partial_plane_stride, mask=present, other=0.0)
-        l_w, l_u, a, b = rebase_precise(m_w, l_w, m_u, l_u, a, b, row_m_w, row_m_u, scale,
-                                        low_part(scale_f64, PRECISE), REVERSE)
-        l_w = tl.sum(l_w.to(tl.float64), axis=0)
-        l_u = tl.sum(l_u.to(tl.float64), axis=0)
-        a = tl.sum(a.to(tl.float64), axis=0)
-        b = tl.sum(b.to(tl.float64), axis=0)
     else:
-        l_w, l_u, a = rebase(m_w, l_w, m_u, l_u, a, row_m_w, row_m_u)
-        l_w = tl.sum(l_w, axis=0)
-        l_u = tl.sum(l_u, axis=0)
-        a = tl.sum(a, axis=0)
         b = 0.0
+    l_w, l_u, a, b = merge_sums(m_w, l_w, m_u, l_u, a, b, row_m_w, row_m_u, scale,
+                                low_part(scale_f64, PRECISE), REVERSE, PRECISE)
     store_row_stats(stats_ptr, loss_ptr, row, rows, kept, row_m_w, l_w, row_m_u, l_u, a, b,
                     scale, REVERSE, ACC, PRECISE)
